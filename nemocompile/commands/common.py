@@ -1,0 +1,24 @@
+"""Argument helpers shared by subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="checkpoint directory (default: the embedded tiny model)")
+
+
+def add_decode_args(p: argparse.ArgumentParser) -> None:
+    """The decoding knobs every generating command takes."""
+    p.add_argument("--mode", choices=["ar", "diffusion", "linear-spec"], default="ar")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--block-length", type=int, default=None, help="block / draft length (default: config block_size)")
+    p.add_argument("--threshold", default=None,
+                   help="confidence threshold in [0, 1] or 'none' (diffusion default 0.9, linear-spec 0)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")

@@ -1,0 +1,31 @@
+"""Autoregressive decoding (spec 3.1): prefill, then one causal step per token."""
+
+from __future__ import annotations
+
+import torch
+
+from ..model import TriModeModel
+from .common import DecodeArgs, GenerationStats, Sampler, first_eos_trim, prefill
+
+
+@torch.no_grad()
+def decode_ar(model: TriModeModel, prompts: list[list[int]], args: DecodeArgs) -> tuple[list[list[int]], GenerationStats]:
+    stats = GenerationStats(mode="ar")
+    sampler = Sampler(args.temperature, args.seed, model.device)
+    B = len(prompts)
+    cache, logits = prefill(model, prompts, max(map(len, prompts)) + args.max_new_tokens)
+    stats.forwards = 1
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    while True:
+        token = sampler.sample(logits)  # [B]
+        for b in range(B):
+            if not done[b]:
+                out[b].append(int(token[b]))
+                done[b] = out[b][-1] == args.eos_token_id or len(out[b]) >= args.max_new_tokens
+        if all(done):
+            break
+        logits = model(token[:, None], pattern="causal", cache=cache)[:, -1].float()
+        stats.forwards += 1
+    out = [first_eos_trim(t, args.eos_token_id) for t in out]
+    return out, stats

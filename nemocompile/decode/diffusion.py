@@ -1,0 +1,90 @@
+"""Block diffusion (spec 3.2): denoise each block bidirectionally, then commit it causally."""
+
+from __future__ import annotations
+
+import torch
+
+from ..model import TriModeModel
+from .common import DecodeArgs, GenerationStats, Sampler, first_eos_trim, prefill, split_evenly
+
+
+def denoise_step(
+    model: TriModeModel,
+    x: torch.Tensor,  # [B, L] block tokens, MASK where undecided (modified in place)
+    masked: torch.Tensor,  # [B, L] bool (modified in place)
+    cache,
+    sampler: Sampler,
+    threshold: float | None,
+    k: int,  # fixed schedule: positions to commit this step (threshold None)
+    lora: bool = False,
+) -> None:
+    """One bidirectional forward (no cache write) that unmasks positions of ``x``."""
+    logits = model(x, pattern="bidirectional", cache=cache, write=False, lora=lora)
+    cand, conf = sampler.candidates(logits)  # [B, L]
+    conf = conf.masked_fill(~masked, -1.0)
+    if threshold is not None:
+        commit = masked & (conf >= threshold)
+        best = conf.argmax(-1)  # the always-one rule: the most confident masked position
+        commit[torch.arange(x.shape[0]), best] |= masked.any(-1)
+    else:
+        commit = torch.zeros_like(masked)
+        order = conf.argsort(dim=-1, descending=True, stable=True)[:, :k]
+        commit.scatter_(1, order, True)
+        commit &= masked
+    x[commit] = cand[commit]
+    masked &= ~commit
+
+
+def block_finished(x: torch.Tensor, masked: torch.Tensor, eos: int, need: int) -> torch.Tensor:
+    """Per row [B]: no mask left, an EOS with no mask to its left, or the first ``need``
+    positions (what max_new_tokens still wants) all decided."""
+    no_mask = ~masked.any(-1)
+    left_clear = torch.cumsum(masked.long(), dim=-1) == 0  # [B, L]: no mask at or before i
+    eos_done = ((x == eos) & left_clear).any(-1)
+    need_done = ~masked[:, :need].any(-1)
+    return no_mask | eos_done | need_done
+
+
+@torch.no_grad()
+def decode_diffusion(model: TriModeModel, prompts: list[list[int]], args: DecodeArgs):
+    cfg = model.config
+    stats = GenerationStats(mode="diffusion", block_length=args.block_length, threshold=args.threshold)
+    sampler = Sampler(args.temperature, args.seed, model.device)
+    B, L, eos = len(prompts), args.block_length, args.eos_token_id
+    cache, logits = prefill(model, prompts, max(map(len, prompts)) + args.max_new_tokens + L)
+    stats.forwards = 1
+    seed = sampler.sample(logits)  # [B]
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool)
+    schedule = split_evenly(L - 1, args.steps or L)
+    while True:
+        x = torch.full((B, L), cfg.mask_token_id, dtype=torch.long, device=model.device)
+        x[:, 0] = seed
+        masked = torch.ones(B, L, dtype=torch.bool, device=model.device)
+        masked[:, 0] = False
+        need = min(L, args.max_new_tokens - min(len(o) for o, d in zip(out, done) if not d))
+        masked[done] = False  # finished rows ride along without deciding anything
+        step = 0
+        while not block_finished(x, masked, eos, need).all():
+            k = schedule[step] if step < len(schedule) else L
+            denoise_step(model, x, masked, cache, sampler, args.threshold, k)
+            stats.forwards += 1
+            step += 1
+        for b in range(B):
+            if not done[b]:
+                row = first_eos_trim(_decided_prefix(x[b], masked[b]), eos)
+                out[b].extend(row[: args.max_new_tokens - len(out[b])])
+                done[b] = (eos in row) or len(out[b]) >= args.max_new_tokens
+        if done.all():
+            break
+        logits = model(x, pattern="causal", cache=cache)[:, -1].float()  # commit: writes the block
+        stats.forwards += 1
+        seed = sampler.sample(logits)
+    return [first_eos_trim(o, eos) for o in out], stats
+
+
+def _decided_prefix(x: torch.Tensor, masked: torch.Tensor) -> list[int]:
+    """The block's tokens up to the first still-masked position."""
+    undecided = masked.nonzero()
+    end = int(undecided[0]) if len(undecided) else x.shape[0]
+    return x[:end].tolist()

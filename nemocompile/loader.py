@@ -1,0 +1,194 @@
+"""Loading tri-mode checkpoints from local directories (never a hub, never pickle).
+
+Weights are read tensor by tensor from memory-mapped safetensors into a model
+built on the ``meta`` device, so loading holds one copy of the weights (plus
+one tensor in flight during a dtype conversion). Every check runs before the
+model is returned: a failure leaves nothing half-loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .config import ModelConfig
+from .errors import CheckpointError
+from .model.modeling import LoRA, TriModeModel, yarn_inv_freq
+from .tokenizer import Tokenizer
+
+LORA_DIR = "linear_spec_lora"
+_PEFT_PREFIX = "base_model.model."
+
+DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+
+
+def embedded_model_dir() -> Path:
+    """The tiny tri-mode model shipped inside the package."""
+    return Path(str(resources.files("nemocompile") / "assets" / "tiny"))
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPES.values():
+            return dtype
+        raise CheckpointError(f"dtype {dtype} is not supported; use fp32, fp16 or bf16")
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise CheckpointError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16") from None
+
+
+def load(path: str | Path | None = None, dtype: str | torch.dtype | None = None,
+         device: str | torch.device = "cpu", lora: bool = True) -> TriModeModel:
+    """Load a checkpoint directory (default: the embedded tiny model) as an eval-mode model.
+
+    ``dtype`` defaults to fp32. ``lora=False`` skips the optional drafter adapter.
+    """
+    directory = Path(path) if path is not None else embedded_model_dir()
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory; pass a Hugging Face style checkpoint directory")
+    torch_dtype = resolve_dtype(dtype)
+    config = ModelConfig.from_file(directory / "config.json")
+
+    with torch.device("meta"):
+        model = TriModeModel(config)
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    state = {}
+    for name, file, tensor in _iter_weights(directory):
+        if name not in expected:
+            raise CheckpointError(f"{file}: unexpected tensor {name!r}; is this a {config.to_dict()['architectures'][0]} checkpoint?")
+        if tuple(tensor.shape) != expected[name]:
+            raise CheckpointError(
+                f"{file}: tensor {name!r} has shape {list(tensor.shape)}, config.json implies {list(expected[name])}"
+            )
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{file}: tensor {name!r} has non-float dtype {tensor.dtype}")
+        state[name] = tensor.to(device=device, dtype=torch_dtype)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise CheckpointError(f"{directory}: missing tensors {missing[:3]}{more}")
+    model.load_state_dict(state, assign=True)
+    # Buffers are not in the checkpoint: recompute the rotary frequencies off the meta device.
+    model.inv_freq = yarn_inv_freq(config.rope, config.head_dim)[0].to(device)
+
+    if lora and (directory / LORA_DIR).is_dir():
+        _attach_lora(model, directory / LORA_DIR, torch_dtype, device)
+    model.tokenizer = Tokenizer(directory) if (directory / "tokenizer.json").is_file() else None
+    model.source = str(directory)
+    return model.eval().requires_grad_(False)
+
+
+def _iter_weights(directory: Path) -> Iterator[tuple[str, Path, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: expected a JSON object with a 'weight_map' ({e})") from None
+        files = [directory / f for f in dict.fromkeys(weight_map.values())]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{index}: lists shard {f.name!r}, which is missing from {directory}")
+    else:
+        for pattern in ("*.bin", "*.pt", "*.pth"):
+            if any(directory.glob(pattern)):
+                raise CheckpointError(
+                    f"{directory}: only pickle weights ({pattern}) found; nemocompile never unpickles: "
+                    "convert them to model.safetensors"
+                )
+        raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                for name in handle.keys():
+                    yield name, f, handle.get_tensor(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+
+
+def _attach_lora(model: TriModeModel, lora_dir: Path, dtype: torch.dtype, device) -> None:
+    from safetensors.torch import load_file
+
+    cfg_path, weights_path = lora_dir / "adapter_config.json", lora_dir / "adapter_model.safetensors"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{cfg_path}: missing; a {LORA_DIR}/ adapter needs adapter_config.json") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    for key in ("r", "lora_alpha"):
+        if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
+            raise CheckpointError(f"{cfg_path}: field {key!r} must be a positive number")
+    targets = cfg.get("target_modules", ["o_proj"])
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    if targets != ["o_proj"]:
+        raise CheckpointError(f"{cfg_path}: target_modules {targets} unsupported; the drafter adapts o_proj only")
+    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    if not weights_path.is_file():
+        raise CheckpointError(f"{weights_path}: missing; the adapter's weights must be safetensors")
+    tensors = load_file(str(weights_path))
+    cfgm = model.config
+    in_f, out_f = cfgm.num_attention_heads * cfgm.head_dim, cfgm.hidden_size
+    adapters = []
+    for i in range(cfgm.num_hidden_layers):
+        base = f"{_PEFT_PREFIX}encoder.layers.{i}.self_attn.o_proj"
+        a, b = tensors.pop(f"{base}.lora_A.weight", None), tensors.pop(f"{base}.lora_B.weight", None)
+        if a is None or b is None:
+            raise CheckpointError(f"{weights_path}: missing {base}.lora_A/lora_B.weight")
+        if tuple(a.shape) != (r, in_f) or tuple(b.shape) != (out_f, r):
+            raise CheckpointError(
+                f"{weights_path}: layer {i} adapter shapes {list(a.shape)}, {list(b.shape)}; "
+                f"expected [{r}, {in_f}] and [{out_f}, {r}]"
+            )
+        with torch.device("meta"):
+            lora = LoRA(in_f, out_f, r, scale)
+        lora.load_state_dict({"lora_A.weight": a.to(device, dtype), "lora_B.weight": b.to(device, dtype)}, assign=True)
+        adapters.append(lora)
+    if tensors:
+        raise CheckpointError(f"{weights_path}: unexpected tensors {sorted(tensors)[:3]}")
+    for layer, lora in zip(model.encoder.layers, adapters):
+        layer.self_attn.o_lora = lora
+
+
+def save(model: TriModeModel, directory: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Write ``model`` in the checkpoint layout (config.json, model.safetensors, adapter)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+    state = {k: cast(v).contiguous() for k, v in model.state_dict().items() if ".o_lora." not in k}
+    save_file(state, str(directory / "model.safetensors"))
+    if model.has_lora:
+        lora_dir = directory / LORA_DIR
+        lora_dir.mkdir(exist_ok=True)
+        first = model.encoder.layers[0].self_attn.o_lora
+        r = first.lora_A.weight.shape[0]
+        tensors = {}
+        for i, layer in enumerate(model.encoder.layers):
+            base = f"{_PEFT_PREFIX}encoder.layers.{i}.self_attn.o_proj"
+            tensors[f"{base}.lora_A.weight"] = cast(layer.self_attn.o_lora.lora_A.weight).contiguous()
+            tensors[f"{base}.lora_B.weight"] = cast(layer.self_attn.o_lora.lora_B.weight).contiguous()
+        save_file(tensors, str(lora_dir / "adapter_model.safetensors"))
+        (lora_dir / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "r": r, "lora_alpha": first.scale * r, "target_modules": ["o_proj"],
+            "lora_dropout": 0.0, "bias": "none", "base_model_name_or_path": str(directory),
+        }, indent=2) + "\n")

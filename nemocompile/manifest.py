@@ -1,0 +1,190 @@
+"""The artifact manifest: the one contract between the exporter and the runtime.
+
+An artifact directory holds one ONNX graph per step kind, shared weights, the
+tokenizer files and ``manifest.json``. The runtime reads only this manifest
+(never exporter internals).
+
+Graph I/O (names are fixed; shapes are static, fixed at export time):
+
+inputs
+  input_ids   int64 [B, L]                      the block (L = the step's block length)
+  cache_len   int64 []                          committed cache slots; block slots are cache_len..cache_len+L-1
+  row_start   int64 [B]                         first real slot of each row (left padding); positions = slot - row_start
+  cache_k     dtype [layers, B, kv_heads, C, head_dim]   the preallocated cache, C = cache capacity
+  cache_v     dtype [layers, B, kv_heads, C, head_dim]
+outputs
+  logits      float32 [B, L, vocab]
+  present_k   dtype [layers, B, kv_heads, L, head_dim]   only for steps that write the cache:
+  present_v   dtype [layers, B, kv_heads, L, head_dim]   the runtime places them at cache_len
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import NemocompileError
+
+FORMAT = "nemocompile-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+# step kind -> (attention pattern, writes the cache, modes that use it)
+STEP_KINDS: dict[str, tuple[str, bool, tuple[str, ...]]] = {
+    "prefill": ("causal", True, ("ar", "diffusion", "linear-spec")),
+    "ar_step": ("causal", True, ("ar",)),
+    "denoise": ("bidirectional", False, ("diffusion",)),
+    "commit": ("causal", True, ("diffusion",)),
+    "draft": ("bidirectional", False, ("linear-spec",)),
+    "verify": ("causal", True, ("linear-spec",)),
+}
+DTYPE_NAMES = ("float32", "float16", "bfloat16", "int64")
+
+
+class ManifestError(NemocompileError):
+    """A manifest is missing, malformed, or does not match its artifact."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: list[int]
+    dtype: str  # one of DTYPE_NAMES
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    step: str  # a STEP_KINDS key
+    file: str  # ONNX file, relative to the artifact directory
+    modes: list[str]
+    pattern: str  # "causal" | "bidirectional"
+    writes_cache: bool
+    lora: bool  # drafter adapter active in this graph
+    block_length: int  # L, tokens per call
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model_config: dict[str, Any]  # config.json contents (ModelConfig.to_dict())
+    config_hash: str
+    dtype: str  # "fp32" | "fp16" | "bf16": weights and cache
+    batch_size: int
+    cache_capacity: int  # C: max tokens (prompt + generated + one block) per sequence
+    block_length: int  # B of diffusion/self-speculation blocks
+    prefill_length: int  # P: prompt chunk size of the prefill graph
+    has_lora: bool
+    graphs: list[GraphSpec]
+    tokenizer_files: list[str] = field(default_factory=list)
+    weights_file: str | None = None  # shared external-data file, if any
+    opset: int = 18
+    source: str | None = None  # checkpoint the artifact came from
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    # ---- lookups -------------------------------------------------------------
+    def graph(self, step: str, block_length: int | None = None) -> GraphSpec:
+        for g in self.graphs:
+            if g.step == step and (block_length is None or g.block_length == block_length):
+                return g
+        have = sorted({(g.step, g.block_length) for g in self.graphs})
+        want = step if block_length is None else f"{step} with block length {block_length}"
+        raise ManifestError(f"the artifact has no {want} graph (it has {have}); re-export with the needed mode/block length")
+
+    @property
+    def modes(self) -> list[str]:
+        steps = {g.step for g in self.graphs}
+        need = {"ar": {"prefill", "ar_step"}, "diffusion": {"prefill", "denoise", "commit"},
+                "linear-spec": {"prefill", "draft", "verify"}}
+        return [m for m, s in need.items() if s <= steps]
+
+    # ---- (de)serialisation -------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / MANIFEST
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: str = MANIFEST) -> "Manifest":
+        if not isinstance(raw, dict):
+            raise ManifestError(f"{source}: expected a JSON object")
+        if raw.get("format") != FORMAT:
+            raise ManifestError(f"{source}: field 'format' is {raw.get('format')!r}, expected {FORMAT!r}; "
+                                "is this a nemocompile artifact? (create one with `nemocompile export`)")
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise ManifestError(f"{source}: format_version {raw.get('format_version')!r} is not supported "
+                                f"(this nemocompile reads version {FORMAT_VERSION}); re-export the artifact")
+        kwargs = _take(cls, raw, source, ("graphs",))
+        graphs_raw = raw.get("graphs")
+        if not isinstance(graphs_raw, list) or not graphs_raw:
+            raise ManifestError(f"{source}: field 'graphs' must be a non-empty list")
+        graphs = []
+        for i, g in enumerate(graphs_raw):
+            where = f"{source}: graphs[{i}]"
+            if not isinstance(g, dict):
+                raise ManifestError(f"{where}: expected an object")
+            gk = _take(GraphSpec, g, where, ("inputs", "outputs"))
+            for key in ("inputs", "outputs"):
+                specs = g.get(key)
+                if not isinstance(specs, list):
+                    raise ManifestError(f"{where}: field {key!r} must be a list")
+                gk[key] = [TensorSpec(**_take(TensorSpec, t, f"{where}.{key}[{j}]", ()))
+                           for j, t in enumerate(specs)]
+            graphs.append(GraphSpec(**gk))
+        manifest = cls(graphs=graphs, **kwargs)
+        manifest.validate(source)
+        return manifest
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Manifest":
+        path = Path(directory) / MANIFEST
+        if not path.is_file():
+            raise ManifestError(f"{path}: missing; {directory} is not an exported artifact "
+                                "(create one with `nemocompile export --out DIR`)")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(raw, source=str(path))
+
+    def validate(self, source: str = MANIFEST) -> None:
+        if self.dtype not in ("fp32", "fp16", "bf16"):
+            raise ManifestError(f"{source}: field 'dtype' is {self.dtype!r}; expected fp32, fp16 or bf16")
+        for name in ("batch_size", "cache_capacity", "block_length", "prefill_length"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ManifestError(f"{source}: field {name!r} must be a positive integer")
+        for g in self.graphs:
+            if g.step not in STEP_KINDS:
+                raise ManifestError(f"{source}: unknown step kind {g.step!r}; expected one of {list(STEP_KINDS)}")
+            pattern, writes, _ = STEP_KINDS[g.step]
+            if g.pattern != pattern or g.writes_cache != writes:
+                raise ManifestError(f"{source}: graph {g.step!r} must be {pattern} and "
+                                    f"{'write' if writes else 'not write'} the cache")
+            if g.block_length > self.cache_capacity:
+                raise ManifestError(f"{source}: graph {g.step!r} block length {g.block_length} exceeds the "
+                                    f"cache capacity {self.cache_capacity}")
+            for t in (*g.inputs, *g.outputs):
+                if t.dtype not in DTYPE_NAMES or not all(isinstance(d, int) and d > 0 for d in t.shape):
+                    raise ManifestError(f"{source}: graph {g.step!r} tensor {t.name!r} needs a static positive "
+                                        f"shape and a dtype in {DTYPE_NAMES}")
+
+
+def _take(cls, raw: dict, where: str, skip: tuple[str, ...]) -> dict[str, Any]:
+    """The dataclass fields of ``cls`` from ``raw``: missing required ones are errors."""
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{where}: expected an object")
+    out = {}
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        if f.name in raw:
+            out[f.name] = raw[f.name]
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise ManifestError(f"{where}: missing field {f.name!r}")
+    return out
