@@ -1,0 +1,16 @@
+"""Block diffusion (spec 3.2): denoise a block bidirectionally without writing,
+then commit the finished block causally into the cache. Base weights only."""
+
+from __future__ import annotations
+
+from .steps import StepSpec
+
+MODE = "diffusion"
+
+
+def steps(*, block_length: int, prefill_length: int, has_lora: bool) -> list[StepSpec]:
+    return [
+        StepSpec("prefill", prefill_length),  # P prompt tokens, causal, writes
+        StepSpec("denoise", block_length),  # [s, MASK...]: bidirectional, no write, run until unmasked
+        StepSpec("commit", block_length),  # the finished block: causal, writes; its last logits seed the next
+    ]

@@ -1,0 +1,292 @@
+"""Export a model's static decode graphs as one artifact directory.
+
+``export_artifact`` traces one StepModule per step kind with
+``torch.onnx.export(dynamo=True)``, runs every graph through the pass pipeline
+(passes/pipeline.py), and writes ``<step>.onnx`` files sharing one
+``weights.bin``, the tokenizer files and ``manifest.json``. Everything is
+written into a temporary sibling directory renamed onto ``out_dir`` at the
+end: a failed or interrupted export leaves nothing that looks like an artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from nemocompile.errors import NemocompileError
+from nemocompile.manifest import MANIFEST, GraphSpec, Manifest
+from nemocompile.model import TriModeModel
+from nemocompile.passes.base import PassContext, PassResult
+from nemocompile.passes.check_onnx import check_onnx
+from nemocompile.passes.pipeline import PipelineOptions, run_pipeline
+from nemocompile.passes.share_weights import WEIGHTS_FILE, WeightStore
+from nemocompile.tokenizer import TOKENIZER_FILES
+
+from . import MODES, StepModule, plan
+from .steps import INPUT_NAMES
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# TensorRT 10.0's ONNX parser reads opsets 9-20 (10.15: 9-24); 18 also keeps
+# opset 23's fused Attention/RMSNormalization out of the graphs.
+DEFAULT_OPSET = 18
+DEFAULT_MAX_SEQ_LEN = 512
+DEFAULT_PREFILL_LENGTH = 64
+
+
+class ExportError(NemocompileError):
+    """Bad export arguments, or an export that failed part way (nothing was written)."""
+
+
+def export_artifact(
+    model: TriModeModel | str | Path | None,
+    out_dir: str | Path,
+    modes: Sequence[str] | str = ("ar", "diffusion", "linear-spec"),
+    block_length: int | None = None,
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+    batch_size: int = 1,
+    dtype: str = "fp32",
+    prefill_length: int | None = None,
+    progress: Callable[[str], None] | bool | None = None,
+    *,
+    opset: int = DEFAULT_OPSET,
+    optimize: bool = True,
+    share_weights: bool = True,
+    overwrite: bool = False,
+    dump_after: str | None = None,
+) -> Manifest:
+    """Export the graphs of ``modes`` ("all" or a list of ar, diffusion,
+    linear-spec) and return the manifest written to ``out_dir``.
+
+    ``model`` is a loaded model or a checkpoint directory (None: the embedded
+    tiny model); a directory is loaded straight into ``dtype`` so only one copy
+    of the weights is ever held. A loaded model in another dtype is converted
+    on a copy (twice the memory; load it in ``dtype`` to avoid that).
+    ``block_length`` (default: the config's block_size) is B of denoise /
+    commit / draft / verify; ``prefill_length`` P (default min(64, max_seq_len))
+    the prompt chunk; ``max_seq_len`` the cache capacity C; ``batch_size`` the
+    static batch. ``progress``: True prints to stderr, or a callable(str).
+    """
+    say = _progress(progress)
+    # Everything that can be checked before loading a (possibly large) checkpoint is.
+    modes = _modes(modes)
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 18 <= opset <= 23:
+        raise ExportError(f"opset {opset!r} is not supported; use 18 to 23 (18, the default, suits TensorRT best)")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        if not overwrite:
+            raise ExportError(f"{out_dir} exists and is not empty; choose another --out or pass --force to replace it")
+        if not (out_dir / MANIFEST).is_file():
+            raise ExportError(f"{out_dir} exists and is not an artifact (no {MANIFEST}); --force only replaces "
+                              "artifacts: choose another --out or remove it yourself")
+    model = _model(model, DTYPES[dtype], say)
+    cfg = model.config
+    block_length = cfg.block_size if block_length is None else block_length
+    prefill_length = min(DEFAULT_PREFILL_LENGTH, max_seq_len) if prefill_length is None else prefill_length
+    _check_lengths(modes, block_length, prefill_length, max_seq_len, batch_size, cfg.max_position_embeddings)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+
+    graphs = plan(modes, block_length=block_length, prefill_length=prefill_length, has_lora=model.has_lora)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    store = None
+    try:
+        store = WeightStore(tmp) if share_weights else None
+        specs = []
+        options = PipelineOptions(optimize=optimize, share_weights=share_weights)
+        traced: dict[tuple, tuple] = {}  # (pattern, L, lora, writes) -> (graph, step): identical steps trace once
+        for i, (spec, used_by) in enumerate(graphs, 1):
+            t0 = time.perf_counter()
+            module = StepModule(model, spec)
+            inputs, outputs = module.io_specs(batch_size, max_seq_len)
+            file = f"{spec.step}.onnx"
+            key = (spec.pattern, spec.block_length, spec.lora, spec.writes_cache)
+            if key in traced:
+                # e.g. commit and verify: the same computation under two step kinds
+                say(f"[{i}/{len(graphs)}] {spec.step}: same graph as {traced[key][1]}")
+                _save(traced[key][0], tmp / file, share_weights)
+            else:
+                say(f"[{i}/{len(graphs)}] {spec.step}: tracing (L={spec.block_length}, C={max_seq_len}, "
+                    f"batch={batch_size}, {spec.pattern}{', LoRA' if spec.lora else ''})")
+                onnx_model = _trace(module, module.example_inputs(batch_size, max_seq_len), spec, opset)
+                ctx = PassContext(spec.step, inputs, outputs, weights=store, opset=opset,
+                                  dump_dir=tmp.parent / f"{out_dir.name}.dump" if dump_after else None)
+                results = run_pipeline(onnx_model, ctx, options, dump_after=dump_after)
+                _save(onnx_model, tmp / file, share_weights)
+                traced[key] = (onnx_model, spec.step)
+                say(f"[{i}/{len(graphs)}] {spec.step}: {_summary(results)} ({time.perf_counter() - t0:.1f}s)")
+            check_onnx(tmp / file)
+            specs.append(GraphSpec(step=spec.step, file=file, modes=used_by, pattern=spec.pattern,
+                                   writes_cache=spec.writes_cache, lora=spec.lora, block_length=spec.block_length,
+                                   inputs=inputs, outputs=outputs))
+        del traced
+        if store is not None:
+            store.close()
+        tokenizer_files = _copy_tokenizer(model, tmp)
+        manifest = Manifest(
+            model_config=cfg.to_dict(), config_hash=cfg.hash(), dtype=dtype, batch_size=batch_size,
+            cache_capacity=max_seq_len, block_length=block_length, prefill_length=prefill_length,
+            has_lora=model.has_lora, graphs=specs, tokenizer_files=tokenizer_files,
+            weights_file=WEIGHTS_FILE if share_weights else None, opset=opset, source=model.source,
+        )
+        manifest.validate(str(tmp / MANIFEST))
+        manifest.save(tmp)  # last file written: a directory without it is not an artifact
+        _replace(tmp, out_dir)
+    except BaseException:  # KeyboardInterrupt included: nothing half-written survives
+        if store is not None:
+            store.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"wrote {out_dir} ({_size(out_dir) / 2**20:.1f} MiB, modes: {', '.join(manifest.modes)})")
+    return manifest
+
+
+# ---- argument checks -------------------------------------------------------
+def _modes(modes: Sequence[str] | str) -> list[str]:
+    if isinstance(modes, str):
+        modes = list(MODES) if modes == "all" else [modes]
+    modes = list(dict.fromkeys(modes))
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ExportError(f"unknown mode {bad[0] if bad else '(none)'!r}; use one of {', '.join(MODES)} or all")
+    return modes
+
+
+def _check_lengths(modes, block_length, prefill_length, capacity, batch_size, max_positions) -> None:
+    for name, value in (("max_seq_len", capacity), ("batch_size", batch_size), ("prefill_length", prefill_length),
+                        ("block_length", block_length)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ExportError(f"{name} must be a positive integer, got {value!r}")
+    if any(m != "ar" for m in modes) and block_length < 2:
+        raise ExportError(f"block_length must be at least 2 for diffusion and linear-spec, got {block_length}")
+    if block_length > capacity:
+        raise ExportError(f"block length {block_length} exceeds the cache capacity (max_seq_len) {capacity}; "
+                          "raise --max-seq-len or lower --block-length")
+    if prefill_length > capacity:
+        raise ExportError(f"prefill length {prefill_length} exceeds the cache capacity (max_seq_len) {capacity}; "
+                          "raise --max-seq-len or lower --prefill-length")
+    if capacity > max_positions:
+        raise ExportError(f"max_seq_len {capacity} exceeds the model's max_position_embeddings {max_positions}")
+
+
+def _model(model, dtype: torch.dtype, say) -> TriModeModel:
+    if model is None or isinstance(model, (str, Path)):
+        from nemocompile.loader import load
+
+        say(f"loading {model or 'the embedded tiny model'} as {dtype}")
+        return load(model, dtype=dtype)
+    if not isinstance(model, TriModeModel):
+        raise ExportError(f"model must be a TriModeModel or a checkpoint directory, got {type(model).__name__}")
+    if model.dtype != dtype:
+        say(f"converting a copy of the model from {model.dtype} to {dtype}")
+    return cast_model(model, dtype).eval()
+
+
+def cast_model(model: TriModeModel, dtype: torch.dtype) -> TriModeModel:
+    """``model`` in ``dtype``: itself if it already is, else a converted copy
+    (the rotary frequencies stay exact fp32, as the loader makes them)."""
+    if model.dtype == dtype:
+        return model
+    from nemocompile.model.modeling import yarn_inv_freq
+
+    source, tokenizer = model.source, model.tokenizer
+    model = copy.deepcopy(model).to(dtype)
+    model.inv_freq = yarn_inv_freq(model.config.rope, model.config.head_dim)[0].to(model.device)
+    model.source, model.tokenizer = source, tokenizer
+    return model
+
+
+# ---- steps -----------------------------------------------------------------
+def _trace(module: StepModule, args: tuple, spec, opset: int):
+    """The graph as an onnx_ir model, unoptimized (the pass pipeline optimizes it)."""
+    quiet = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), _quiet_loggers():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, verbose=False,
+                                        input_names=list(INPUT_NAMES), output_names=list(spec.output_names),
+                                        optimize=False, external_data=True)
+        except Exception as e:
+            raise ExportError(f"{spec.step}: torch.onnx.export failed ({type(e).__name__}: {e}); "
+                              f"exporter output:\n{quiet.getvalue()[-2000:]}") from e
+    return program.model
+
+
+@contextlib.contextmanager
+def _quiet_loggers():
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _save(onnx_model, path: Path, shared: bool) -> None:
+    import onnx_ir as ir
+
+    if shared:
+        ir.save(onnx_model, path)  # weights already live in weights.bin
+    else:
+        ir.save(onnx_model, path, external_data=path.with_suffix(".data").name)
+
+
+def _summary(results: list[tuple[str, PassResult]]) -> str:
+    parts = [f"{name} {r.count}" for name, r in results if r.count]
+    findings = [f for _, r in results for f in r.findings]
+    if findings:
+        parts.append(f"{len(findings)} TensorRT findings")
+    return ", ".join(parts) or "no rewrites"
+
+
+def _copy_tokenizer(model: TriModeModel, directory: Path) -> list[str]:
+    if not model.source:
+        return []
+    copied = []
+    for name in TOKENIZER_FILES:
+        src = Path(model.source) / name
+        if src.is_file():
+            shutil.copy2(src, directory / name)
+            copied.append(name)
+    return copied
+
+
+def _replace(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished temp dir onto out_dir (an existing one is swapped out, then removed)."""
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out_dir)
+
+
+def _size(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+
+
+def _progress(progress) -> Callable[[str], None]:
+    if callable(progress):
+        return progress
+    if progress:
+        import sys
+
+        start = time.perf_counter()
+        return lambda msg: print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+    return lambda msg: None

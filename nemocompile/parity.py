@@ -1,0 +1,312 @@
+"""Parity of an exported artifact against the eager PyTorch model.
+
+Two levels, both at temperature 0:
+
+- per step (:func:`step_parity`): every graph of the artifact runs on ONNX
+  Runtime (CPU provider) and ``TriModeModel.step`` runs the same inputs
+  eagerly, at cache lengths 0, mid and near capacity, with left padding on
+  the rows after the first. The cache prefix holds the model's own keys and
+  values; the slots beyond ``cache_len`` hold noise, so a graph that failed to
+  mask them would show. Reported per step kind: max and mean absolute logit
+  difference, max difference of the written (present) cache rows, top-1
+  agreement.
+- whole generations (:func:`generation_parity`): the runtime
+  (``nemocompile.runtime``, ONNX Runtime backend) against the eager decoders
+  (``nemocompile.generate``) in every mode of the artifact; the token
+  sequences must be identical.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .errors import NemocompileError
+from .manifest import Manifest
+from .model import TriModeModel
+
+# Max abs logit (and cache row) difference allowed per artifact dtype. fp32 is
+# absolute (1e-4). Half precisions are relative to the step's largest |logit|
+# (for the cache rows: the largest |key or value|):
+# one fp16 ulp at a logit of 20 is already 0.016, and eager PyTorch and ONNX
+# Runtime round in different places (ORT's CPU provider computes several fp16
+# ops in fp32).
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
+RELATIVE = {"fp32": False, "fp16": True, "bf16": True}
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ParityError(NemocompileError):
+    """Parity could not run (wrong model for the artifact, unreadable prompts, ...)."""
+
+
+@dataclass
+class StepParity:
+    step: str
+    cases: list[str]  # "cache_len=..": the situations compared
+    logits_max: float  # max |onnx - eager| over every logit of every case
+    logits_mean: float
+    cache_max: float | None  # max |onnx - eager| of the present rows; None: the step does not write
+    top1: float  # fraction of positions whose argmax agrees
+    tolerance: float  # the absolute bound applied (half precisions: relative to the largest |logit|)
+    ok: bool
+
+
+@dataclass
+class GenerationParity:
+    mode: str
+    prompts: int
+    identical: int  # prompts whose token sequences are identical
+    token_agreement: float  # fraction of aligned positions with the same token
+    first_divergence: list[dict] = field(default_factory=list)  # per differing prompt: index, position, tokens
+    ok: bool = True
+
+
+@dataclass
+class ParityReport:
+    artifact: str
+    dtype: str
+    steps: list[StepParity]
+    generations: list[GenerationParity]
+
+    @property
+    def ok(self) -> bool:
+        return all(s.ok for s in self.steps) and all(g.ok for g in self.generations)
+
+    def to_dict(self) -> dict:
+        return {"artifact": self.artifact, "dtype": self.dtype, "ok": self.ok,
+                "steps": [asdict(s) for s in self.steps], "generations": [asdict(g) for g in self.generations]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def table(self) -> str:
+        lines = [f"parity of {self.artifact} ({self.dtype}) against eager PyTorch",
+                 f"{'step':<9}{'cases':>6}{'logits max':>13}{'logits mean':>13}{'cache max':>12}{'top-1':>8}"
+                 f"{'tol':>9}  result"]
+        for s in self.steps:
+            cache = "-" if s.cache_max is None else f"{s.cache_max:.2e}"
+            lines.append(f"{s.step:<9}{len(s.cases):>6}{s.logits_max:>13.2e}{s.logits_mean:>13.2e}{cache:>12}"
+                         f"{s.top1:>8.1%}{s.tolerance:>9.1e}  {'ok' if s.ok else 'FAIL'}")
+        if self.generations:
+            lines.append(f"{'mode':<12}{'prompts':>8}{'identical':>11}{'tokens':>9}  result")
+            for g in self.generations:
+                lines.append(f"{g.mode:<12}{g.prompts:>8}{g.identical:>11}{g.token_agreement:>9.1%}  "
+                             f"{'ok' if g.ok else 'FAIL'}")
+                for d in g.first_divergence:
+                    lines.append(f"    prompt {d['prompt']}: first divergence at token {d['position']}: "
+                                 f"onnx {d['onnx']} vs eager {d['eager']}")
+        lines.append("PASS" if self.ok else "FAIL")
+        return "\n".join(lines)
+
+
+# ---- entry point -------------------------------------------------------------
+def check_parity(artifact_dir: str | Path, model: TriModeModel | str | Path | None = None,
+                 prompts: Sequence | None = None, max_new_tokens: int = 32, generations: bool = True,
+                 seed: int = 0) -> ParityReport:
+    """Per-step parity of every graph, then whole-generation parity in every mode
+    of the artifact. ``model``: a loaded model, a checkpoint directory, or None
+    (the manifest's source checkpoint, else the embedded model)."""
+    manifest = Manifest.load(artifact_dir)
+    model = reference_model(manifest, model)
+    steps = step_parity(artifact_dir, model, manifest=manifest, seed=seed)
+    gens = generation_parity(artifact_dir, model, prompts, max_new_tokens, manifest=manifest) if generations else []
+    return ParityReport(str(artifact_dir), manifest.dtype, steps, gens)
+
+
+def reference_model(manifest: Manifest, model: TriModeModel | str | Path | None) -> TriModeModel:
+    """The eager model in the artifact's dtype; refuses one with a different architecture."""
+    dtype = _TORCH_DTYPES[manifest.dtype]
+    if model is None or isinstance(model, (str, Path)):
+        from .loader import embedded_model_dir, load
+
+        path = model or manifest.source or embedded_model_dir()
+        model = load(path, dtype=dtype)
+    else:
+        from .graphs.export import cast_model
+
+        model = cast_model(model, dtype)
+    if model.config.hash() != manifest.config_hash:
+        raise ParityError(f"the model's config hash {model.config.hash()} differs from the artifact's "
+                          f"{manifest.config_hash}; pass --model with the checkpoint the artifact was exported from")
+    if model.has_lora != manifest.has_lora:
+        raise ParityError(f"the artifact was exported {'with' if manifest.has_lora else 'without'} a drafter LoRA "
+                          f"but the model has {'one' if model.has_lora else 'none'}; pass the matching checkpoint")
+    return model.eval()
+
+
+# ---- per step ----------------------------------------------------------------
+def step_parity(artifact_dir: str | Path, model: TriModeModel, *, manifest: Manifest | None = None,
+                cache_lens: Sequence[int] | None = None, seed: int = 0) -> list[StepParity]:
+    """Every graph on ORT CPU against ``model.step`` on the same inputs."""
+    import onnxruntime as ort
+
+    manifest = manifest or Manifest.load(artifact_dir)
+    C, B = manifest.cache_capacity, manifest.batch_size
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    out = []
+    for g in manifest.graphs:
+        L = g.block_length
+        lens = cache_lens if cache_lens is not None else sorted({0, (C - L) // 2, C - L})
+        try:
+            session = ort.InferenceSession(str(Path(artifact_dir) / g.file), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own exception types
+            hint = ("bf16 artifacts do not run on ORT's CPU provider: export fp32 or fp16 for CPU parity"
+                    if manifest.dtype == "bf16" else "re-export the artifact (`nemocompile check` lints it)")
+            raise ParityError(f"{g.file}: ONNX Runtime (CPU) cannot load it ({e}); {hint}") from None
+        diffs, means, cache_diffs, agree, total, cases, scale, cache_scale = [], [], [], 0, 0, [], 1.0, 1.0
+        gen = torch.Generator().manual_seed(seed)
+        for cache_len in lens:
+            if cache_len + L > C:
+                continue
+            inputs = _step_inputs(model, g.pattern, B, L, C, cache_len, gen)
+            feeds = {k: _numpy(v) for k, v in inputs.items()}
+            got = session.run(None, feeds)
+            with torch.no_grad():
+                ref = model.step(inputs["input_ids"], inputs["cache_k"], inputs["cache_v"], inputs["cache_len"],
+                                 inputs["row_start"], pattern=g.pattern, lora=g.lora)
+            ref_logits = ref[0].float().numpy()
+            scale = max(scale, float(np.abs(ref_logits).max()))
+            d = np.abs(got[0].astype(np.float64) - ref_logits)
+            diffs.append(float(d.max()))
+            means.append(float(d.mean()))
+            agree += int((got[0].argmax(-1) == ref_logits.argmax(-1)).sum())
+            total += B * L
+            if g.writes_cache:
+                cache_diffs += [float(np.abs(_f32(got[i]) - ref[i].float().numpy()).max()) for i in (1, 2)]
+                cache_scale = max(cache_scale, *(float(ref[i].float().abs().max()) for i in (1, 2)))
+            cases.append(f"cache_len={cache_len}")
+        relative = RELATIVE[manifest.dtype]
+        tol = TOLERANCE[manifest.dtype] * (scale if relative else 1.0)
+        cache_tol = TOLERANCE[manifest.dtype] * (cache_scale if relative else 1.0)
+        logits_max = max(diffs)
+        cache_max = max(cache_diffs) if g.writes_cache else None
+        ok = logits_max <= tol and (cache_max is None or cache_max <= cache_tol)
+        out.append(StepParity(g.step, cases, logits_max, float(np.mean(means)), cache_max, agree / total, tol, ok))
+    return out
+
+
+def _step_inputs(model: TriModeModel, pattern: str, B: int, L: int, C: int, cache_len: int,
+                 gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """A block against a cache holding ``cache_len`` slots of the model's own K/V
+    (row b left-padded by b slots) and noise beyond them."""
+    cfg, dtype = model.config, model.dtype
+    row_start = torch.tensor([min(b, max(cache_len + L - 1, 0)) for b in range(B)], dtype=torch.long)
+    shape = (cfg.num_hidden_layers, B, cfg.num_key_value_heads, C, cfg.head_dim)
+    cache_k = torch.randn(shape, generator=gen).to(dtype) * 3  # noise: must be masked away
+    cache_v = torch.randn(shape, generator=gen).to(dtype) * 3
+    if cache_len:
+        prefix = torch.randint(0, cfg.vocab_size, (B, cache_len), generator=gen)
+        with torch.no_grad():
+            _, k, v = model.step(prefix, None, None, 0, row_start, pattern="causal")
+        cache_k[..., :cache_len, :] = k
+        cache_v[..., :cache_len, :] = v
+    ids = torch.randint(0, cfg.vocab_size, (B, L), generator=gen)
+    if pattern == "bidirectional" and L > 1:  # denoise/draft blocks: a seed token, then mostly masks
+        keep = torch.rand(B, L, generator=gen) < 0.3
+        keep[:, 0] = True
+        ids = torch.where(keep, ids, torch.full_like(ids, cfg.mask_token_id))
+    return {"input_ids": ids, "cache_len": torch.tensor(cache_len, dtype=torch.long), "row_start": row_start,
+            "cache_k": cache_k, "cache_v": cache_v}
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def _f32(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.float32)
+
+
+# ---- whole generations -------------------------------------------------------
+def generation_parity(artifact_dir: str | Path, model: TriModeModel, prompts: Sequence | None = None,
+                      max_new_tokens: int = 32, *, manifest: Manifest | None = None,
+                      modes: Sequence[str] | None = None) -> list[GenerationParity]:
+    """Greedy generations of the runtime (ONNX Runtime) and the eager decoders
+    must be token-for-token identical, in every mode of the artifact. A prompt
+    that is itself a list of prompts runs as one batch (ar and diffusion)."""
+    from . import generate
+    from .runtime import Runtime
+
+    manifest = manifest or Manifest.load(artifact_dir)
+    prompts = default_prompts(model) if prompts is None else list(prompts)
+    results = []
+    with Runtime.load(artifact_dir, backend="onnxruntime") as runtime:
+        for mode in modes or manifest.modes:
+            block = None if mode == "ar" else manifest.block_length
+            pairs = []
+            for p in prompts:
+                ours = runtime.generate(p, mode=mode, max_new_tokens=max_new_tokens, block_length=block,
+                                        temperature=0.0)
+                ref = generate(model, p, mode=mode, max_new_tokens=max_new_tokens, block_length=block,
+                               temperature=0.0)
+                if isinstance(ref, list):  # a batch of prompts: one result per row
+                    pairs += [(list(o.tokens), list(r.tokens)) for o, r in zip(ours, ref)]
+                else:
+                    pairs.append((list(ours.tokens), list(ref.tokens)))
+            results.append(_compare(mode, pairs))
+    return results
+
+
+def _compare(mode: str, pairs: list[tuple[list[int], list[int]]]) -> GenerationParity:
+    identical, same, total, firsts = 0, 0, 0, []
+    for i, (a, b) in enumerate(pairs):
+        n = max(len(a), len(b))
+        total += n
+        same += sum(x == y for x, y in zip(a, b))
+        if a == b:
+            identical += 1
+            continue
+        pos = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        firsts.append({"prompt": i, "position": pos, "onnx": a[pos] if pos < len(a) else None,
+                       "eager": b[pos] if pos < len(b) else None})
+    return GenerationParity(mode, len(pairs), identical, same / total if total else 1.0, firsts,
+                            ok=identical == len(pairs))
+
+
+def default_prompts(model: TriModeModel, count: int = 3) -> list:
+    """Held-out text prompts with a tokenizer, else seeded random token ids."""
+    if model.tokenizer is not None:
+        path = Path(__file__).parent / "assets" / "heldout_prompts.txt"
+        if path.is_file():
+            return [json.loads(line)["prompt"] for line in path.read_text().splitlines()[:count] if line.strip()]
+    gen = torch.Generator().manual_seed(1234)
+    return [torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist() for n in (5, 9, 3)][:count]
+
+
+def read_prompts(path: str | Path) -> list:
+    """A prompts file: one JSON object per line with "prompt" (text) or "ids"
+    (token ids), or plain text lines."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParityError(f"{path}: no such prompts file")
+    prompts = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ParityError(f"{path}:{n}: not valid JSON ({e})") from None
+            if "ids" in obj:
+                prompts.append([int(t) for t in obj["ids"]])
+            elif "prompt" in obj:
+                prompts.append(str(obj["prompt"]))
+            else:
+                raise ParityError(f'{path}:{n}: expected a "prompt" or an "ids" field')
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise ParityError(f"{path}: no prompts")
+    return prompts

@@ -1,0 +1,155 @@
+"""TensorRT readiness: would TensorRT's ONNX parser accept this graph?
+
+The operator table is transcribed from onnx-tensorrt's ``docs/operators.md``
+for TensorRT 10.15 ("supports operators in the inclusive range of opset 9 to
+opset 24"): for each supported operator, the data types it takes, plus the
+restrictions that can matter for decoder graphs (constant ``axes``, TopK's K,
+the Attention op's inputs). TensorRT itself cannot run here (no GPU), so this
+is a lint, not a build: a clean lint means no known parser rejection, the
+engine build on the target GPU is still the final word.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from .base import PassContext, PassResult
+
+TENSORRT_VERSION = "10.15"
+OPSET_RANGE = (9, 24)
+
+_F = "FP32 FP16 BF16"
+_FI = "FP32 FP16 BF16 INT32 INT64"
+_FIB = "FP32 FP16 BF16 INT32 INT64 BOOL"
+# operator -> data types its inputs may have (onnx-tensorrt docs/operators.md, TensorRT 10.15)
+SUPPORTED: dict[str, str] = {
+    "Abs": _FI, "Acos": _F, "Acosh": _F, "Add": _FI, "And": "BOOL", "ArgMax": _FI, "ArgMin": _FI, "Asin": _F,
+    "Asinh": _F, "Atan": _F, "Atanh": _F, "Attention": _F + " INT8 FP8", "AveragePool": _F,
+    "BatchNormalization": _F, "BlackmanWindow": "FP32 FP16", "Cast": _FIB + " UINT8",
+    "CastLike": _FIB + " UINT8", "Ceil": _F, "Celu": _F, "Clip": _F, "Concat": _FIB,
+    "Constant": _FIB + " FP8 FP4 INT4", "ConstantOfShape": _FIB + " FP8 FP4 INT4", "Conv": _F,
+    "ConvTranspose": _F, "Cos": _F, "Cosh": _F, "CumSum": _F, "DeformConv": "FP32 FP16",
+    "DepthToSpace": _FI, "DequantizeLinear": "INT8 FP8 FP4 INT4", "Div": _FI, "Dropout": _F, "Einsum": _F,
+    "Elu": _F, "Equal": _FI, "Erf": _F, "Exp": _F, "Expand": _FIB, "EyeLike": _FIB, "Flatten": _FIB,
+    "Floor": _F, "Gather": _FIB, "GatherElements": _FIB, "GatherND": _FIB, "Gelu": _FI + " INT8", "Gemm": _F,
+    "GlobalAveragePool": _F, "GlobalLpPool": _F, "GlobalMaxPool": _F, "Greater": _FI, "GreaterOrEqual": _FI,
+    "GridSample": "FP32 FP16", "GroupNormalization": _F, "GRU": _F, "HammingWindow": "FP32 FP16",
+    "HannWindow": "FP32 FP16", "HardSigmoid": _F, "HardSwish": _F, "Hardmax": _F, "Identity": _FIB,
+    "If": _FIB, "ImageScaler": _F, "InstanceNormalization": _F, "IsInf": _F, "IsNaN": _FI,
+    "LayerNormalization": _F, "LeakyRelu": _F, "Less": _FI, "LessOrEqual": _FI, "Log": _F, "LogSoftmax": _F,
+    "Loop": _FIB, "LRN": _F, "LSTM": _F, "LpNormalization": _F, "LpPool": _F, "MatMul": _F, "Max": _FI,
+    "MaxPool": _F, "Mean": _FI + " FP8", "MeanVarianceNormalization": _F, "Min": _FI, "Mish": "FP32 FP16",
+    "Mod": _FI, "Mul": _FI, "Neg": _FI, "NonMaxSuppression": "FP32 FP16", "NonZero": "FP32 FP16",
+    "Not": "BOOL", "OneHot": _FIB, "Or": "BOOL", "Pad": _FI, "ParametricSoftplus": _F, "Pow": _FI,
+    "PRelu": _F, "QuantizeLinear": _F, "RandomNormal": _F, "RandomNormalLike": _F, "RandomUniform": _F,
+    "RandomUniformLike": _F, "Range": _FI, "Reciprocal": _F, "ReduceL1": _FI, "ReduceL2": _FI,
+    "ReduceLogSum": _FI, "ReduceLogSumExp": _FI, "ReduceMax": _FI, "ReduceMean": _FI, "ReduceMin": _FI,
+    "ReduceProd": _FI, "ReduceSum": _FI, "ReduceSumSquare": _FI, "Relu": _FI, "Reshape": _FIB,
+    "Resize": _F, "ReverseSequence": _FIB, "RMSNormalization": _F, "RNN": _F, "RoiAlign": "FP32 FP16",
+    "RotaryEmbedding": _F + " INT64", "Round": _F, "STFT": "FP32", "ScaledTanh": _F, "Scan": _F,
+    "Scatter": _FI, "ScatterElements": _FI, "ScatterND": _FI, "Selu": _F, "Shape": _FIB, "Shrink": _FI,
+    "Sigmoid": _F, "Sign": _FI, "Sin": _F, "Sinh": _F, "Size": _FIB, "Slice": _FIB, "Softmax": _F,
+    "Softplus": _F, "Softsign": _F, "SpaceToDepth": _FI, "Split": _FIB, "Sqrt": _F, "Squeeze": _FIB,
+    "Sub": _FI, "Sum": _FI, "Tan": _F, "Tanh": _F, "TensorScatter": _F + " INT32", "ThresholdedRelu": _F,
+    "Tile": _FIB, "TopK": _FI, "Transpose": _FIB, "Trilu": _FIB, "Unsqueeze": _FIB, "Upsample": _F,
+    "Where": _FIB, "Xor": "BOOL",
+}
+# Listed as unsupported ("N") in the same table; anything in neither list is unknown to the parser too.
+UNSUPPORTED = set(
+    "AffineGrid Bernoulli BitShift BitwiseAnd BitwiseNot BitwiseOr BitwiseXor Col2Im CenterCropPad Compress "
+    "ConcatFromSequence ConvInteger DFT Det DynamicQuantizeLinear ImageDecoder MatMulInteger MaxRoiPool "
+    "MaxUnpool MelWeightMatrix Multinomial NegativeLogLikelihoodLoss Optional OptionalGetElement "
+    "OptionalHasElement QLinearConv QLinearMatMul RegexFullMatch SequenceAt SequenceConstruct SequenceEmpty "
+    "SequenceErase SequenceInsert SequenceLength SequenceMap SoftmaxCrossEntropyLoss SplitToSequence "
+    "StringConcat StringNormalizer StringSplit TfIdfVectorizer Unique".split()
+)
+_TYPE_NAMES = {
+    ir.DataType.FLOAT: "FP32", ir.DataType.FLOAT16: "FP16", ir.DataType.BFLOAT16: "BF16",
+    ir.DataType.INT32: "INT32", ir.DataType.INT64: "INT64", ir.DataType.BOOL: "BOOL", ir.DataType.INT8: "INT8",
+    ir.DataType.UINT8: "UINT8", ir.DataType.FLOAT8E4M3FN: "FP8", ir.DataType.INT4: "INT4",
+    ir.DataType.FLOAT4E2M1: "FP4", ir.DataType.DOUBLE: "DOUBLE",
+}
+# (operator, input index) that TensorRT needs as a build-time constant
+_CONSTANT_INPUTS = {("CumSum", 1), ("Squeeze", 1), ("Unsqueeze", 1), ("TopK", 1), ("OneHot", 1),
+                    ("Dropout", 2)} | {(op, 1) for op in SUPPORTED if op.startswith("Reduce")}
+
+
+def check_tensorrt(model: ir.Model, ctx: PassContext) -> PassResult:
+    """Changes nothing; ``findings`` lists every node, type or shape TensorRT
+    10.15's ONNX parser would reject (empty: the graph is TensorRT-ready)."""
+    return PassResult(model, modified=False, findings=lint(model))
+
+
+def lint(model: ir.Model) -> list[str]:
+    """What TensorRT's ONNX parser would reject in ``model``, one line each."""
+    findings = []
+    opset = model.opset_imports.get("", None)
+    if opset is not None and not OPSET_RANGE[0] <= opset <= OPSET_RANGE[1]:
+        findings.append(f"opset {opset} is outside TensorRT {TENSORRT_VERSION}'s range {OPSET_RANGE}; "
+                        "re-export with --opset 18")
+    for kind, values in (("input", model.graph.inputs), ("output", model.graph.outputs)):
+        for v in values:
+            if v.shape is None or not all(isinstance(d, int) for d in v.shape):
+                findings.append(f"graph {kind} {v.name!r} has a non-static shape {v.shape}; "
+                                "graphs must be exported with static shapes")
+            if v.dtype is not None and _TYPE_NAMES.get(v.dtype) in (None, "DOUBLE", "INT4", "FP4"):
+                findings.append(f"graph {kind} {v.name!r} has dtype {v.dtype}, which TensorRT cannot bind")
+    for node in model.graph:
+        findings.extend(_check_node(node))
+    return findings
+
+
+def _check_node(node: ir.Node) -> list[str]:
+    where = f"{node.op_type} node {node.name!r}"
+    if node.domain not in ("", "ai.onnx"):
+        return [f"{where}: custom domain {node.domain!r} needs a TensorRT plugin"]
+    if node.op_type in UNSUPPORTED:
+        return [f"{where}: operator {node.op_type} is not supported by TensorRT's ONNX parser"]
+    if node.op_type not in SUPPORTED:
+        return [f"{where}: operator {node.op_type} is not in TensorRT {TENSORRT_VERSION}'s operator table"]
+    out = []
+    allowed = set(SUPPORTED[node.op_type].split())
+    values = list(node.inputs) + (list(node.outputs) if node.op_type in ("Cast", "CastLike") else [])
+    for v in values:
+        if v is None or v.dtype is None:
+            continue
+        name = _TYPE_NAMES.get(v.dtype, str(v.dtype))
+        if name not in allowed:
+            out.append(f"{where}: {v.name!r} has type {name}; TensorRT's {node.op_type} takes {sorted(allowed)}")
+    for (op, idx) in _CONSTANT_INPUTS:
+        if node.op_type == op and len(node.inputs) > idx and node.inputs[idx] is not None:
+            if ir.convenience.get_const_tensor(node.inputs[idx]) is None:
+                out.append(f"{where}: input {idx} must be a build-time constant for TensorRT")
+    if node.op_type == "TopK":
+        k = ir.convenience.get_const_tensor(node.inputs[1])
+        if k is not None and int(k.numpy().reshape(-1)[0]) >= 3840:
+            out.append(f"{where}: K must be less than 3840 for TensorRT")
+        if node.attributes.get_int("sorted", 1) != 1:
+            out.append(f"{where}: TensorRT needs sorted=1")
+    if node.op_type == "Attention":
+        if len(node.inputs) > 4 and any(v is not None for v in node.inputs[4:]):
+            out.append(f"{where}: past_key/past_value/nonpad_kv_seqlen inputs are unsupported by TensorRT")
+        if len(node.outputs) > 1 and any(v is not None and v.uses() for v in node.outputs[1:]):
+            out.append(f"{where}: only the first output is supported by TensorRT")
+    for v in node.outputs:
+        if v.shape is not None and not all(isinstance(d, int) for d in v.shape):
+            out.append(f"{where}: output {v.name!r} has a non-static shape {v.shape}")
+    return out
+
+
+def lint_file(path: str | Path) -> list[str]:
+    """Lint one saved graph (external data is not loaded)."""
+    proto = onnx.load(str(path), load_external_data=False)
+    proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    return lint(ir.serde.deserialize_model(proto))
+
+
+def lint_artifact(directory: str | Path) -> dict[str, list[str]]:
+    """step kind -> findings, for every graph of an exported artifact."""
+    from nemocompile.manifest import Manifest
+
+    manifest = Manifest.load(directory)
+    return {g.step: lint_file(Path(directory) / g.file) for g in manifest.graphs}
