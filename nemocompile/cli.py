@@ -16,6 +16,12 @@ from .errors import NemocompileError
 SUBCOMMANDS = {
     "info": "info",
     "generate": "generate",
+    "export": "export",
+    "check": "check",
+    "parity": "parity",
+    "run": "run",
+    "serve": "serve",
+    "bench": "bench",
 }
 
 

@@ -1,0 +1,71 @@
+"""`nemocompile run`: one generation through the runtime (compiled graphs of an artifact)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def add_runtime_args(p) -> None:
+    """The arguments every runtime command takes: which artifact, on which backend."""
+    p.add_argument("--artifact", required=True, metavar="DIR", help="exported artifact directory (nemocompile export)")
+    p.add_argument("--backend", choices=["onnxruntime", "torch", "tensorrt"], default="onnxruntime")
+    p.add_argument("--device", default=None,
+                   help="cpu or cuda (default: cuda when onnxruntime-gpu sees an NVIDIA GPU, else cpu)")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="torch backend: the checkpoint (default: the manifest's source)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the backend's)")
+
+
+def load_runtime(args):
+    from ..runtime import Runtime
+
+    options = {}
+    if args.threads:
+        options["threads"] = args.threads
+    if args.backend == "torch" and args.model:
+        options["model"] = args.model
+    return Runtime.load(args.artifact, backend=args.backend, device=args.device, **options)
+
+
+def add_parser(sub) -> None:
+    from .common import add_decode_args
+
+    p = sub.add_parser("run", help="generate once with an exported artifact's compiled graphs")
+    add_runtime_args(p)
+    add_decode_args(p)
+    p.add_argument("--stream", action="store_true", help="print tokens as they are committed")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    runtime = load_runtime(args)
+    kw = dict(mode=args.mode, max_new_tokens=args.max_new_tokens, block_length=args.block_length,
+              threshold=args.threshold, temperature=args.temperature, seed=args.seed, chat=args.chat)
+    if args.stream:
+        stream = runtime.generate(args.prompt, stream=True, **kw)
+        tokens: list[int] = []
+        shown = ""
+        for chunk in stream:
+            tokens += chunk
+            if runtime.tokenizer is not None and not args.json:
+                text = runtime.tokenizer.decode(tokens)
+                if not text.endswith("\ufffd"):  # hold back a partial UTF-8 character
+                    sys.stdout.write(text[len(shown):])
+                    sys.stdout.flush()
+                    shown = text
+            elif not args.json:
+                print(" ".join(map(str, chunk)), flush=True)
+        result = stream.result
+        if not args.json and runtime.tokenizer is not None:
+            sys.stdout.write(result.text[len(shown):] + "\n")
+    else:
+        result = runtime.generate(args.prompt, **kw)
+    if args.json:
+        print(json.dumps({"text": result.text, "tokens": result.tokens, "finish_reason": result.finish_reason,
+                          "stats": result.stats.to_dict()}))
+        return 0
+    if not args.stream:
+        print(result.text if result.text is not None else " ".join(map(str, result.tokens)))
+    print(f"[{result.stats.summary()}]", file=sys.stderr)
+    return 0

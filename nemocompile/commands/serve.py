@@ -1,0 +1,31 @@
+"""`nemocompile serve`: the runtime as a JSON-lines subprocess (--stdio) or an
+OpenAI-compatible HTTP server (--http)."""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    from .run import add_runtime_args
+
+    p = sub.add_parser("serve", help="serve an artifact over stdin/stdout (JSON lines) or HTTP (OpenAI API)")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--stdio", action="store_true", help="one JSON request per stdin line, responses on stdout")
+    how.add_argument("--http", action="store_true", help="OpenAI-compatible HTTP API (needs nemocompile[serve])")
+    add_runtime_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (0: pick a free one)")
+    p.add_argument("--model-name", default=None, help="model id the HTTP API reports (default: the checkpoint's name)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from .run import load_runtime
+
+    if args.http:
+        from ..runtime.serve_http import check_dependencies, serve_http
+
+        check_dependencies()  # fail before loading anything
+        return serve_http(load_runtime(args), host=args.host, port=args.port, model_name=args.model_name)
+    from ..runtime.serve_stdio import serve_stdio
+
+    return serve_stdio(load_runtime(args))

@@ -1,0 +1,87 @@
+"""Backends execute one exported step by name on buffers the runtime bound once.
+
+The interface is deliberately small, so an engine-based backend plugs in:
+
+- ``allocate(shape, dtype)``: a zeroed device buffer (numpy on the CPU, a torch
+  tensor on an accelerator) for the KV cache and the present rows;
+- ``open(graph, io, cache)``: load the graph once and bind its buffers
+  (``io.input_ids``/``io.logits`` on the host, ``io.present_k``/``io.present_v``
+  and the cache on the device);
+- ``run(key)``: execute the step ``key = (step, block_length)`` in place;
+- ``close()``.
+
+A step reads ``input_ids``, ``cache_len``, ``row_start``, ``cache_k``,
+``cache_v`` and writes ``logits`` (and ``present_k``/``present_v`` for steps that
+write the cache); placing the presents into the cache is the runtime's job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from nemocompile.errors import NemocompileError
+
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
+GraphKey = tuple  # (step, block_length)
+
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+
+
+@dataclass
+class StepIO:
+    """Host and device buffers of one block length, shared by the steps of that length
+    (a diffusion block is denoised and committed in the same ``input_ids``)."""
+
+    input_ids: np.ndarray  # [B, L] int64, host
+    logits: np.ndarray  # [B, L, V] float32, host
+    present_k: Any  # [layers, B, kv_heads, L, head_dim] device buffer
+    present_v: Any
+
+
+class Backend(Protocol):
+    name: str
+    device: str
+
+    def allocate(self, shape: tuple[int, ...], dtype: str) -> Any: ...
+
+    def open(self, graph, io: StepIO, cache) -> None: ...
+
+    def run(self, key: GraphKey) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def torch_device_array(shape, dtype: str, device: str):
+    """A zeroed torch tensor: the device buffer for accelerators and for dtypes numpy lacks."""
+    import torch
+
+    dt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    return torch.zeros(shape, dtype=dt, device=device)
+
+
+def host_or_torch_array(shape, dtype: str, device: str):
+    """numpy on the CPU when numpy has the dtype (so cache writes are numpy slice assignments)."""
+    if device == "cpu" and dtype in NUMPY_DTYPES:
+        return np.zeros(shape, dtype=NUMPY_DTYPES[dtype])
+    return torch_device_array(shape, dtype, device)
+
+
+def create_backend(name: str, artifact_dir, manifest, device: str | None = None, **options) -> Backend:
+    """The named backend; options are backend specific (``model`` for torch, ``threads``/
+    ``providers`` for onnxruntime)."""
+    if name == "onnxruntime":
+        from .onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(artifact_dir, manifest, device=device, **options)
+    if name == "torch":
+        from .torch import TorchBackend
+
+        return TorchBackend(artifact_dir, manifest, device=device, **options)
+    if name == "tensorrt":
+        from .tensorrt import TensorRTBackend
+
+        return TensorRTBackend(artifact_dir, manifest, device=device, **options)
+    raise NemocompileError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")

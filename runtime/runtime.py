@@ -1,0 +1,407 @@
+"""The runtime: an exported artifact's graphs, scheduled for every decode mode.
+
+``Runtime.load`` reads the manifest, opens every graph once on a backend and
+allocates the KV cache and the step buffers once (static shapes from the
+manifest). ``generate`` validates a request completely before any step runs,
+then hands it to the mode's scheduler (``schedulers/``), which drives named
+steps through a :class:`Decode`: the request's state (cache, sampler, output
+rows, stats) and the one place where graphs are executed and timed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from nemocompile.decode.common import DEFAULT, MODES, parse_threshold
+from nemocompile.errors import GenerationError, NemocompileError
+from nemocompile.manifest import Manifest, ManifestError
+
+from .backends import Backend, StepIO, create_backend
+from .cache import KVCache
+from .sampling import Sampler
+from .stats import RuntimeStats, StepTimer
+
+@dataclass(frozen=True)
+class Request:
+    """A validated request: every default filled, every value checked."""
+
+    prompts: list[list[int]]  # token ids per prompt (1..batch_size prompts)
+    mode: str
+    max_new_tokens: int
+    block_length: int | None  # None for ar
+    threshold: float | None  # diffusion: None = fixed schedule; linear-spec: 0 = one-shot draft
+    steps: int | None  # diffusion without threshold: denoising steps per block (default: block length)
+    temperature: float
+    seed: int | None
+    eos: int  # -1: never stop on EOS
+    batched: bool  # the caller passed a list of prompts
+
+
+@dataclass
+class RuntimeResult:
+    tokens: list[int]  # generated ids, prompt excluded, trimmed after the first EOS
+    text: str | None  # decoded with the artifact's tokenizer, None without one
+    stats: RuntimeStats
+    finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens)
+
+
+class Runtime:
+    """Compiled graphs of one artifact on one backend, with one KV cache.
+
+    One request runs at a time (a lock queues concurrent callers); the cache
+    and buffers are reused by every request.
+    """
+
+    def __init__(self, artifact_dir: Path, manifest: Manifest, backend: Backend):
+        self.artifact_dir = artifact_dir
+        self.manifest = manifest
+        self.backend = backend
+        cfg = manifest.model_config
+        self.vocab_size = int(cfg["vocab_size"])
+        self.mask_token_id = int(cfg["mask_token_id"])
+        self.eos_token_id = int(cfg["eos_token_id"])
+        self.batch_size = manifest.batch_size
+        self.modes = manifest.modes
+        self.tokenizer = _tokenizer(artifact_dir, manifest)
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+        cache_spec = _tensor(manifest.graphs[0].inputs, "cache_k", manifest.graphs[0])
+        self.capacity = cache_spec.shape[3]
+        if cache_spec.shape[1] != self.batch_size:
+            raise ManifestError(f"cache_k has batch {cache_spec.shape[1]} but the manifest's batch_size is "
+                                f"{self.batch_size}; re-export the artifact")
+        self.cache = KVCache(backend.allocate((2, *cache_spec.shape), cache_spec.dtype), self.batch_size)
+        self.io: dict[int, StepIO] = {}
+        for graph in manifest.graphs:
+            if _tensor(graph.inputs, "cache_k", graph).shape != cache_spec.shape:
+                raise ManifestError(f"graph {graph.step!r} has a different cache shape; every graph of an "
+                                    "artifact must share one cache (re-export it)")
+            io = self._step_io(graph)
+            backend.open(graph, io, self.cache)
+        self.block_lengths = sorted({g.block_length for g in manifest.graphs if g.step in ("denoise", "draft")})
+        self.prefill_length = manifest.graph("prefill").block_length
+        # host scratch for the candidates of a block's masked positions, touched once here so
+        # denoising never allocates (a fresh multi-100 KB array per step costs page faults)
+        self.scratch = np.zeros((self.batch_size * max(self.block_lengths, default=1), self.vocab_size), np.float32)
+
+    # ---- construction ------------------------------------------------------------
+    @classmethod
+    def load(cls, artifact_dir: str | Path, backend: str = "onnxruntime", device: str | None = None,
+             **options) -> "Runtime":
+        """Open an exported artifact. ``options``: ``threads`` (intra-op threads),
+        ``model`` (torch backend: checkpoint path or loaded model; default the
+        manifest's ``source``), ``providers`` (onnxruntime)."""
+        artifact_dir = Path(artifact_dir)
+        manifest = Manifest.load(artifact_dir)
+        return cls(artifact_dir, manifest, create_backend(backend, artifact_dir, manifest, device=device, **options))
+
+    def _step_io(self, graph) -> StepIO:
+        """The buffers of ``graph``'s block length, created by the first graph of that length."""
+        L = graph.block_length
+        io = self.io.get(L)
+        if io is None:
+            ids = _tensor(graph.inputs, "input_ids", graph)
+            logits = _tensor(graph.outputs, "logits", graph)
+            if ids.shape != [self.batch_size, L] or logits.shape != [self.batch_size, L, self.vocab_size]:
+                raise ManifestError(f"graph {graph.step!r}: input_ids {ids.shape} / logits {logits.shape} do not "
+                                    f"match batch {self.batch_size}, block {L}, vocab {self.vocab_size}")
+            io = StepIO(np.zeros(ids.shape, np.int64), np.zeros(logits.shape, np.float32), None, None)
+            self.io[L] = io
+        if graph.writes_cache and io.present_k is None:
+            spec = _tensor(graph.outputs, "present_k", graph)
+            io.present_k = self.backend.allocate(tuple(spec.shape), spec.dtype)
+            io.present_v = self.backend.allocate(tuple(spec.shape), spec.dtype)
+        return io
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def name(self) -> str:
+        """The model's name: its source checkpoint's directory name, else the artifact's."""
+        return Path(self.manifest.source or self.artifact_dir).name
+
+    # ---- requests ----------------------------------------------------------------
+    def encode(self, prompt, chat: bool = False) -> tuple[list[list[int]], bool]:
+        """Token lists for a str, a list of str, a list of ids or a list of id lists; and whether it was a batch."""
+        def one(p) -> list[int]:
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise GenerationError("this artifact has no tokenizer.json: pass token ids instead of text")
+                return self.tokenizer.encode(self.tokenizer.apply_chat_template(p) if chat else p)
+            if isinstance(p, dict):  # a chat message
+                raise GenerationError("pass chat messages as a list of {'role', 'content'} objects with chat=True")
+            try:
+                ids = [int(t) for t in p]
+            except (TypeError, ValueError):
+                raise GenerationError(f"a prompt must be text or a list of token ids, got {p!r:.60}") from None
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise GenerationError(f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
+            return ids
+
+        if hasattr(prompt, "tolist"):
+            prompt = prompt.tolist()
+        if isinstance(prompt, str):
+            return [one(prompt)], False
+        prompt = list(prompt)
+        if chat and prompt and all(isinstance(m, dict) for m in prompt):  # one conversation
+            if self.tokenizer is None:
+                raise GenerationError("this artifact has no tokenizer.json, so it cannot render chat messages")
+            return [self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt))], False
+        if prompt and all(isinstance(p, (str, list, tuple)) for p in prompt):
+            return [one(p) for p in prompt], True
+        return [one(prompt)], False
+
+    def validate(self, prompts: list[list[int]], batched: bool, mode: str = "ar", max_new_tokens: int = 64,
+                 block_length: int | None = None, threshold=None, temperature: float = 0.0,
+                 seed: int | None = None, eos: int | None = None, steps: int | None = None) -> Request:
+        """Fill defaults and reject what cannot run, before any step does (spec defaults:
+        diffusion threshold 0.9, linear-spec threshold 0; block length: the artifact's)."""
+        if mode not in MODES:
+            raise GenerationError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+        if mode not in self.modes:
+            raise GenerationError(f"this artifact has no {mode} graphs (it has: {', '.join(self.modes)}); "
+                                  f"re-export it with that mode")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+            raise GenerationError(f"temperature must be a number >= 0, got {temperature!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise GenerationError(f"seed must be a non-negative integer, got {seed!r}")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise GenerationError(f"steps must be an integer >= 1, got {steps!r}")
+        if eos is None:
+            eos = self.eos_token_id
+        elif isinstance(eos, bool) or not isinstance(eos, int) or not -1 <= eos < self.vocab_size:
+            raise GenerationError(f"eos must be a token id or -1 (no EOS stop), got {eos!r}")
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise GenerationError("empty prompt: give at least one token")
+        limit = 1 if mode == "linear-spec" else self.batch_size
+        if len(prompts) > limit:
+            raise GenerationError(
+                "linear-spec decodes one sequence at a time (batch 1); use ar or diffusion for batches"
+                if mode == "linear-spec" else
+                f"{len(prompts)} prompts exceed the artifact's batch size {self.batch_size}; send at most "
+                f"{self.batch_size} at a time or re-export with a larger batch size")
+
+        block = None
+        if mode != "ar":
+            block = self.manifest.block_length if block_length is None else block_length
+            if isinstance(block, bool) or not isinstance(block, int) or block < 2:
+                raise GenerationError(f"block_length must be an integer >= 2, got {block!r}")
+            if block not in self.block_lengths:
+                raise GenerationError(f"this artifact was exported for block length(s) {self.block_lengths}, not "
+                                      f"{block}; pick one of those or re-export with --block-length {block}")
+        thr = parse_threshold(threshold)
+        if thr is DEFAULT:
+            thr = (None if steps is not None else 0.9) if mode == "diffusion" else 0.0
+        if mode == "linear-spec" and thr is None:
+            thr = 0.0
+        if mode == "ar":
+            thr = None
+
+        width = max(map(len, prompts))
+        need = width + max_new_tokens + (block if block else 0)
+        if width > self.capacity or need > self.capacity:
+            what = (f"the prompt ({width} tokens) alone exceeds" if width > self.capacity else
+                    f"prompt ({width}) + max_new_tokens ({max_new_tokens})"
+                    + (f" + one block ({block})" if block else "") + f" = {need} tokens exceed")
+            raise GenerationError(f"{what} the artifact's KV cache capacity of {self.capacity}; shorten the prompt, "
+                                  f"lower max_new_tokens, or re-export with a larger --max-seq-len")
+        return Request(prompts, mode, max_new_tokens, block, thr, steps, float(temperature), seed, eos, batched)
+
+    def generate(self, prompt_or_ids, mode: str = "ar", max_new_tokens: int = 64, block_length: int | None = None,
+                 threshold=None, temperature: float = 0.0, seed: int | None = None, eos: int | None = None,
+                 stream: bool = False, steps: int | None = None, chat: bool = False):
+        """Generate for one prompt (text or ids) -> :class:`RuntimeResult`, or a list of
+        prompts -> a list (ar and diffusion decode them as one batch).
+
+        ``stream=True`` (one prompt) returns a :class:`TokenStream` that yields the
+        token ids of each commit as it happens; its ``result`` is set at the end.
+        """
+        prompts, batched = self.encode(prompt_or_ids, chat)
+        request = self.validate(prompts, batched, mode, max_new_tokens, block_length, threshold, temperature,
+                                seed, eos, steps)
+        if stream:
+            if batched:
+                raise GenerationError("stream=True takes a single prompt; call generate once per prompt")
+            return TokenStream(self, request)
+        decode = Decode(self, request)
+        for _ in decode:
+            pass
+        return decode.results if batched else decode.results[0]
+
+
+class TokenStream:
+    """Iterates a streamed generation: each item is the list of token ids one commit emitted.
+
+    The runtime is held until the stream ends: iterate it to the end, or ``close()`` it.
+    """
+
+    def __init__(self, runtime: Runtime, request: Request):
+        self._decode = Decode(runtime, request)
+        self._events = iter(self._decode)
+        self.result: RuntimeResult | None = None
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return self
+
+    def __next__(self) -> list[int]:
+        try:
+            return next(self._events)
+        except StopIteration:
+            self.result = self._decode.results[0]
+            raise
+
+    def close(self) -> None:
+        """Abandon the generation and release the runtime."""
+        self._events.close()
+
+
+class Decode:
+    """One request in flight: the runtime's buffers, its sampler, output rows and stats.
+
+    Iterating it runs the mode's scheduler and yields row 0's newly emitted
+    tokens at each commit. Schedulers call :meth:`run` for every graph step
+    (timed, counted as a forward), :meth:`prefill`, and :meth:`emit`.
+    """
+
+    def __init__(self, runtime: Runtime, request: Request):
+        self.rt, self.request = runtime, request
+        self.results: list[RuntimeResult] = []
+
+    # ---- the request's lifetime --------------------------------------------------
+    def __iter__(self) -> Iterator[list[int]]:
+        rt = self.rt
+        if rt._owner == threading.get_ident():
+            raise GenerationError("a streamed generation is still open on this runtime in this thread: iterate it "
+                                  "to the end or close() it first")
+        with rt._lock:
+            rt._owner = threading.get_ident()
+            try:
+                yield from self._decode()
+            finally:
+                rt._owner = None
+
+    def _decode(self) -> Iterator[list[int]]:
+        from .schedulers import SCHEDULERS
+
+        rt, req = self.rt, self.request
+        B = rt.batch_size
+        self.cache, self.backend = rt.cache, rt.backend
+        self.mask_token_id = rt.mask_token_id
+        self.sampler = Sampler(req.temperature, req.seed)
+        self.stats = RuntimeStats(mode=req.mode, backend=rt.backend.name, block_length=req.block_length,
+                                  threshold=req.threshold, batch_size=len(req.prompts))
+        rows = len(req.prompts)
+        self.out: list[list[int]] = [[] for _ in range(B)]
+        # rows past the request's prompts ride along, finished from the start (plain lists:
+        # per-token bookkeeping on a handful of rows is cheaper in Python than in numpy)
+        self.done: list[bool] = [b >= rows for b in range(B)]
+        self.timer = StepTimer()
+        sent = 0
+        for _ in SCHEDULERS[req.mode](self):
+            if len(self.out[0]) > sent:
+                yield self.out[0][sent:]
+                sent = len(self.out[0])
+        self.timer.fill(self.stats)
+        eos = req.eos
+        for b in range(rows):
+            tokens = self.out[b]
+            stats = dataclasses.replace(self.stats, acceptance_lengths=list(self.stats.acceptance_lengths))
+            text = rt.tokenizer.decode(tokens) if rt.tokenizer is not None else None
+            reason = "stop" if eos >= 0 and tokens and tokens[-1] == eos else "length"
+            self.results.append(RuntimeResult(tokens, text, stats.finish(len(tokens)), reason))
+
+    # ---- what schedulers call ----------------------------------------------------
+    def io(self, block_length: int) -> StepIO:
+        return self.rt.io[block_length]
+
+    def run(self, step: str, block_length: int) -> StepIO:
+        """Execute one graph step (a model forward) on its bound buffers."""
+        timer = self.timer
+        t0, c0 = time.perf_counter(), time.process_time()
+        self.backend.run((step, block_length))
+        timer.graph_cpu_s += time.process_time() - c0
+        timer.graph_s += time.perf_counter() - t0
+        timer.calls += 1
+        self.stats.forwards += 1
+        return self.rt.io[block_length]
+
+    def prefill(self) -> np.ndarray:
+        """Run the (left-padded) prompts causally into the cache in prefill-graph chunks;
+        the logits [B, V] at each row's last prompt token. Counts as one forward."""
+        prompts, B, P = self.request.prompts, self.rt.batch_size, self.rt.prefill_length
+        width = max(map(len, prompts))
+        ids = np.zeros((B, width), dtype=np.int64)  # pad id 0: padded slots are masked
+        row_start = np.full(B, width - 1, dtype=np.int64)  # spare rows: one pad token
+        for b, p in enumerate(prompts):
+            ids[b, width - len(p):] = p
+            row_start[b] = width - len(p)
+        self.cache.reset(row_start)
+        io = self.rt.io[P]
+        for start in range(0, width, P):
+            n = min(P, width - start)
+            io.input_ids[:, :n] = ids[:, start:start + n]
+            io.input_ids[:, n:] = 0  # right padding of the last chunk: computed, never placed in the cache
+            self.run("prefill", P)
+            self.cache.write(io.present_k, io.present_v, n)
+        self.stats.forwards -= (width + P - 1) // P - 1  # the spec counts the prefill as one forward
+        return io.logits[:, n - 1]
+
+    def emit(self, row: int, tokens: Sequence[int]) -> None:
+        """Append ``tokens`` to an unfinished row, stopping after an EOS or at max_new_tokens."""
+        out, eos, limit = self.out[row], self.request.eos, self.request.max_new_tokens
+        for t in tokens:
+            t = int(t)
+            out.append(t)
+            if t == eos or len(out) >= limit:
+                self.done[row] = True
+                break
+        self.timer.mark_first_token()
+
+    def emit_rows(self, tokens: np.ndarray) -> None:
+        """One token per unfinished row ([B])."""
+        for b in self.unfinished():
+            self.emit(b, (tokens[b],))
+
+    def unfinished(self) -> list[int]:
+        return [b for b, done in enumerate(self.done) if not done]
+
+    @property
+    def all_done(self) -> bool:
+        return all(self.done)
+
+
+def _tensor(specs, name: str, graph):
+    for t in specs:
+        if t.name == name:
+            return t
+    raise ManifestError(f"graph {graph.step!r} ({graph.file}) has no {name!r} tensor in the manifest; re-export it")
+
+
+def _tokenizer(artifact_dir: Path, manifest: Manifest):
+    from nemocompile.tokenizer import Tokenizer
+
+    for d in (artifact_dir, Path(manifest.source) if manifest.source else None):
+        if d is not None and (d / "tokenizer.json").is_file():
+            try:
+                return Tokenizer(d)
+            except NemocompileError:
+                return None
+    return None

@@ -1,0 +1,322 @@
+"""`nemocompile serve --http`: an OpenAI-compatible HTTP API over the runtime (FastAPI + uvicorn).
+
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
+``"stream": true`` as server-sent events), ``GET /v1/models``, ``GET /health``.
+
+The decode mode and its knobs are extra body fields: ``mode`` ("ar",
+"diffusion", "linear-spec"), ``block_length``, ``threshold``, ``steps``, ``eos``.
+``temperature`` defaults to 0 (greedy) and ``max_tokens`` to 64. ``usage``
+also reports ``forwards``, ``tokens_per_forward``, ``acceptance_length``,
+``time_to_first_token_s`` and ``tokens_per_second``. Requests are executed one at
+a time by a single worker thread, in arrival order (a queue: generations never
+interleave on the shared KV cache).
+"""
+
+# no `from __future__ import annotations`: FastAPI must resolve the handlers' Request annotation
+import asyncio
+import contextlib
+import json
+import socket
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from nemocompile.errors import NemocompileError
+
+DEFAULT_MAX_TOKENS = 64
+
+# OpenAI fields accepted only at their no-op value (anything else is a clear 400)
+NEUTRAL = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (None, False), "top_logprobs": (None, 0),
+           "stop": (None, [], ""), "suffix": (None,), "top_p": (1, 1.0), "presence_penalty": (0, 0.0),
+           "frequency_penalty": (0, 0.0), "logit_bias": (None, {}), "user": None, "stream_options": None,
+           "parallel_tool_calls": None, "response_format": (None, {"type": "text"})}
+KNOBS = ("mode", "block_length", "threshold", "steps", "eos", "temperature", "seed")
+COMMON = {"model", "stream", "max_tokens", *KNOBS, *NEUTRAL}
+COMPLETION_FIELDS = COMMON | {"prompt"}
+CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens"}
+
+
+def check_dependencies() -> None:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise NemocompileError("the HTTP server needs fastapi and uvicorn: pip install 'nemocompile[serve]'") from None
+
+
+class APIError(Exception):
+    def __init__(self, message: str, status: int = 400, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.kind, self.param = status, kind, param
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": None}}
+
+
+def parse_body(body: Any, allowed: set[str], model_name: str) -> dict:
+    """generate() keywords from an OpenAI request body (prompt/messages handled by the caller)."""
+    if not isinstance(body, dict):
+        raise APIError("the request body must be a JSON object")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise APIError(f"unsupported field(s) {unknown}", param=unknown[0])
+    for key, ok in NEUTRAL.items():
+        if ok is not None and key in body and body[key] not in ok:
+            raise APIError(f"'{key}' = {body[key]!r} is not supported by this server (only {ok[0]!r})", param=key)
+    if body.get("model") not in (None, model_name):
+        raise APIError(f"model {body['model']!r} does not exist; this server serves {model_name!r}", 404,
+                       "model_not_found", "model")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    kwargs = {k: body[k] for k in KNOBS if body.get(k) is not None}
+    kwargs["max_new_tokens"] = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+    if not isinstance(body.get("stream", False), bool):
+        raise APIError("'stream' must be true or false", param="stream")
+    return kwargs
+
+
+def usage(prompt_tokens: int, result) -> dict:
+    s = result.stats
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": len(result.tokens),
+            "total_tokens": prompt_tokens + len(result.tokens), "forwards": s.forwards,
+            "tokens_per_forward": s.tokens_per_forward, "acceptance_length": s.acceptance_length,
+            "time_to_first_token_s": s.time_to_first_token_s, "tokens_per_second": s.tokens_per_second,
+            "mode": s.mode}
+
+
+def create_app(runtime, model_name: str | None = None):
+    """The FastAPI application serving ``runtime``."""
+    check_dependencies()
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    name = model_name or runtime.name
+    created = int(time.time())
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nemocompile-runtime")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        yield
+        worker.shutdown(wait=True)
+
+    app = FastAPI(title="nemocompile", description="OpenAI-compatible API over a tri-mode runtime",
+                  lifespan=lifespan)
+
+    @app.exception_handler(APIError)
+    async def api_error(_, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": name, "backend": runtime.backend.name, "modes": runtime.modes,
+                "block_lengths": runtime.block_lengths, "cache_capacity": runtime.capacity}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
+                                            "owned_by": "nemocompile", "modes": runtime.modes}]}
+
+    async def read_json(request: Request) -> Any:
+        try:
+            return json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(f"the request body is not valid JSON ({e})") from None
+
+    def prepare(prompt, kwargs: dict) -> tuple[list[int], dict]:
+        """Encode and validate before the request is queued: bad requests never wait."""
+        try:
+            prompts, batched = runtime.encode(prompt, chat=kwargs.pop("chat", False))
+            if batched:
+                raise APIError("send one prompt per request")
+            runtime.validate(prompts, False, **kwargs)
+        except NemocompileError as e:
+            raise APIError(str(e)) from None
+        return prompts[0], kwargs
+
+    async def run_blocking(fn):
+        try:
+            return await asyncio.get_running_loop().run_in_executor(worker, fn)
+        except NemocompileError as e:
+            raise APIError(str(e)) from None
+
+    def stream_events(ids: list[int], kwargs: dict, make_chunk, make_final):
+        """SSE body: the worker thread decodes, this coroutine relays each commit."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def produce() -> None:
+            try:
+                stream = runtime.generate(ids, stream=True, **kwargs)
+                try:
+                    for chunk in stream:
+                        if cancelled.is_set():
+                            break
+                        loop.call_soon_threadsafe(queue.put_nowait, ("tokens", chunk))
+                finally:
+                    stream.close()
+                if not cancelled.is_set():
+                    loop.call_soon_threadsafe(queue.put_nowait, ("done", stream.result))
+            except Exception as e:  # reported in-band: the status line is already sent
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
+
+        async def body():
+            worker.submit(produce)
+            tokens: list[int] = []
+            shown = ""
+            try:
+                while True:
+                    kind, value = await queue.get()
+                    if kind == "tokens":
+                        tokens += value
+                        text = runtime.tokenizer.decode(tokens) if runtime.tokenizer is not None else ""
+                        if text.endswith("\ufffd"):
+                            continue  # a partial UTF-8 character: wait for the rest
+                        delta, shown = text[len(shown):], text
+                        yield _sse(make_chunk(delta, value))
+                    elif kind == "done":
+                        for c in make_final(value, ids):
+                            yield _sse(c)
+                        yield "data: [DONE]\n\n"
+                        return
+                    else:
+                        err = APIError(str(value), 400 if isinstance(value, NemocompileError) else 500,
+                                       "invalid_request_error" if isinstance(value, NemocompileError)
+                                       else "server_error")
+                        yield _sse(err.body())
+                        yield "data: [DONE]\n\n"
+                        return
+            finally:
+                cancelled.set()  # the client went away: stop decoding at the next commit
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_json(request)
+        kwargs = parse_body(body, COMPLETION_FIELDS, name)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if not (isinstance(prompt, str) and prompt) and not (
+                isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
+                                                            for t in prompt)):
+            raise APIError("'prompt' must be a non-empty string or a list of token ids (one prompt per request)",
+                           param="prompt")
+        ids, kwargs = prepare(prompt, kwargs)
+        rid, include_usage = f"cmpl-{uuid.uuid4().hex[:24]}", _include_usage(body)
+
+        def chunk(delta: str, tokens: list[int], finish=None) -> dict:
+            return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": name,
+                    "choices": [{"index": 0, "text": delta, "tokens": tokens, "logprobs": None,
+                                 "finish_reason": finish}]}
+
+        def final(result, ids) -> list[dict]:
+            last = chunk("", [], result.finish_reason)
+            u = usage(len(ids), result)
+            if include_usage:
+                return [last, {**chunk("", []), "choices": [], "usage": u}]
+            return [{**last, "usage": u}]
+
+        if body.get("stream"):
+            return stream_events(ids, kwargs, chunk, final)
+        result = await run_blocking(lambda: runtime.generate(ids, **kwargs))
+        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": name,
+                "choices": [{"index": 0, "text": result.text or "", "tokens": result.tokens, "logprobs": None,
+                             "finish_reason": result.finish_reason}],
+                "usage": usage(len(ids), result)}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_json(request)
+        kwargs = parse_body(body, CHAT_FIELDS, name)
+        messages = _messages(body.get("messages"))
+        ids, kwargs = prepare(messages, {**kwargs, "chat": True})
+        rid, include_usage = f"chatcmpl-{uuid.uuid4().hex[:24]}", _include_usage(body)
+
+        def chunk(delta: str, tokens: list[int], finish=None, first=False) -> dict:
+            d = {"role": "assistant", "content": delta} if first else ({"content": delta} if delta or tokens else {})
+            return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": name,
+                    "choices": [{"index": 0, "delta": d, "tokens": tokens, "logprobs": None,
+                                 "finish_reason": finish}]}
+
+        started = False
+
+        def delta(text: str, tokens: list[int]) -> dict:
+            nonlocal started
+            first, started = not started, True
+            return chunk(text, tokens, first=first)
+
+        def final(result, ids) -> list[dict]:
+            last = chunk("", [], result.finish_reason)
+            u = usage(len(ids), result)
+            if include_usage:
+                return [last, {**chunk("", []), "choices": [], "usage": u}]
+            return [{**last, "usage": u}]
+
+        if body.get("stream"):
+            return stream_events(ids, kwargs, delta, final)
+        result = await run_blocking(lambda: runtime.generate(ids, **kwargs))
+        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text or ""},
+                             "tokens": result.tokens, "logprobs": None, "finish_reason": result.finish_reason}],
+                "usage": usage(len(ids), result)}
+
+    return app
+
+
+def _include_usage(body: dict) -> bool:
+    opts = body.get("stream_options")
+    return isinstance(opts, dict) and bool(opts.get("include_usage"))
+
+
+def _messages(messages) -> list[dict]:
+    """Chat messages with text content (OpenAI's list-of-parts form is joined)."""
+    if not isinstance(messages, list) or not messages:
+        raise APIError("'messages' must be a non-empty list of {\"role\", \"content\"} objects", param="messages")
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise APIError("each message needs a 'role' and a 'content'", param="messages")
+        content = m.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise APIError("only text content parts are supported", param="messages")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise APIError("message 'content' must be text", param="messages")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def serve_http(runtime, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None) -> int:
+    """Serve until interrupted. Port 0 picks a free port; the address is printed to stderr."""
+    check_dependencies()
+    import uvicorn
+
+    app = create_app(runtime, model_name)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        raise NemocompileError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port") from None
+    bound = sock.getsockname()[1]
+    if host not in ("127.0.0.1", "::1", "localhost"):
+        print(f"warning: listening on {host}, beyond loopback; the API has no authentication", file=sys.stderr)
+    print(f"nemocompile serve --http: {runtime.name} ({', '.join(runtime.modes)}) on {runtime.backend.name}; "
+          f"listening on http://{host}:{bound}", file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        runtime.close()
+    return 0
