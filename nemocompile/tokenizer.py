@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import CheckpointError
+from .errors import CheckpointError, GenerationError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -63,3 +63,40 @@ class Tokenizer:
         return env.from_string(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, **special
         )
+
+
+def encode_prompts(tokenizer: Tokenizer | None, vocab_size: int, prompt, chat: bool = False,
+                   owner: str = "checkpoint") -> tuple[list[list[int]], bool]:
+    """Token lists for a str, a list of str, token ids, a list of id lists, or (with
+    ``chat``) one conversation of {"role", "content"} messages; and whether it was a batch."""
+    def need_tokenizer() -> Tokenizer:
+        if tokenizer is None:
+            raise GenerationError(f"this {owner} has no tokenizer.json: pass token ids instead of text")
+        return tokenizer
+
+    def one(p) -> list[int]:
+        if isinstance(p, str):
+            tok = need_tokenizer()
+            return tok.encode(tok.apply_chat_template(p) if chat else p)
+        if isinstance(p, dict):
+            raise GenerationError("pass chat messages as a list of {'role', 'content'} objects with chat=True")
+        try:
+            ids = [int(t) for t in p]
+        except (TypeError, ValueError):
+            raise GenerationError(f"a prompt must be text or a list of token ids, got {p!r:.60}") from None
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise GenerationError(f"token id {bad[0]} is outside the vocabulary (size {vocab_size})")
+        return ids
+
+    if hasattr(prompt, "tolist"):
+        prompt = prompt.tolist()
+    if isinstance(prompt, str):
+        return [one(prompt)], False
+    prompt = list(prompt)
+    if chat and prompt and all(isinstance(m, dict) for m in prompt):  # one conversation
+        tok = need_tokenizer()
+        return [tok.encode(tok.apply_chat_template(prompt))], False
+    if prompt and all(isinstance(p, (str, list, tuple)) for p in prompt):
+        return [one(p) for p in prompt], True
+    return [one(prompt)], False

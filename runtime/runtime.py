@@ -22,6 +22,7 @@ import numpy as np
 from nemocompile.decode.common import DEFAULT, MODES, parse_threshold
 from nemocompile.errors import GenerationError, NemocompileError
 from nemocompile.manifest import Manifest, ManifestError
+from nemocompile.tokenizer import encode_prompts
 
 from .backends import Backend, StepIO, create_backend
 from .cache import KVCache
@@ -137,35 +138,8 @@ class Runtime:
 
     # ---- requests ----------------------------------------------------------------
     def encode(self, prompt, chat: bool = False) -> tuple[list[list[int]], bool]:
-        """Token lists for a str, a list of str, a list of ids or a list of id lists; and whether it was a batch."""
-        def one(p) -> list[int]:
-            if isinstance(p, str):
-                if self.tokenizer is None:
-                    raise GenerationError("this artifact has no tokenizer.json: pass token ids instead of text")
-                return self.tokenizer.encode(self.tokenizer.apply_chat_template(p) if chat else p)
-            if isinstance(p, dict):  # a chat message
-                raise GenerationError("pass chat messages as a list of {'role', 'content'} objects with chat=True")
-            try:
-                ids = [int(t) for t in p]
-            except (TypeError, ValueError):
-                raise GenerationError(f"a prompt must be text or a list of token ids, got {p!r:.60}") from None
-            bad = [t for t in ids if not 0 <= t < self.vocab_size]
-            if bad:
-                raise GenerationError(f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
-            return ids
-
-        if hasattr(prompt, "tolist"):
-            prompt = prompt.tolist()
-        if isinstance(prompt, str):
-            return [one(prompt)], False
-        prompt = list(prompt)
-        if chat and prompt and all(isinstance(m, dict) for m in prompt):  # one conversation
-            if self.tokenizer is None:
-                raise GenerationError("this artifact has no tokenizer.json, so it cannot render chat messages")
-            return [self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt))], False
-        if prompt and all(isinstance(p, (str, list, tuple)) for p in prompt):
-            return [one(p) for p in prompt], True
-        return [one(prompt)], False
+        """Token lists for the prompt(s) (text, ids, a batch, or one chat), and whether they were a batch."""
+        return encode_prompts(self.tokenizer, self.vocab_size, prompt, chat, owner="artifact")
 
     def validate(self, prompts: list[list[int]], batched: bool, mode: str = "ar", max_new_tokens: int = 64,
                  block_length: int | None = None, threshold=None, temperature: float = 0.0,

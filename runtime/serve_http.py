@@ -39,6 +39,15 @@ COMPLETION_FIELDS = COMMON | {"prompt"}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens"}
 
 
+def final_chunks(chunk, usage: dict, finish_reason: str, include_usage: bool) -> list[dict]:
+    """The closing stream chunks: the finish reason, with usage on it or (OpenAI's
+    ``stream_options.include_usage``) in a separate chunk without choices."""
+    last = chunk("", [], finish_reason)
+    if include_usage:
+        return [last, {**chunk("", []), "choices": [], "usage": usage}]
+    return [{**last, "usage": usage}]
+
+
 def check_dependencies() -> None:
     try:
         import fastapi  # noqa: F401
@@ -214,11 +223,7 @@ def create_app(runtime, model_name: str | None = None):
                                  "finish_reason": finish}]}
 
         def final(result, ids) -> list[dict]:
-            last = chunk("", [], result.finish_reason)
-            u = usage(len(ids), result)
-            if include_usage:
-                return [last, {**chunk("", []), "choices": [], "usage": u}]
-            return [{**last, "usage": u}]
+            return final_chunks(chunk, usage(len(ids), result), result.finish_reason, include_usage)
 
         if body.get("stream"):
             return stream_events(ids, kwargs, chunk, final)
@@ -250,11 +255,7 @@ def create_app(runtime, model_name: str | None = None):
             return chunk(text, tokens, first=first)
 
         def final(result, ids) -> list[dict]:
-            last = chunk("", [], result.finish_reason)
-            u = usage(len(ids), result)
-            if include_usage:
-                return [last, {**chunk("", []), "choices": [], "usage": u}]
-            return [{**last, "usage": u}]
+            return final_chunks(chunk, usage(len(ids), result), result.finish_reason, include_usage)
 
         if body.get("stream"):
             return stream_events(ids, kwargs, delta, final)

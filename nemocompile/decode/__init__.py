@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 from typing import Sequence
 
-from ..errors import GenerationError
 from ..model import TriModeModel
+from ..tokenizer import encode_prompts as _encode_prompts
 from .ar import decode_ar
 from .common import MODES, DecodeArgs, GenerationResult, GenerationStats, validate_args
 from .diffusion import decode_diffusion
@@ -16,27 +16,8 @@ _DECODERS = {"ar": decode_ar, "diffusion": decode_diffusion, "linear-spec": deco
 
 
 def encode_prompts(model: TriModeModel, prompt, chat: bool = False) -> tuple[list[list[int]], bool]:
-    """Token lists for a str, a list of str, a list of ids or a list of id lists; and whether it was a batch."""
-    def one(p) -> list[int]:
-        if isinstance(p, str):
-            if model.tokenizer is None:
-                raise GenerationError("this checkpoint has no tokenizer.json: pass token ids instead of text")
-            text = model.tokenizer.apply_chat_template(p) if chat else p
-            return model.tokenizer.encode(text)
-        ids = [int(t) for t in p]
-        bad = [t for t in ids if not 0 <= t < model.config.vocab_size]
-        if bad:
-            raise GenerationError(f"token id {bad[0]} is outside the vocabulary (size {model.config.vocab_size})")
-        return ids
-
-    if hasattr(prompt, "tolist"):
-        prompt = prompt.tolist()
-    if isinstance(prompt, str):
-        return [one(prompt)], False
-    prompt = list(prompt)
-    if prompt and all(isinstance(p, (str, list, tuple)) for p in prompt):
-        return [one(p) for p in prompt], True
-    return [one(prompt)], False
+    """Token lists for the prompt(s), and whether they were a batch."""
+    return _encode_prompts(model.tokenizer, model.config.vocab_size, prompt, chat)
 
 
 def generate(
