@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from ..errors import GenerationError
-from ..model import TriModeModel
+from ..model import KVCache, TriModeModel
 
 MODES = ("ar", "diffusion", "linear-spec")
 
@@ -158,7 +158,7 @@ def first_eos_trim(tokens: Sequence[int], eos: int) -> list[int]:
     return tokens
 
 
-def prefill(model: TriModeModel, prompts: list[list[int]], capacity: int) -> tuple["KVCache", torch.Tensor]:
+def prefill(model: TriModeModel, prompts: list[list[int]], capacity: int) -> tuple[KVCache, torch.Tensor]:
     """Left-pad the prompts, run them causally into a new cache; last logits [B, V]."""
     if any(len(p) == 0 for p in prompts):
         raise GenerationError("empty prompt: give at least one token")
@@ -170,6 +170,3 @@ def prefill(model: TriModeModel, prompts: list[list[int]], capacity: int) -> tup
     cache.row_start = torch.tensor([width - len(p) for p in prompts], dtype=torch.long, device=model.device)
     logits = model(ids, pattern="causal", cache=cache)
     return cache, logits[:, -1].float()
-
-
-from ..model import KVCache  # noqa: E402  (type only)
