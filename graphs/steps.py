@@ -20,6 +20,9 @@ from nemocompile.model import TriModeModel
 
 INPUT_NAMES = ("input_ids", "cache_len", "row_start", "cache_k", "cache_v")
 OUTPUT_NAMES = ("logits", "present_k", "present_v")
+# Bidirectional steps also return each position's greedy candidate and its softmax
+# probability, so a greedy runtime never reads (or softmaxes) the full logits on the host.
+CANDIDATE_NAMES = ("logits", "candidate", "confidence")
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -41,7 +44,7 @@ class StepSpec:
 
     @property
     def output_names(self) -> tuple[str, ...]:
-        return OUTPUT_NAMES if self.writes_cache else OUTPUT_NAMES[:1]
+        return OUTPUT_NAMES if self.writes_cache else CANDIDATE_NAMES
 
 
 class StepModule(nn.Module):
@@ -65,7 +68,9 @@ class StepModule(nn.Module):
         logits, k, v = self.model.step(input_ids, cache_k, cache_v, cache_len, row_start,
                                        pattern=self.spec.pattern, lora=self.spec.lora)
         logits = logits.float()  # [B, L, V]: float32 whatever the weights' dtype
-        return (logits, k, v) if self.spec.writes_cache else (logits,)
+        if self.spec.writes_cache:
+            return logits, k, v
+        return (logits, *greedy_candidates(logits))
 
     # ---- static shapes -----------------------------------------------------
     def cache_shape(self, batch_size: int, capacity: int) -> list[int]:
@@ -88,6 +93,15 @@ class StepModule(nn.Module):
         inputs = [TensorSpec("input_ids", [batch_size, L], "int64"), TensorSpec("cache_len", [], "int64"),
                   TensorSpec("row_start", [batch_size], "int64"), TensorSpec("cache_k", cache, dt),
                   TensorSpec("cache_v", cache, dt)]
-        outputs = [TensorSpec("logits", [batch_size, L, cfg.vocab_size], "float32"),
-                   TensorSpec("present_k", present, dt), TensorSpec("present_v", present, dt)]
-        return inputs, outputs[: len(self.spec.output_names)]
+        logits = TensorSpec("logits", [batch_size, L, cfg.vocab_size], "float32")
+        if self.spec.writes_cache:
+            return inputs, [logits, TensorSpec("present_k", present, dt), TensorSpec("present_v", present, dt)]
+        return inputs, [logits, TensorSpec("candidate", [batch_size, L], "int64"),
+                        TensorSpec("confidence", [batch_size, L], "float32")]
+
+
+def greedy_candidates(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position the argmax [B, L] (int64) and its softmax probability [B, L] (float32)."""
+    top = logits.max(dim=-1, keepdim=True).values
+    confidence = 1.0 / torch.exp(logits - top).sum(dim=-1)
+    return logits.argmax(dim=-1), confidence

@@ -16,6 +16,9 @@ outputs
   logits      float32 [B, L, vocab]
   present_k   dtype [layers, B, kv_heads, L, head_dim]   only for steps that write the cache:
   present_v   dtype [layers, B, kv_heads, L, head_dim]   the runtime places them at cache_len
+  candidate   int64 [B, L]                      only for bidirectional steps (denoise, draft):
+  confidence  float32 [B, L]                    each position's argmax and its softmax probability,
+                                                so a greedy runtime never reads the full logits
 """
 
 from __future__ import annotations

@@ -116,6 +116,9 @@ class Runtime:
                                     f"match batch {self.batch_size}, block {L}, vocab {self.vocab_size}")
             io = StepIO(np.zeros(ids.shape, np.int64), np.zeros(logits.shape, np.float32), None, None)
             self.io[L] = io
+        if any(o.name == "candidate" for o in graph.outputs) and io.candidate is None:
+            io.candidate = np.zeros((self.batch_size, L), np.int64)
+            io.confidence = np.zeros((self.batch_size, L), np.float32)
         if graph.writes_cache and io.present_k is None:
             spec = _tensor(graph.outputs, "present_k", graph)
             io.present_k = self.backend.allocate(tuple(spec.shape), spec.dtype)

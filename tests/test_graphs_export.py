@@ -273,3 +273,28 @@ def test_check_reports_a_graph_tensorrt_would_reject(tmp_path, capsys):
     assert "ar_step  5 problem(s)" in out and "Unique" in out and "non-static shape" in out
     assert "graph inputs are ['x'], the manifest contract needs ['input_ids'," in out
     assert "prefill  ok" in out and "TensorRT would reject" in out
+
+
+def test_bidirectional_graphs_return_argmax_and_confidence():
+    """denoise/draft also output each position's argmax and its softmax probability
+    (what a greedy runtime reads instead of the full logits)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    model, out = lora_batch2()
+    manifest = Manifest.load(out)
+    rng = np.random.default_rng(0)
+    for step in ("denoise", "draft"):
+        g = manifest.graph(step)
+        assert [o.name for o in g.outputs] == ["logits", "candidate", "confidence"]
+        feeds = {}
+        for spec in g.inputs:
+            if spec.dtype == "int64":
+                feeds[spec.name] = rng.integers(0, 4 if spec.name != "input_ids" else 96, spec.shape).astype(np.int64)
+            else:
+                feeds[spec.name] = rng.standard_normal(spec.shape).astype(np.float32)
+        feeds["cache_len"] = np.array(CAPACITY // 2, dtype=np.int64)
+        logits, cand, conf = ort.InferenceSession(str(out / g.file)).run(None, feeds)
+        probs = torch.softmax(torch.from_numpy(logits), dim=-1)
+        assert np.array_equal(cand, logits.argmax(-1))
+        assert np.abs(conf - probs.max(-1).values.numpy()).max() < 1e-6

@@ -12,7 +12,8 @@ The interface is deliberately small, so an engine-based backend plugs in:
 
 A step reads ``input_ids``, ``cache_len``, ``row_start``, ``cache_k``,
 ``cache_v`` and writes ``logits`` (and ``present_k``/``present_v`` for steps that
-write the cache); placing the presents into the cache is the runtime's job.
+write the cache, ``candidate``/``confidence`` for bidirectional ones); placing the
+presents into the cache is the runtime's job.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ class StepIO:
     logits: np.ndarray  # [B, L, V] float32, host
     present_k: Any  # [layers, B, kv_heads, L, head_dim] device buffer
     present_v: Any
+    # bidirectional graphs of current artifacts: per-position argmax and its softmax probability
+    candidate: np.ndarray | None = None  # [B, L] int64, host
+    confidence: np.ndarray | None = None  # [B, L] float32, host
 
 
 class Backend(Protocol):

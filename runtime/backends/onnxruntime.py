@@ -81,7 +81,8 @@ class OnnxRuntimeBackend:
         names = {i.name for i in session.get_inputs()} | {o.name for o in session.get_outputs()}
         buffers = {"input_ids": io.input_ids, "cache_len": cache.cache_len, "row_start": cache.row_start,
                    "cache_k": cache.k, "cache_v": cache.v, "logits": io.logits,
-                   "present_k": io.present_k, "present_v": io.present_v}
+                   "present_k": io.present_k, "present_v": io.present_v,
+                   "candidate": io.candidate, "confidence": io.confidence}
         binding = session.io_binding()
         for spec in graph.inputs:
             self._bind(binding.bind_ortvalue_input, binding.bind_input, spec.name, buffers[spec.name], spec.dtype)

@@ -65,10 +65,11 @@ class TorchBackend:
         self.steps[(graph.step, graph.block_length)] = (
             graph.pattern, graph.lora, ids, row_start, view(cache.k), view(cache.v), cache,
             t.from_numpy(io.logits), view(io.present_k) if graph.writes_cache else None,
-            view(io.present_v) if graph.writes_cache else None, on_host)
+            view(io.present_v) if graph.writes_cache else None, on_host,
+            None if io.candidate is None else (t.from_numpy(io.candidate), t.from_numpy(io.confidence)))
 
     def run(self, key: GraphKey) -> None:
-        pattern, lora, ids, row_start, ck, cv, cache, logits, pk, pv, on_host = self.steps[key]
+        pattern, lora, ids, row_start, ck, cv, cache, logits, pk, pv, on_host, greedy = self.steps[key]
         n = cache.length
         if not on_host:
             ids, row_start = ids.to(self.device), row_start.to(self.device)
@@ -76,6 +77,10 @@ class TorchBackend:
             out, k, v = self.model.step(ids, ck[:, :, :, :n], cv[:, :, :, :n], n, row_start,
                                         pattern=pattern, lora=lora)
             logits.copy_(out)
+            if greedy is not None and pk is None:  # a bidirectional graph: argmax and its probability
+                top = out.float().max(dim=-1, keepdim=True).values
+                greedy[0].copy_(out.argmax(dim=-1))
+                greedy[1].copy_(1.0 / (out.float() - top).exp().sum(dim=-1))
             if pk is not None:
                 pk.copy_(k)
                 pv.copy_(v)

@@ -80,13 +80,18 @@ def denoise(d, step: str, block: Block, threshold: float | None, k: int) -> None
     io = d.run(step, block.x.shape[1])
     L = block.x.shape[1]
     where = [b * L + p for b, pos in block.masked.items() for p in pos]
-    logits = d.rt.scratch[: len(where)]  # [n, V]
-    np.take(io.logits.reshape(-1, io.logits.shape[-1]), where, axis=0, out=logits)
-    # candidates only where a mask is (the softmax over the vocabulary is the costly host
-    # work); threshold 0 commits every masked position, so it needs no confidences
-    cand, conf = d.sampler.candidates(logits, with_confidence=threshold != 0, scratch=True)
-    cand = cand.tolist()
-    conf = conf.tolist() if conf is not None else None
+    if d.sampler.greedy and io.candidate is not None:
+        # the graph computed argmax and confidence: the host never touches the logits
+        cand = io.candidate.reshape(-1)[where].tolist()
+        conf = io.confidence.reshape(-1)[where].tolist()
+    else:
+        logits = d.rt.scratch[: len(where)]  # [n, V]
+        np.take(io.logits.reshape(-1, io.logits.shape[-1]), where, axis=0, out=logits)
+        # candidates only where a mask is (the softmax over the vocabulary is the costly host
+        # work); threshold 0 commits every masked position, so it needs no confidences
+        cand, conf = d.sampler.candidates(logits, with_confidence=threshold != 0, scratch=True)
+        cand = cand.tolist()
+        conf = conf.tolist() if conf is not None else None
     i = 0
     for b, pos in list(block.masked.items()):
         n = len(pos)
