@@ -17,6 +17,7 @@ from torch import nn
 
 from nemocompile.manifest import STEP_KINDS, TensorSpec
 from nemocompile.model import TriModeModel
+from nemocompile.model.modeling import greedy_candidates
 
 INPUT_NAMES = ("input_ids", "cache_len", "row_start", "cache_k", "cache_v")
 OUTPUT_NAMES = ("logits", "present_k", "present_v")
@@ -100,8 +101,3 @@ class StepModule(nn.Module):
                         TensorSpec("confidence", [batch_size, L], "float32")]
 
 
-def greedy_candidates(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per position the argmax [B, L] (int64) and its softmax probability [B, L] (float32)."""
-    top = logits.max(dim=-1, keepdim=True).values
-    confidence = 1.0 / torch.exp(logits - top).sum(dim=-1)
-    return logits.argmax(dim=-1), confidence

@@ -42,6 +42,15 @@ def make_model(config: ModelConfig | None = None, seed: int = 0, lora_rank: int 
     return model.eval().requires_grad_(False)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run ~100x faster on one thread than on two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_model() -> TriModeModel:
     return make_model()

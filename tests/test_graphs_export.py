@@ -24,13 +24,7 @@ ONNX_DTYPES = {"float32": onnx.TensorProto.FLOAT, "int64": onnx.TensorProto.INT6
 CACHE_COPY_OPS = {"Concat", "Expand", "Tile", "ScatterND", "ScatterElements", "Pad", "Identity", "Copy"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run ~100x faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def load_graph(path: Path) -> onnx.ModelProto:

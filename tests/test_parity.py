@@ -20,13 +20,7 @@ from nemocompile.parity import (ParityError, check_parity, generation_parity, re
 FP32 = TOLERANCE[torch.float32]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run ~100x faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def assert_steps_match(report, steps):

@@ -26,6 +26,13 @@ Pattern = Literal["causal", "bidirectional"]
 PATTERNS = ("causal", "bidirectional")
 
 
+def greedy_candidates(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position the argmax [B, L] (int64) and its softmax probability [B, L] (float32)."""
+    logits = logits.float()
+    top = logits.max(dim=-1, keepdim=True).values
+    return logits.argmax(dim=-1), 1.0 / torch.exp(logits - top).sum(dim=-1)
+
+
 # ----------------------------------------------------------------------------
 # Rotary embeddings: YaRN frequencies and the llama-4 query scaling
 # ----------------------------------------------------------------------------

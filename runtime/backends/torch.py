@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from nemocompile.errors import BackendUnavailableError
+from nemocompile.model.modeling import greedy_candidates
 
 from . import GraphKey, StepIO, host_or_torch_array
 
@@ -78,9 +79,9 @@ class TorchBackend:
                                         pattern=pattern, lora=lora)
             logits.copy_(out)
             if greedy is not None and pk is None:  # a bidirectional graph: argmax and its probability
-                top = out.float().max(dim=-1, keepdim=True).values
-                greedy[0].copy_(out.argmax(dim=-1))
-                greedy[1].copy_(1.0 / (out.float() - top).exp().sum(dim=-1))
+                cand, conf = greedy_candidates(out)
+                greedy[0].copy_(cand)
+                greedy[1].copy_(conf)
             if pk is not None:
                 pk.copy_(k)
                 pv.copy_(v)
