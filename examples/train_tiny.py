@@ -1,19 +1,24 @@
 """Train the embedded tiny tri-mode model (``nemocompile/assets/tiny``) from scratch on CPU.
 
-Exact command used for the shipped checkpoint (2 shared CPU cores, ~60 min)::
+Exact commands used for the shipped checkpoint (an otherwise idle 2-core CPU,
+about 100 minutes; ``TRAINING.md`` records the run)::
 
-    PYTHONPATH=. nohup python examples/train_tiny.py --stage all --workdir /tmp/tiny/work \
-        --seed 0 --minutes 45 --lora-minutes 8 > /tmp/tiny/train.out 2>&1 &
+    PYTHONPATH=. python examples/train_tiny.py --stage corpus --workdir /tmp/tiny/w5 --seed 5
+    PYTHONPATH=. python examples/train_tiny.py --stage main --workdir /tmp/tiny/w5 --seed 5 --minutes 88
+    PYTHONPATH=. python examples/train_tiny.py --stage lora --workdir /tmp/tiny/w5 --seed 5 --lora-minutes 12
+    PYTHONPATH=. python examples/train_tiny.py --stage export --workdir /tmp/tiny/w5
 
 Stages (``--stage all`` runs them in order; each reads the previous one's files
 from ``--workdir`` so a stage can be re-run alone):
 
-1. ``tokenizer``: the corpus is the Python standard library's own ``.py``
-   source (``sysconfig.get_paths()["stdlib"]``, without ``site-packages`` and
-   without tests, idlelib, lib2to3, turtledemo: every machine has it offline).
-   A byte-level BPE (Hugging Face ``tokenizers``) is trained on it; files are
-   joined with ``<|endoftext|>``. Held-out evaluation prompts come from
-   third-party code instead (``nemocompile/assets/heldout_prompts.txt``).
+1. ``corpus``: Python source every nemocompile machine has offline: the
+   standard library (its tests included) and the pure-Python source of
+   nemocompile's own dependencies (torch, sympy, networkx, onnx), without any
+   package a held-out prompt comes from (``HELDOUT_PACKAGES``; the prompts in
+   ``nemocompile/assets/heldout_prompts.txt`` are third-party code). Each file
+   is normalized (comments and docstrings removed, ``ast.unparse`` layout), a
+   byte-level BPE (Hugging Face ``tokenizers``) is trained on a quarter of the
+   files, and all files, joined with ``<|endoftext|>``, become ``tokens.pt``.
 2. ``main``: the joint AR + masked-diffusion objective in one forward. For a
    clean window ``x`` [L] a noisy copy ``xt`` masks each 32-token block with its
    own rate ``t ~ U(0,1)`` (a fraction ``--p-full`` of blocks is fully masked,
@@ -27,7 +32,7 @@ from ``--workdir`` so a stage can be re-run alone):
    / (B * L)``. The LR schedule (warmup + cosine) runs on wall time so the run
    ends on time whatever the machine's load.
 3. ``lora``: the drafter LoRA on every ``o_proj`` by self-distillation: random
-   corpus contexts, the base model's greedy AR continuation (``p`` + 31 tokens,
+   contexts (half normalized corpus, half raw source as prompts arrive), the base model's greedy AR continuation (``p`` + 31 tokens,
    KV cache, LoRA off), then only the LoRA weights learn to predict tokens
    1..31 from one bidirectional draft forward of ``[p, MASK*31]`` against the
    context's cache (earlier positions weigh more: acceptance is a prefix
@@ -55,7 +60,6 @@ from nemocompile.model.modeling import LoRA, TriModeModel, rotate_half
 
 SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|mask|>", "<|system|>", "<|user|>", "<|assistant|>"]
 PAD_ID, EOS_ID, MASK_ID = 0, 1, 2
-EXCLUDED_DIRS = {"site-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"}
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|endoftext|>\\n' }}"
@@ -76,48 +80,6 @@ def log(args: argparse.Namespace, msg: str) -> None:
 # ----------------------------------------------------------------------------
 # 1. Corpus and tokenizer
 # ----------------------------------------------------------------------------
-def stdlib_files() -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    out = []
-    for path in sorted(root.rglob("*.py")):
-        if EXCLUDED_DIRS.intersection(path.relative_to(root).parts[:-1]):
-            continue
-        out.append(path)
-    return out
-
-
-def stage_tokenizer(args: argparse.Namespace) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    work = Path(args.workdir)
-    texts = []
-    for path in stdlib_files():
-        try:
-            texts.append(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, OSError):
-            continue
-    log(args, f"corpus: {len(texts)} stdlib files, {sum(map(len, texts)) / 1e6:.2f} M characters")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=args.vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS[:3]] == [PAD_ID, EOS_ID, MASK_ID]
-    tok.save(str(work / "tokenizer.json"))
-    ids: list[int] = []
-    for enc in tok.encode_batch(texts, add_special_tokens=False):
-        ids.extend(enc.ids)
-        ids.append(EOS_ID)
-    stream = torch.tensor(ids, dtype=torch.int32)
-    torch.save(stream, work / "tokens.pt")
-    nbytes = sum(len(t.encode()) for t in texts)
-    log(args, f"tokenizer: vocab {tok.get_vocab_size()}, {len(ids) / 1e6:.2f} M tokens, "
-              f"{nbytes / len(ids):.2f} bytes/token")
-
-
 def normalize_source(text: str) -> str | None:
     """The file's code without comments and docstrings, in ``ast.unparse``'s one
     canonical layout (None if it does not parse). Code alone is far more
@@ -139,20 +101,71 @@ def normalize_source(text: str) -> str | None:
         return None
 
 
-def stage_retokenize(args: argparse.Namespace) -> None:
-    """tokens.pt from the normalized corpus, with the workdir's existing tokenizer."""
-    from tokenizers import Tokenizer
+# Packages the held-out prompts come from (nemocompile/assets/heldout_prompts.txt):
+# never part of the training corpus, even when a dependency vendors them.
+HELDOUT_PACKAGES = {
+    "numpy", "pydantic", "click", "jinja2", "requests", "flask", "yaml", "attrs", "attr", "dateutil",
+    "packaging", "markupsafe", "werkzeug", "rich", "tqdm", "pygments", "urllib3", "idna",
+    "charset_normalizer", "docutils", "anyio", "fastapi", "boto3",
+}
+# Python source every nemocompile install has: the dependencies torch pulls in.
+CORPUS_PACKAGES = ("torch", "sympy", "networkx", "onnx")
+
+
+def corpus_files() -> list[Path]:
+    """The wide corpus: the stdlib (its tests included) plus the pure-Python
+    source of nemocompile's own dependencies, minus every held-out package."""
+    import importlib.util
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in sorted(root.rglob("*.py"))
+             if not {"site-packages", "idlelib", "turtledemo", "__pycache__"}.intersection(p.relative_to(root).parts[:-1])]
+    for name in CORPUS_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        pkg = Path(next(iter(spec.submodule_search_locations)))
+        files += [p for p in sorted(pkg.rglob("*.py"))
+                  if not HELDOUT_PACKAGES.intersection(part.lower() for part in p.relative_to(pkg).parts[:-1])]
+    return files
+
+
+def stage_corpus(args: argparse.Namespace) -> None:
+    """Normalized wide corpus (``corpus_files``), a byte-level BPE trained on a
+    quarter of it, and the whole corpus as one token stream ``tokens.pt``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     work = Path(args.workdir)
-    tok = Tokenizer.from_file(str(work / "tokenizer.json"))
-    texts = [t for t in (normalize_source(p.read_text(encoding="utf-8", errors="replace"))
-                         for p in stdlib_files()) if t]
+    texts = []
+    for path in corpus_files():
+        text = normalize_source(path.read_text(encoding="utf-8", errors="replace"))
+        if text and len(text) < 2_000_000:  # a few generated tables are huge and teach nothing
+            texts.append(text)
+    random.Random(args.seed).shuffle(texts)
+    nbytes = sum(len(t.encode()) for t in texts)
+    log(args, f"corpus: {len(texts)} normalized files, {nbytes / 1e6:.1f} MB")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=args.vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts[: max(1, len(texts) // 4)], trainer=trainer)
+    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS[:3]] == [PAD_ID, EOS_ID, MASK_ID]
+    tok.save(str(work / "tokenizer.json"))
+    torch.save(token_stream(tok, texts), work / "tokens.pt")
+    log(args, f"tokenizer: vocab {tok.get_vocab_size()}, {nbytes / 1e6:.1f} MB -> "
+              f"{len(torch.load(work / 'tokens.pt')) / 1e6:.2f} M tokens")
+
+
+def token_stream(tok, texts: list[str]) -> torch.Tensor:
+    """Every text's ids, each followed by ``<|endoftext|>``, as one int32 stream."""
     ids: list[int] = []
     for enc in tok.encode_batch(texts, add_special_tokens=False):
         ids.extend(enc.ids)
         ids.append(EOS_ID)
-    torch.save(torch.tensor(ids, dtype=torch.int32), work / "tokens.pt")
-    log(args, f"normalized corpus: {len(texts)} files, {len(ids) / 1e6:.2f} M tokens")
+    return torch.tensor(ids, dtype=torch.int32)
 
 
 # ----------------------------------------------------------------------------
@@ -362,6 +375,16 @@ def stage_lora(args: argparse.Namespace) -> None:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=args.lora_lr, weight_decay=0.0)
     stream = torch.load(work / "tokens.pt")
+    # Prompts arrive as raw code (comments, docstrings, any layout), not in the
+    # normalized layout of the corpus: part of the contexts are raw source.
+    from tokenizers import Tokenizer
+
+    files = corpus_files()
+    random.Random(args.seed).shuffle(files)
+    raw_texts = [p.read_text(encoding="utf-8", errors="replace") for p in files[:800]]
+    raw_stream = token_stream(Tokenizer.from_file(str(work / "tokenizer.json")), raw_texts)
+    log(args, f"lora contexts: {len(stream) / 1e6:.1f} M normalized tokens, {len(raw_stream) / 1e6:.1f} M raw "
+              f"tokens ({args.lora_raw_frac:.0%} of batches)")
     gen = torch.Generator().manual_seed(args.seed + 1)
     Bk = model.config.block_size
     pos_w = args.lora_decay ** torch.arange(Bk - 1, dtype=torch.float32)  # weight of draft position 1..31
@@ -373,7 +396,8 @@ def stage_lora(args: argparse.Namespace) -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         ctx_len = int(torch.randint(8, args.seq_len - Bk, (1,), generator=gen))
-        ctx = sample_windows(stream, args.lora_batch, ctx_len, gen)
+        raw = torch.rand((), generator=gen) < args.lora_raw_frac
+        ctx = sample_windows(raw_stream if raw else stream, args.lora_batch, ctx_len, gen)
         ck, cv, target = greedy_block(model, ctx, Bk)  # target[:, 0] is p
         block = torch.full_like(target, MASK_ID)
         block[:, 0] = target[:, 0]
@@ -445,18 +469,18 @@ def stage_export(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--stage", default="all", choices=["all", "tokenizer", "retokenize", "main", "lora", "export"])
+    ap.add_argument("--stage", default="all", choices=["all", "corpus", "main", "lora", "export"])
     ap.add_argument("--workdir", default="/tmp/tiny/work")
     ap.add_argument("--out", default=str(ASSET_DIR))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--vocab-size", type=int, default=3072)
-    ap.add_argument("--hidden", type=int, default=160)
-    ap.add_argument("--intermediate", type=int, default=448)
+    ap.add_argument("--vocab-size", type=int, default=1024)
+    ap.add_argument("--hidden", type=int, default=192)
+    ap.add_argument("--intermediate", type=int, default=512)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--head-dim", type=int, default=40)
+    ap.add_argument("--head-dim", type=int, default=48)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -475,15 +499,16 @@ def main() -> None:
     ap.add_argument("--lora-batch", type=int, default=32)
     ap.add_argument("--lora-decay", type=float, default=0.9, help="per-position weight decay of the draft loss")
     ap.add_argument("--lora-minutes", type=float, default=8.0)
+    ap.add_argument("--lora-raw-frac", type=float, default=0.5, help="share of LoRA batches with raw-source contexts")
     ap.add_argument("--lora-reuse", type=int, default=3, help="optimizer steps per generated batch")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     log(args, f"args {vars(args)}")
-    stages = ["tokenizer", "main", "lora", "export"] if args.stage == "all" else [args.stage]
+    stages = ["corpus", "main", "lora", "export"] if args.stage == "all" else [args.stage]
     for stage in stages:
-        {"tokenizer": stage_tokenizer, "retokenize": stage_retokenize, "main": stage_main, "lora": stage_lora, "export": stage_export}[stage](args)
+        {"corpus": stage_corpus, "main": stage_main, "lora": stage_lora, "export": stage_export}[stage](args)
 
 
 if __name__ == "__main__":
