@@ -237,6 +237,21 @@ def noisy_copy(x: torch.Tensor, block: int, p_full: float, gen: torch.Generator)
     return xt, masked, 1.0 / t_pos, full.repeat_interleave(block, dim=1)
 
 
+def joint_losses(model: TriModeModel, x: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 p_full: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """AR CE, 1/t-weighted masked-diffusion loss, and the CE of fully masked blocks (a float, for the log)."""
+    B, L = x.shape
+    xt, masked, w, full = noisy_copy(x, model.config.block_size, p_full, gen)
+    h = hidden_states(model, torch.cat([x, xt], 1), positions[None].expand(B, -1), mask[None].expand(B, -1, -1))
+    ar_logits = model.diffusion_head(h[:, : L - 1])
+    ar_loss = F.cross_entropy(ar_logits.reshape(-1, ar_logits.shape[-1]), x[:, 1:].reshape(-1))
+    hn = h[:, L:][masked]  # only masked noisy positions carry a loss
+    ce = F.cross_entropy(model.diffusion_head(hn), x[masked], reduction="none")
+    diff_loss = (ce * w[masked]).sum() / (B * L)
+    full_ce = ce[full[masked]].mean().item() if full[masked].any() else float("nan")
+    return ar_loss, diff_loss, full_ce
+
+
 def save_atomic(obj, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -296,22 +311,14 @@ def stage_main(args: argparse.Namespace) -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         x = sample_windows(stream, args.batch, L, gen)
-        xt, masked, w, full = noisy_copy(x, Bk, args.p_full, gen)
-        B = x.shape[0]
-        h = hidden_states(model, torch.cat([x, xt], 1), positions[None].expand(B, -1), mask[None].expand(B, -1, -1))
-        ar_logits = model.diffusion_head(h[:, : L - 1])
-        ar_loss = F.cross_entropy(ar_logits.reshape(-1, vocab), x[:, 1:].reshape(-1))
-        hn = h[:, L:][masked]  # only masked noisy positions carry a loss
-        ce = F.cross_entropy(model.diffusion_head(hn), x[masked], reduction="none")
-        diff_loss = (ce * w[masked]).sum() / (B * L)
+        ar_loss, diff_loss, full_ce = joint_losses(model, x, mask, positions, args.p_full, gen)
         loss = args.alpha * ar_loss + diff_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        tokens += B * L
-        full_ce = ce[full[masked]].mean().item() if full[masked].any() else float("nan")
+        tokens += x.numel()
         for k, v in (("ar", ar_loss.item()), ("diff", diff_loss.item()), ("full_block_ce", full_ce)):
             if not math.isnan(v):
                 ema[k] = v if k not in ema else 0.95 * ema[k] + 0.05 * v
@@ -328,6 +335,80 @@ def stage_main(args: argparse.Namespace) -> None:
     save_atomic({"config": config.to_dict(), "model": model.state_dict(), "step": step, "tokens": tokens,
                  "tokens_total": tokens_before + tokens, "ema": ema, "wall_s": el}, work / "base.pt")
     log(args, f"main done: {step} steps, {tokens} clean tokens, {el / 60:.1f} min, final ema {ema}")
+
+
+# ----------------------------------------------------------------------------
+# 2b. Unlikelihood against greedy loops (optional)
+# ----------------------------------------------------------------------------
+def repeated_ngram_positions(seq: list[int], start: int, n: int) -> list[int]:
+    """Indices j >= start whose token completes an n-gram already seen earlier in ``seq``."""
+    seen: set[tuple[int, ...]] = set()
+    out = []
+    for j in range(n - 1, len(seq)):
+        gram = tuple(seq[j - n + 1 : j + 1])
+        if j >= start and gram in seen:
+            out.append(j)
+        seen.add(gram)
+    return out
+
+
+def stage_unloop(args: argparse.Namespace) -> None:
+    """Continue the joint objective plus sequence-level unlikelihood (Welleck et
+    al. 2019, "Neural text generation with unlikelihood training"): the model's
+    own greedy continuations of corpus contexts, and at every token that
+    completes an n-gram already in the context or continuation, the loss
+    ``-log(1 - p(token))``. Greedy decoding of a small model falls into loops
+    that maximum likelihood alone does not remove; this penalizes exactly them."""
+    work = Path(args.workdir)
+    model, ckpt = load_base(work)
+    stream = torch.load(work / "tokens.pt")
+    torch.manual_seed(args.seed + 2)
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    L, Bk = args.seq_len, model.config.block_size
+    mask, positions = joint_mask(L, Bk), torch.arange(2 * L) % L
+    opt = torch.optim.AdamW(model.parameters(), lr=args.ul_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    budget = args.ul_minutes * 60.0
+    t0, step, ema = time.time(), 0, {}
+    while time.time() - t0 < budget:
+        frac = (time.time() - t0) / budget
+        lr = args.ul_lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * frac))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        ar_loss, diff_loss, _ = joint_losses(model, sample_windows(stream, args.batch, L, gen), mask, positions,
+                                             args.p_full, gen)
+        ctx_len = int(torch.randint(16, 160, (1,), generator=gen))
+        ctx = sample_windows(stream, args.ul_batch, ctx_len, gen)
+        model.eval()
+        _, _, cont = greedy_block(model, ctx, args.ul_tokens)
+        model.train()
+        seq = torch.cat([ctx, cont], 1)
+        flags = torch.zeros_like(seq, dtype=torch.bool)
+        for b, row in enumerate(seq.tolist()):
+            flags[b, repeated_ngram_positions(row, ctx_len, args.ul_ngram)] = True
+        n_pos = seq.shape[1]
+        causal = torch.ones(n_pos, n_pos, dtype=torch.bool).tril()
+        h = hidden_states(model, seq[:, :-1], torch.arange(n_pos - 1)[None].expand(len(seq), -1),
+                          causal[None, :-1, :-1].expand(len(seq), -1, -1))
+        target_flags = flags[:, 1:]  # logits at i predict token i + 1
+        probs = F.softmax(model.diffusion_head(h[target_flags]), -1)
+        p_tok = probs.gather(1, seq[:, 1:][target_flags][:, None]).squeeze(1)
+        ul_loss = -torch.log((1 - p_tok).clamp(min=1e-5)).sum() / (len(seq) * args.ul_tokens)
+        loss = args.alpha * ar_loss + diff_loss + args.ul_weight * ul_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        rep = target_flags[:, ctx_len - 1 :].float().mean().item()
+        for k, v in (("ar", ar_loss.item()), ("diff", diff_loss.item()), ("ul", ul_loss.item()), ("repeat", rep)):
+            ema[k] = v if k not in ema else 0.9 * ema[k] + 0.1 * v
+        if step % 10 == 0:
+            log(args, f"unloop step {step} lr {lr:.2e} ar {ema['ar']:.3f} diff {ema['diff']:.3f} ul {ema['ul']:.3f} "
+                      f"greedy repeated {args.ul_ngram}-gram share {ema['repeat']:.3f} "
+                      f"elapsed {(time.time() - t0) / 60:.1f} min")
+    ckpt.update(model=model.state_dict(), unloop={"steps": step, "ema": ema, "wall_s": time.time() - t0})
+    save_atomic(ckpt, work / "base.pt")
+    log(args, f"unloop done: {step} steps, final ema {ema}")
 
 
 # ----------------------------------------------------------------------------
@@ -469,7 +550,7 @@ def stage_export(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--stage", default="all", choices=["all", "corpus", "main", "lora", "export"])
+    ap.add_argument("--stage", default="all", choices=["all", "corpus", "main", "unloop", "lora", "export"])
     ap.add_argument("--workdir", default="/tmp/tiny/work")
     ap.add_argument("--out", default=str(ASSET_DIR))
     ap.add_argument("--seed", type=int, default=0)
@@ -493,6 +574,12 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="main: start from the workdir's base.pt")
     ap.add_argument("--ckpt-minutes", type=float, default=3.0)
     ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--ul-minutes", type=float, default=10.0, help="wall-time budget of the unloop stage")
+    ap.add_argument("--ul-lr", type=float, default=3e-4)
+    ap.add_argument("--ul-weight", type=float, default=1.0, help="weight of the unlikelihood loss")
+    ap.add_argument("--ul-ngram", type=int, default=4)
+    ap.add_argument("--ul-batch", type=int, default=16)
+    ap.add_argument("--ul-tokens", type=int, default=48, help="greedy continuation length per context")
     ap.add_argument("--lora-r", type=int, default=32)
     ap.add_argument("--lora-alpha", type=int, default=64)
     ap.add_argument("--lora-lr", type=float, default=2e-3)
@@ -508,7 +595,7 @@ def main() -> None:
     log(args, f"args {vars(args)}")
     stages = ["corpus", "main", "lora", "export"] if args.stage == "all" else [args.stage]
     for stage in stages:
-        {"corpus": stage_corpus, "main": stage_main, "lora": stage_lora, "export": stage_export}[stage](args)
+        {"corpus": stage_corpus, "main": stage_main, "unloop": stage_unloop, "lora": stage_lora, "export": stage_export}[stage](args)
 
 
 if __name__ == "__main__":
