@@ -1,10 +1,11 @@
 """Train the embedded tiny tri-mode model (``nemocompile/assets/tiny``) from scratch on CPU.
 
 Exact commands used for the shipped checkpoint (an otherwise idle 2-core CPU,
-about 100 minutes; ``TRAINING.md`` records the run)::
+about 2 hours; ``TRAINING.md`` records the run)::
 
     PYTHONPATH=. python examples/train_tiny.py --stage corpus --workdir /tmp/tiny/w5 --seed 5
     PYTHONPATH=. python examples/train_tiny.py --stage main --workdir /tmp/tiny/w5 --seed 5 --minutes 88
+    PYTHONPATH=. python examples/train_tiny.py --stage unloop --workdir /tmp/tiny/w5 --seed 5 --ul-minutes 12 --threads 1
     PYTHONPATH=. python examples/train_tiny.py --stage lora --workdir /tmp/tiny/w5 --seed 5 --lora-minutes 12
     PYTHONPATH=. python examples/train_tiny.py --stage export --workdir /tmp/tiny/w5
 
@@ -31,13 +32,17 @@ from ``--workdir`` so a stage can be re-run alone):
    ``alpha * CE_AR(clean, next token) + sum_masked CE(noisy, token itself) / t
    / (B * L)``. The LR schedule (warmup + cosine) runs on wall time so the run
    ends on time whatever the machine's load.
-3. ``lora``: the drafter LoRA on every ``o_proj`` by self-distillation: random
+3. ``unloop``: the joint objective plus sequence-level unlikelihood on the
+   model's own greedy continuations: every token that repeats a 4-gram is
+   pushed down (greedy decoding of a small model falls into loops that maximum
+   likelihood alone does not remove).
+4. ``lora``: the drafter LoRA on every ``o_proj`` by self-distillation: random
    contexts (half normalized corpus, half raw source as prompts arrive), the base model's greedy AR continuation (``p`` + 31 tokens,
    KV cache, LoRA off), then only the LoRA weights learn to predict tokens
    1..31 from one bidirectional draft forward of ``[p, MASK*31]`` against the
    context's cache (earlier positions weigh more: acceptance is a prefix
    property).
-4. ``export``: the real checkpoint layout (bf16 ``model.safetensors``,
+5. ``export``: the real checkpoint layout (bf16 ``model.safetensors``,
    ``config.json``, tokenizer files, PEFT ``linear_spec_lora/``).
 """
 
@@ -338,7 +343,7 @@ def stage_main(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------
-# 2b. Unlikelihood against greedy loops (optional)
+# 3. Unlikelihood against greedy loops
 # ----------------------------------------------------------------------------
 def repeated_ngram_positions(seq: list[int], start: int, n: int) -> list[int]:
     """Indices j >= start whose token completes an n-gram already seen earlier in ``seq``."""
@@ -412,7 +417,7 @@ def stage_unloop(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------
-# 3. Drafter LoRA by self-distillation
+# 4. Drafter LoRA by self-distillation
 # ----------------------------------------------------------------------------
 def load_base(work: Path) -> tuple[TriModeModel, dict]:
     ckpt = torch.load(work / "base.pt")
@@ -507,7 +512,7 @@ def stage_lora(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------
-# 4. Export the checkpoint layout
+# 5. Export the checkpoint layout
 # ----------------------------------------------------------------------------
 def stage_export(args: argparse.Namespace) -> None:
     from safetensors.torch import save_file
@@ -593,7 +598,7 @@ def main() -> None:
     random.seed(args.seed)
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     log(args, f"args {vars(args)}")
-    stages = ["corpus", "main", "lora", "export"] if args.stage == "all" else [args.stage]
+    stages = ["corpus", "main", "unloop", "lora", "export"] if args.stage == "all" else [args.stage]
     for stage in stages:
         {"corpus": stage_corpus, "main": stage_main, "unloop": stage_unloop, "lora": stage_lora, "export": stage_export}[stage](args)
 
