@@ -6,11 +6,14 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from nemocompile.decode.common import GenerationStats
+
 
 @dataclass
-class RuntimeStats:
-    """Counting follows the spec: ``forwards`` includes the prefill (one forward,
-    however many prefill-graph calls a long prompt takes: see ``graph_calls``).
+class RuntimeStats(GenerationStats):
+    """The eager decoders' counts (``GenerationStats``: ``forwards`` includes the
+    prefill, one forward however many prefill-graph calls a long prompt takes:
+    see ``graph_calls``) plus where the time went.
 
     Times are seconds of one ``generate`` call from its first step to its last
     commit; ``graph_s`` sums the backend's step executions and ``runtime_s`` is
@@ -18,18 +21,9 @@ class RuntimeStats:
     is runtime_s / wall_s; ``overhead_cpu_share`` the same ratio in CPU seconds.
     """
 
-    mode: str
-    backend: str
-    forwards: int = 0
-    decode_forwards: int = 0
+    backend: str = ""
     graph_calls: int = 0  # backend executions (chunked prefills count each chunk)
-    generated_tokens: int = 0
-    tokens_per_forward: float = 0.0
-    acceptance_length: float | None = None  # self-speculation: mean tokens accepted per verify
-    acceptance_lengths: list[int] = field(default_factory=list)  # per verify: accepted drafts + bonus
     acceptance_histogram: dict[int, int] = field(default_factory=dict)  # n -> verifies that accepted n
-    block_length: int | None = None
-    threshold: float | None = None
     batch_size: int = 1  # prompts decoded together
     time_to_first_token_s: float | None = None
     wall_s: float = 0.0
@@ -42,11 +36,8 @@ class RuntimeStats:
     tokens_per_second: float = 0.0  # this row's tokens / wall_s
 
     def finish(self, generated: int) -> "RuntimeStats":
-        self.generated_tokens = generated
-        self.decode_forwards = self.forwards - 1
-        self.tokens_per_forward = generated / self.forwards if self.forwards else 0.0
+        super().finish(generated)
         if self.acceptance_lengths:
-            self.acceptance_length = sum(self.acceptance_lengths) / len(self.acceptance_lengths)
             self.acceptance_histogram = dict(sorted(Counter(self.acceptance_lengths).items()))
         self.tokens_per_second = generated / self.wall_s if self.wall_s > 0 else 0.0
         return self
