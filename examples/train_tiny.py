@@ -159,9 +159,9 @@ def stage_corpus(args: argparse.Namespace) -> None:
     tok.train_from_iterator(texts[: max(1, len(texts) // 4)], trainer=trainer)
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS[:3]] == [PAD_ID, EOS_ID, MASK_ID]
     tok.save(str(work / "tokenizer.json"))
-    torch.save(token_stream(tok, texts), work / "tokens.pt")
-    log(args, f"tokenizer: vocab {tok.get_vocab_size()}, {nbytes / 1e6:.1f} MB -> "
-              f"{len(torch.load(work / 'tokens.pt')) / 1e6:.2f} M tokens")
+    stream = token_stream(tok, texts)
+    torch.save(stream, work / "tokens.pt")
+    log(args, f"tokenizer: vocab {tok.get_vocab_size()}, {nbytes / 1e6:.1f} MB -> {len(stream) / 1e6:.2f} M tokens")
 
 
 def token_stream(tok, texts: list[str]) -> torch.Tensor:
@@ -383,9 +383,7 @@ def stage_unloop(args: argparse.Namespace) -> None:
                                              args.p_full, gen)
         ctx_len = int(torch.randint(16, 160, (1,), generator=gen))
         ctx = sample_windows(stream, args.ul_batch, ctx_len, gen)
-        model.eval()
         _, _, cont = greedy_block(model, ctx, args.ul_tokens)
-        model.train()
         seq = torch.cat([ctx, cont], 1)
         flags = torch.zeros_like(seq, dtype=torch.bool)
         for b, row in enumerate(seq.tolist()):
