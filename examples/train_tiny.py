@@ -357,6 +357,29 @@ def repeated_ngram_positions(seq: list[int], start: int, n: int) -> list[int]:
     return out
 
 
+def unlikelihood_loss(model: TriModeModel, ctx: torch.Tensor, cont: torch.Tensor, n: int) -> tuple[torch.Tensor, float]:
+    """Sequence-level unlikelihood of ``cont`` (greedy continuations of ``ctx``) and its repeated n-gram share.
+
+    ``-log(1 - p(token))`` from one causal forward over ``[ctx ; cont]`` at
+    every continuation token that completes an n-gram already in the context
+    or the continuation, summed and divided by the continuation token count.
+    """
+    ctx_len = ctx.shape[1]
+    seq = torch.cat([ctx, cont], 1)
+    flags = torch.zeros_like(seq, dtype=torch.bool)
+    for b, row in enumerate(seq.tolist()):
+        flags[b, repeated_ngram_positions(row, ctx_len, n)] = True
+    n_pos = seq.shape[1]
+    causal = torch.ones(n_pos, n_pos, dtype=torch.bool).tril()
+    h = hidden_states(model, seq[:, :-1], torch.arange(n_pos - 1)[None].expand(len(seq), -1),
+                      causal[None, :-1, :-1].expand(len(seq), -1, -1))
+    target_flags = flags[:, 1:]  # logits at i predict token i + 1
+    probs = F.softmax(model.diffusion_head(h[target_flags]), -1)
+    p_tok = probs.gather(1, seq[:, 1:][target_flags][:, None]).squeeze(1)
+    loss = -torch.log((1 - p_tok).clamp(min=1e-5)).sum() / cont.numel()
+    return loss, target_flags[:, ctx_len - 1 :].float().mean().item()
+
+
 def stage_unloop(args: argparse.Namespace) -> None:
     """Continue the joint objective plus sequence-level unlikelihood (Welleck et
     al. 2019, "Neural text generation with unlikelihood training"): the model's
@@ -384,25 +407,13 @@ def stage_unloop(args: argparse.Namespace) -> None:
         ctx_len = int(torch.randint(16, 160, (1,), generator=gen))
         ctx = sample_windows(stream, args.ul_batch, ctx_len, gen)
         _, _, cont = greedy_block(model, ctx, args.ul_tokens)
-        seq = torch.cat([ctx, cont], 1)
-        flags = torch.zeros_like(seq, dtype=torch.bool)
-        for b, row in enumerate(seq.tolist()):
-            flags[b, repeated_ngram_positions(row, ctx_len, args.ul_ngram)] = True
-        n_pos = seq.shape[1]
-        causal = torch.ones(n_pos, n_pos, dtype=torch.bool).tril()
-        h = hidden_states(model, seq[:, :-1], torch.arange(n_pos - 1)[None].expand(len(seq), -1),
-                          causal[None, :-1, :-1].expand(len(seq), -1, -1))
-        target_flags = flags[:, 1:]  # logits at i predict token i + 1
-        probs = F.softmax(model.diffusion_head(h[target_flags]), -1)
-        p_tok = probs.gather(1, seq[:, 1:][target_flags][:, None]).squeeze(1)
-        ul_loss = -torch.log((1 - p_tok).clamp(min=1e-5)).sum() / (len(seq) * args.ul_tokens)
+        ul_loss, rep = unlikelihood_loss(model, ctx, cont, args.ul_ngram)
         loss = args.alpha * ar_loss + diff_loss + args.ul_weight * ul_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        rep = target_flags[:, ctx_len - 1 :].float().mean().item()
         for k, v in (("ar", ar_loss.item()), ("diff", diff_loss.item()), ("ul", ul_loss.item()), ("repeat", rep)):
             ema[k] = v if k not in ema else 0.9 * ema[k] + 0.1 * v
         if step % 10 == 0:
@@ -415,7 +426,94 @@ def stage_unloop(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------
-# 4. Drafter LoRA by self-distillation
+# 4. Certainty-forcing self-distillation of the base model
+# ----------------------------------------------------------------------------
+def first_repeat(row: list[int], start: int, n: int) -> int:
+    """Index of the first token at or after ``start`` that completes an n-gram seen before (len(row) if none)."""
+    hits = repeated_ngram_positions(row, start, n)
+    return hits[0] if hits else len(row)
+
+
+def stage_distill(args: argparse.Namespace) -> None:
+    """Teach the base model's diffusion side to write what its own AR greedy
+    decoding writes, confidently (the on-policy "certainty-forcing" distillation
+    of dParallel, Chen et al. 2025). Each step: random contexts, the current
+    model's greedy continuation ``[p, y1..y31]`` (KV cache, cut where it first
+    repeats one of its own n-grams so loops are never taught), a noisy copy of that block
+    (``p`` kept, each later position masked at one rate ``t ~ U(0,1)`` per
+    row, a share fully masked as in a one-shot draft), and the CE of the masked
+    positions against the greedy tokens from one bidirectional forward over the
+    context's cache. The joint objective on corpus windows runs beside it as the
+    anchor, so AR keeps fitting real code. Unlike the drafter LoRA this trains
+    every base weight, which is what diffusion mode (no LoRA) decodes with."""
+    work = Path(args.workdir)
+    model, ckpt = load_base(work)
+    stream, raw_stream = context_streams(args, work)
+    torch.manual_seed(args.seed + 3)
+    gen = torch.Generator().manual_seed(args.seed + 3)
+    L, Bk = args.seq_len, model.config.block_size
+    mask, positions = joint_mask(L, Bk), torch.arange(2 * L) % L
+    opt = torch.optim.AdamW(model.parameters(), lr=args.dist_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    budget = args.dist_minutes * 60.0
+    t0, step, ema = time.time(), 0, {}
+    while time.time() - t0 < budget:
+        frac = (time.time() - t0) / budget
+        lr = args.dist_lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * frac))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        ar_loss, diff_loss, _ = joint_losses(model, sample_windows(stream, args.dist_anchor_batch, L, gen), mask,
+                                             positions, args.p_full, gen)
+        ctx = sample_contexts(args, stream, raw_stream, args.dist_batch, L - Bk, gen)
+        ctx_len, B = ctx.shape[1], ctx.shape[0]
+        ck, cv, y = greedy_block(model, ctx, Bk)
+        # Cut where the continuation repeats one of its own n-grams (a loop);
+        # reusing the context's names and phrases is how code reads, not a loop.
+        cut = torch.tensor([first_repeat(r, 0, args.ul_ngram) for r in y.tolist()])
+        valid = torch.arange(Bk)[None] < cut[:, None]
+        valid[:, 0] = False  # p is given, never a target
+        t = torch.rand(B, 1, generator=gen).clamp(min=0.05)
+        t = torch.where(torch.rand(B, 1, generator=gen) < args.p_full, torch.ones_like(t), t)
+        masked = torch.rand(B, Bk, generator=gen) < t
+        masked[:, 0] = False
+        masked[:, 1] |= ~masked[:, 1:].any(1)  # at least one mask per row
+        block = torch.where(masked, torch.full_like(y, MASK_ID), y)
+        logits, _, _ = model.step(block, ck, cv, ctx_len, pattern="bidirectional")
+        sel = masked & valid
+        dist_loss = F.cross_entropy(logits[sel], y[sel]) if sel.any() else logits.sum() * 0.0
+        # Teaching the diffusion side the model's own continuations makes AR
+        # greedy loop more; unlikelihood on the same continuations holds it back.
+        ul_loss, rep = unlikelihood_loss(model, ctx, y, args.ul_ngram) if args.dist_ul_weight else (0.0, 0.0)
+        loss = args.alpha * ar_loss + diff_loss + args.dist_weight * dist_loss + args.dist_ul_weight * ul_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        with torch.no_grad():
+            conf, pred = F.softmax(logits.float(), -1).max(-1)
+            sure = (conf[sel] >= 0.9).float().mean().item() if sel.any() else 0.0
+            full = masked[:, 1:].all(1)
+            ok = (pred[:, 1:] == y[:, 1:]).long().cumprod(1).sum(1).float() + 1
+            accept = ok[full].mean().item() if full.any() else float("nan")
+        stats = (("ar", ar_loss.item()), ("diff", diff_loss.item()), ("distill", dist_loss.item()),
+                 ("sure", sure), ("accept", accept), ("loop_free", (cut >= Bk).float().mean().item()),
+                 ("ul", float(ul_loss)), ("repeat", rep))
+        for k, v in stats:
+            if not math.isnan(v):
+                ema[k] = v if k not in ema else 0.95 * ema[k] + 0.05 * v
+        if step % 10 == 0:
+            log(args, f"distill step {step} lr {lr:.2e} ar {ema['ar']:.3f} diff {ema['diff']:.3f} "
+                      f"distill {ema['distill']:.3f} masked>=0.9 {ema['sure']:.3f} "
+                      f"one-shot acceptance {ema.get('accept', float('nan')):.2f} "
+                      f"loop-free blocks {ema['loop_free']:.2f} ul {ema['ul']:.3f} "
+                      f"greedy repeated {args.ul_ngram}-gram share {ema['repeat']:.3f} elapsed {(time.time() - t0) / 60:.1f} min")
+    ckpt.update(model=model.state_dict(), distill={"steps": step, "ema": ema, "wall_s": time.time() - t0})
+    save_atomic(ckpt, work / "base.pt")
+    log(args, f"distill done: {step} steps, final ema {ema}")
+
+
+# ----------------------------------------------------------------------------
+# 5. Drafter LoRA by self-distillation
 # ----------------------------------------------------------------------------
 def load_base(work: Path) -> tuple[TriModeModel, dict]:
     ckpt = torch.load(work / "base.pt")
@@ -448,6 +546,32 @@ def greedy_block(model: TriModeModel, ctx: torch.Tensor, n: int):
     return ck, cv, torch.stack(toks, 1)
 
 
+def context_streams(args: argparse.Namespace, work: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalized corpus stream and a raw-source one (800 corpus files as written).
+
+    Prompts arrive as raw code (comments, docstrings, any layout), not in the
+    normalized layout of the corpus, so the distillation stages draw part of
+    their contexts from raw source.
+    """
+    from tokenizers import Tokenizer
+
+    stream = torch.load(work / "tokens.pt")
+    files = corpus_files()
+    random.Random(args.seed).shuffle(files)
+    raw_texts = [p.read_text(encoding="utf-8", errors="replace") for p in files[:800]]
+    raw_stream = token_stream(Tokenizer.from_file(str(work / "tokenizer.json")), raw_texts)
+    log(args, f"contexts: {len(stream) / 1e6:.1f} M normalized tokens, {len(raw_stream) / 1e6:.1f} M raw tokens "
+              f"({args.raw_frac:.0%} of batches)")
+    return stream, raw_stream
+
+
+def sample_contexts(args, stream, raw_stream, batch: int, max_len: int, gen: torch.Generator):
+    """A batch of contexts of one random length in [8, max_len), raw source with probability ``--raw-frac``."""
+    ctx_len = int(torch.randint(8, max_len, (1,), generator=gen))
+    raw = torch.rand((), generator=gen) < args.raw_frac
+    return sample_windows(raw_stream if raw else stream, batch, ctx_len, gen)
+
+
 def stage_lora(args: argparse.Namespace) -> None:
     work = Path(args.workdir)
     torch.manual_seed(args.seed + 1)
@@ -458,17 +582,7 @@ def stage_lora(args: argparse.Namespace) -> None:
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=args.lora_lr, weight_decay=0.0)
-    stream = torch.load(work / "tokens.pt")
-    # Prompts arrive as raw code (comments, docstrings, any layout), not in the
-    # normalized layout of the corpus: part of the contexts are raw source.
-    from tokenizers import Tokenizer
-
-    files = corpus_files()
-    random.Random(args.seed).shuffle(files)
-    raw_texts = [p.read_text(encoding="utf-8", errors="replace") for p in files[:800]]
-    raw_stream = token_stream(Tokenizer.from_file(str(work / "tokenizer.json")), raw_texts)
-    log(args, f"lora contexts: {len(stream) / 1e6:.1f} M normalized tokens, {len(raw_stream) / 1e6:.1f} M raw "
-              f"tokens ({args.lora_raw_frac:.0%} of batches)")
+    stream, raw_stream = context_streams(args, work)
     gen = torch.Generator().manual_seed(args.seed + 1)
     Bk = model.config.block_size
     pos_w = args.lora_decay ** torch.arange(Bk - 1, dtype=torch.float32)  # weight of draft position 1..31
@@ -479,9 +593,8 @@ def stage_lora(args: argparse.Namespace) -> None:
         lr = args.lora_lr * min(1.0, (step + 1) / 30) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
-        ctx_len = int(torch.randint(8, args.seq_len - Bk, (1,), generator=gen))
-        raw = torch.rand((), generator=gen) < args.lora_raw_frac
-        ctx = sample_windows(raw_stream if raw else stream, args.lora_batch, ctx_len, gen)
+        ctx = sample_contexts(args, stream, raw_stream, args.lora_batch, args.seq_len - Bk, gen)
+        ctx_len = ctx.shape[1]
         ck, cv, target = greedy_block(model, ctx, Bk)  # target[:, 0] is p
         block = torch.full_like(target, MASK_ID)
         block[:, 0] = target[:, 0]
@@ -510,7 +623,7 @@ def stage_lora(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------
-# 5. Export the checkpoint layout
+# 6. Export the checkpoint layout
 # ----------------------------------------------------------------------------
 def stage_export(args: argparse.Namespace) -> None:
     from safetensors.torch import save_file
@@ -553,7 +666,7 @@ def stage_export(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--stage", default="all", choices=["all", "corpus", "main", "unloop", "lora", "export"])
+    ap.add_argument("--stage", default="all", choices=["all", "corpus", "main", "unloop", "distill", "lora", "export"])
     ap.add_argument("--workdir", default="/tmp/tiny/work")
     ap.add_argument("--out", default=str(ASSET_DIR))
     ap.add_argument("--seed", type=int, default=0)
@@ -583,13 +696,21 @@ def main() -> None:
     ap.add_argument("--ul-ngram", type=int, default=4)
     ap.add_argument("--ul-batch", type=int, default=16)
     ap.add_argument("--ul-tokens", type=int, default=48, help="greedy continuation length per context")
+    ap.add_argument("--dist-minutes", type=float, default=30.0, help="wall-time budget of the distill stage")
+    ap.add_argument("--dist-lr", type=float, default=3e-4)
+    ap.add_argument("--dist-weight", type=float, default=1.0, help="weight of the self-distillation CE")
+    ap.add_argument("--dist-ul-weight", type=float, default=1.0,
+                    help="weight of unlikelihood on the same continuations (0 = off)")
+    ap.add_argument("--dist-batch", type=int, default=32, help="greedy continuations per step")
+    ap.add_argument("--dist-anchor-batch", type=int, default=8, help="corpus windows per step (joint objective)")
     ap.add_argument("--lora-r", type=int, default=32)
     ap.add_argument("--lora-alpha", type=int, default=64)
     ap.add_argument("--lora-lr", type=float, default=2e-3)
     ap.add_argument("--lora-batch", type=int, default=32)
     ap.add_argument("--lora-decay", type=float, default=0.9, help="per-position weight decay of the draft loss")
     ap.add_argument("--lora-minutes", type=float, default=8.0)
-    ap.add_argument("--lora-raw-frac", type=float, default=0.5, help="share of LoRA batches with raw-source contexts")
+    ap.add_argument("--raw-frac", "--lora-raw-frac", type=float, default=0.5,
+                    help="share of distill/LoRA batches with raw-source contexts")
     ap.add_argument("--lora-reuse", type=int, default=3, help="optimizer steps per generated batch")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -598,7 +719,7 @@ def main() -> None:
     log(args, f"args {vars(args)}")
     stages = ["corpus", "main", "unloop", "lora", "export"] if args.stage == "all" else [args.stage]
     for stage in stages:
-        {"corpus": stage_corpus, "main": stage_main, "unloop": stage_unloop, "lora": stage_lora, "export": stage_export}[stage](args)
+        {"corpus": stage_corpus, "main": stage_main, "unloop": stage_unloop, "distill": stage_distill, "lora": stage_lora, "export": stage_export}[stage](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,79 @@
+"""The training script's building blocks (examples/train_tiny.py): the joint
+attention mask, the noising, the SDPA training forward and the loop measures
+the unlikelihood and distillation stages rely on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_config, make_model
+
+tt = pytest.importorskip("examples.train_tiny")
+
+
+def brute_joint_mask(L: int, block: int) -> torch.Tensor:
+    allowed = torch.zeros(2 * L, 2 * L, dtype=torch.bool)
+    for q in range(2 * L):
+        for k in range(2 * L):
+            q_clean, k_clean = q < L, k < L
+            qp, kp = q % L, k % L
+            if q_clean:  # clean stream: causal over clean keys only
+                allowed[q, k] = k_clean and kp <= qp
+            elif k_clean:  # noisy query: the clean (cached) blocks before its own
+                allowed[q, k] = kp // block < qp // block
+            else:  # noisy query: every noisy key of its own block
+                allowed[q, k] = kp // block == qp // block
+    return allowed
+
+
+def test_joint_mask_matches_the_definition():
+    assert torch.equal(tt.joint_mask(12, 4), brute_joint_mask(12, 4))
+
+
+def test_noisy_copy_keeps_block_heads_and_masks_full_blocks():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(10, 50, (64, 32))
+    xt, masked, w, full = tt.noisy_copy(x, 8, 0.5, gen)
+    assert not masked[:, ::8].any(), "block position 0 is the known seed and is never masked"
+    assert torch.equal(xt[masked], torch.full_like(xt[masked], tt.MASK_ID))
+    assert torch.equal(xt[~masked], x[~masked])
+    head = torch.zeros(32, dtype=torch.bool)
+    head[::8] = True
+    assert full.any() and (masked | head)[full].all(), "a fully masked block masks every position but the head"
+    assert torch.all(w[full] == 1.0) and torch.all(w >= 1.0)
+
+
+def test_sdpa_training_forward_equals_the_model():
+    config = make_config(block_size=4)
+    model = make_model(config, scale=0.2)
+    L = 8
+    mask = tt.joint_mask(L, 4)
+    positions = (torch.arange(2 * L) % L)[None]
+    ids = torch.randint(4, config.vocab_size, (1, 2 * L))
+    ref, _, _ = model.run_layers(ids, positions, mask[None])
+    ours = model.diffusion_head(tt.hidden_states(model, ids, positions, mask[None]))
+    assert (ref - ours).abs().max().item() < 1e-4
+
+
+def test_repeated_ngrams_and_first_repeat():
+    row = [1, 2, 3, 1, 2, 3, 4]
+    assert tt.repeated_ngram_positions(row, 0, 2) == [4, 5]  # (1,2) and (2,3) seen before
+    assert tt.repeated_ngram_positions(row, 5, 2) == [5]
+    assert tt.first_repeat(row, 0, 3) == 5
+    assert tt.first_repeat([5, 6, 7, 8], 0, 2) == 4, "no repeat: the whole row"
+
+
+def test_unlikelihood_penalizes_exactly_the_repeated_tokens():
+    model = make_model(make_config(), scale=0.2)
+    ctx = torch.tensor([[10, 11, 12, 13]])
+    fresh = torch.tensor([[20, 21, 22, 23]])
+    loss, share = tt.unlikelihood_loss(model, ctx, fresh, 2)
+    assert loss.item() == 0.0 and share == 0.0
+    looped = torch.tensor([[10, 11, 30, 31]])  # token 11 completes the bigram (10, 11) of the context
+    loss, share = tt.unlikelihood_loss(model, ctx, looped, 2)
+    seq = torch.cat([ctx, looped], 1)
+    probs = torch.softmax(model(seq[:, :-1], pattern="causal")[0], -1)
+    p = probs[4, 11]  # logits at position 4 (token 10) predict position 5 (token 11)
+    assert share == pytest.approx(1 / 4)
+    assert loss.item() == pytest.approx((-torch.log(1 - p) / 4).item(), rel=1e-4)
