@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "generate": "generate",
     "export": "export",
     "check": "check",
+    "build": "build",
     "parity": "parity",
     "run": "run",
     "serve": "serve",

@@ -20,6 +20,7 @@ import nemocompile
 from nemocompile.errors import BackendUnavailableError, GenerationError, NemocompileError
 from nemocompile.loader import load, save
 from nemocompile.runtime import Runtime
+from nemocompile.runtime.backends.onnxruntime import _has_nvidia_gpu
 
 import tiny_artifacts
 from conftest import make_config, make_model
@@ -352,13 +353,95 @@ def test_not_an_artifact_or_unknown_backend_is_a_clear_error(artifact, tmp_path)
 
 
 def test_tensorrt_backend_fails_early_without_a_gpu(artifact):
-    from nemocompile.runtime.backends.onnxruntime import _has_nvidia_gpu
 
     if _has_nvidia_gpu():
         pytest.skip("an NVIDIA GPU is present: the no-GPU message does not apply")
     with pytest.raises(BackendUnavailableError, match="no NVIDIA GPU found: TensorRT engines must be built on "
                                                       "the target GPU; use --backend onnxruntime"):
         Runtime.load(artifact, backend="tensorrt")
+
+
+def test_build_command_fails_early_without_a_gpu(tmp_path, artifact, capsys):
+    import shutil
+
+    from nemocompile.cli import main
+
+    if _has_nvidia_gpu():
+        pytest.skip("an NVIDIA GPU is present: the no-GPU message does not apply")
+    copy = tmp_path / "a"
+    shutil.copytree(artifact, copy)
+    before = sorted(p.name for p in copy.iterdir())
+    assert main(["build", "--artifact", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert "no NVIDIA GPU found: TensorRT engines must be built on the target GPU; use --backend onnxruntime" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in copy.iterdir()) == before, "a failed build must not write anything"
+    assert main(["build", "--artifact", str(tmp_path / "missing")]) == 2
+    assert "not an exported artifact" in capsys.readouterr().err
+
+
+class _FakeCuda:  # stands in for torch.cuda: what the build record says about the GPU
+    def __init__(self, capability):
+        self.capability = capability
+
+    def get_device_capability(self, device):
+        return self.capability
+
+    def get_device_name(self, device):
+        return {(10, 0): "NVIDIA B200", (9, 0): "NVIDIA H100"}[self.capability]
+
+
+def test_engines_are_checked_against_their_build_record(tmp_path, artifact):
+    """The TensorRT backend refuses engines built elsewhere or from another export (runs without a GPU:
+    the record check reads only the device's name and capability)."""
+    import shutil
+    from types import SimpleNamespace
+
+    from nemocompile.manifest import Manifest
+    from nemocompile.runtime.backends import tensorrt as trt_backend
+
+    copy = tmp_path / "a"
+    shutil.copytree(artifact, copy)
+    manifest = Manifest.load(copy)
+    b200, h100 = SimpleNamespace(cuda=_FakeCuda((10, 0))), SimpleNamespace(cuda=_FakeCuda((9, 0)))
+    trt = SimpleNamespace(__version__="10.15.1")
+    with pytest.raises(BackendUnavailableError, match="no TensorRT engines .* run `nemocompile build"):
+        trt_backend.check_engines(copy, manifest, b200, trt, "cuda")
+    record = {"tensorrt_version": "10.15.1", "gpu": trt_backend._gpu(b200, "cuda"),
+              "engines": {g.step: {"sources": trt_backend._sources(copy, manifest, g)} for g in manifest.graphs}}
+    (copy / trt_backend.BUILD_RECORD).write_text(json.dumps(record))
+    trt_backend.check_engines(copy, manifest, b200, trt, "cuda")  # same export, same GPU: accepted
+    with pytest.raises(BackendUnavailableError, match=r"for NVIDIA B200 \(sm 10.0\).*NVIDIA H100 \(sm 9.0\)"):
+        trt_backend.check_engines(copy, manifest, h100, trt, "cuda")
+    with pytest.raises(BackendUnavailableError, match="TensorRT 10.15.1 .* this is TensorRT 10.16.0"):
+        trt_backend.check_engines(copy, manifest, b200, SimpleNamespace(__version__="10.16.0"), "cuda")
+    graph = manifest.graphs[0]
+    with open(copy / graph.file, "ab") as f:  # a re-export changes the graph
+        f.write(b"\0")
+    with pytest.raises(BackendUnavailableError, match=f"built from another export of {graph.file}"):
+        trt_backend.check_engines(copy, manifest, b200, trt, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_nvidia_gpu(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "linear-spec"])
+def test_tensorrt_engines_match_eager_decoders(mode, tmp_path_factory, model):
+    """On a GPU with TensorRT: build the engines, then decode token-for-token like eager (fp32 graphs)."""
+    pytest.importorskip("tensorrt", reason="needs TensorRT (pip install 'nemocompile[tensorrt]')")
+    import shutil
+
+    from nemocompile.manifest import Manifest
+    from nemocompile.runtime.backends.tensorrt import build_engines
+
+    artifact = tmp_path_factory.getbasetemp() / "trt-artifact"
+    if not (artifact / "engines.json").is_file():
+        shutil.copytree(exported(tmp_path_factory), artifact, dirs_exist_ok=True)
+        record = build_engines(artifact, Manifest.load(artifact))
+        assert set(record["engines"]) == {g.step for g in Manifest.load(artifact).graphs}
+    with Runtime.load(artifact, backend="tensorrt") as rt:
+        for prompt in PROMPTS:
+            ref = eager(model, prompt, mode=mode, max_new_tokens=23, block_length=BLOCK, eos_token_id=-1)
+            assert_same(ref, rt.generate(prompt, mode=mode, max_new_tokens=23, eos=-1), f"tensorrt {mode} {prompt}")
 
 
 def test_run_command_prints_the_generation(artifact, capsys, model):

@@ -2,19 +2,25 @@
 
 Written against the TensorRT 10 Python API (name-based I/O: ``num_io_tensors``,
 ``get_tensor_name``, ``set_tensor_address``, ``execute_async_v3``). Engines are
-built on the target GPU from the artifact's ONNX graphs (the TensorRT issue adds
-that build); this backend looks for ``<graph file stem>.engine`` next to each
-graph. Device buffers are torch CUDA tensors; the small host inputs
+built on the target GPU from the artifact's ONNX graphs by ``build_engines``
+(``nemocompile build``): one strongly typed engine per graph, so an engine runs
+in the dtype the graph was exported in (``nemocompile export --dtype bf16``
+for a B200), written as ``<graph file stem>.engine`` next to its graph, plus
+``engines.json``, the build record this backend checks the engines against
+(same graphs, same GPU architecture) before it loads them. Device buffers are torch CUDA tensors; the small host inputs
 (``input_ids``, ``cache_len``, ``row_start``) are copied to staging tensors before
 a step and ``logits`` copied back after it.
 
-Not exercised on the CPU-only development machine: there it fails in the
-constructor with the message below.
+Not exercised on the CPU-only development machine: there both the build and
+the backend fail early with the message below.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import time
 from pathlib import Path
 
 from nemocompile.errors import BackendUnavailableError
@@ -25,28 +31,159 @@ NO_GPU = ("no NVIDIA GPU found: TensorRT engines must be built on the target GPU
           "use --backend onnxruntime to run on CPU")
 
 
+BUILD_RECORD = "engines.json"
+
+
 def engine_path(artifact_dir: Path, graph) -> Path:
     """Where the engine built from ``graph`` lives."""
-    return artifact_dir / Path(graph.file).with_suffix(".engine")
+    return Path(artifact_dir) / Path(graph.file).with_suffix(".engine")
+
+
+def import_tensorrt():
+    """``(tensorrt, torch)`` where a GPU, TensorRT >= 10 and a CUDA torch are all present; else a clear error."""
+    if not (os.path.exists("/dev/nvidia0") or os.path.exists("/proc/driver/nvidia/version")):
+        raise BackendUnavailableError(NO_GPU)
+    try:
+        import tensorrt as trt
+        import torch
+    except ImportError as e:
+        raise BackendUnavailableError(f"TensorRT engines need tensorrt and a CUDA build of torch ({e}); "
+                                      "pip install 'nemocompile[tensorrt]' on the GPU machine") from None
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError(NO_GPU + " (torch sees no CUDA device)")
+    if int(trt.__version__.split(".")[0]) < 10:
+        raise BackendUnavailableError(f"TensorRT {trt.__version__} is too old: nemocompile uses the TensorRT 10 API "
+                                      "(B200 needs 10.8 or newer); pip install 'nemocompile[tensorrt]'")
+    return trt, torch
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _sources(artifact_dir: Path, manifest, graph) -> dict:
+    """What an engine is built from: the graph file, the manifest and the weights file (size and mtime:
+    hashing many GB of weights on every load would cost more than the load)."""
+    sources = {"graph_sha256": _sha256(artifact_dir / graph.file),
+               "manifest_sha256": _sha256(artifact_dir / "manifest.json")}
+    if manifest.weights_file:
+        st = (artifact_dir / manifest.weights_file).stat()
+        sources["weights"] = {"file": manifest.weights_file, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return sources
+
+
+def _gpu(torch, device: str) -> dict:
+    major, minor = torch.cuda.get_device_capability(device)
+    return {"name": torch.cuda.get_device_name(device), "compute_capability": f"{major}.{minor}"}
+
+
+def build_engines(artifact_dir, manifest, *, workspace_gb: float | None = None, opt_level: int = 3,
+                  timing_cache: str | None = None, force: bool = False, device: str = "cuda",
+                  log=lambda msg: None) -> dict:
+    """Build one TensorRT engine per graph of the artifact on this GPU; returns the build record.
+
+    Each graph is parsed with TensorRT's ONNX parser into a strongly typed
+    network (precision is the graph's: export with ``--dtype bf16`` or
+    ``fp16`` for reduced precision) and built with ``build_serialized_network``.
+    Engines that the record says are up to date (same graph, manifest, weights
+    and GPU architecture) are kept unless ``force``. Every engine and the record
+    are written to a temporary name and renamed, so an interrupted build leaves
+    no half-written engine behind. ``timing_cache``: a file whose kernel timings
+    are reused and updated (later builds on the same GPU go faster).
+    """
+    trt, torch = import_tensorrt()
+    artifact_dir = Path(artifact_dir)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    gpu = _gpu(torch, device)
+    record_path = artifact_dir / BUILD_RECORD
+    old = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    same_target = old.get("gpu", {}).get("compute_capability") == gpu["compute_capability"] \
+        and old.get("tensorrt_version") == trt.__version__
+    cache_bytes = Path(timing_cache).read_bytes() if timing_cache and Path(timing_cache).is_file() else b""
+    config0 = builder.create_builder_config()
+    cache = config0.create_timing_cache(cache_bytes)
+    engines = {}
+    for graph in manifest.graphs:
+        out = engine_path(artifact_dir, graph)
+        sources = _sources(artifact_dir, manifest, graph)
+        prev = old.get("engines", {}).get(graph.step)
+        if not force and same_target and out.is_file() and prev and prev.get("sources") == sources:
+            log(f"  {graph.step:<8} up to date ({out.name})")
+            engines[graph.step] = prev
+            continue
+        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(artifact_dir / graph.file)):
+            errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
+            raise BackendUnavailableError(f"{artifact_dir / graph.file}: TensorRT's ONNX parser rejected the graph "
+                                          f"({errors}); `nemocompile check --artifact {artifact_dir}` lints it, "
+                                          "re-export with a lower --opset if an operator is too new")
+        config = builder.create_builder_config()
+        if workspace_gb:
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+        config.builder_optimization_level = opt_level
+        config.set_timing_cache(cache, False)
+        t0 = time.perf_counter()
+        blob = builder.build_serialized_network(network, config)
+        if blob is None:
+            raise BackendUnavailableError(f"TensorRT could not build an engine for {graph.file} (see its log above); "
+                                          "try a larger --workspace-gb or run on --backend onnxruntime")
+        seconds = time.perf_counter() - t0
+        _write_atomic(out, memoryview(blob))
+        engines[graph.step] = {"engine": out.name, "bytes": out.stat().st_size, "build_s": round(seconds, 2),
+                               "sources": sources}
+        log(f"  {graph.step:<8} built {out.name} ({out.stat().st_size / 1e6:.1f} MB, {seconds:.1f} s)")
+    record = {"tensorrt_version": trt.__version__, "gpu": gpu, "strongly_typed": True,
+              "dtype": manifest.dtype, "opt_level": opt_level, "engines": engines}
+    _write_atomic(record_path, (json.dumps(record, indent=2) + "\n").encode())
+    if timing_cache:
+        _write_atomic(Path(timing_cache), memoryview(cache.serialize()))
+    return record
+
+
+def _write_atomic(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def check_engines(artifact_dir: Path, manifest, torch, trt, device: str) -> None:
+    """Refuse engines that were not built from this artifact on this GPU architecture with this TensorRT."""
+    record_path = artifact_dir / BUILD_RECORD
+    if not record_path.is_file():
+        raise BackendUnavailableError(f"{artifact_dir}: no TensorRT engines (no {BUILD_RECORD}); run "
+                                      f"`nemocompile build --artifact {artifact_dir}` on this GPU first")
+    record = json.loads(record_path.read_text())
+    gpu = _gpu(torch, device)
+    if record.get("gpu", {}).get("compute_capability") != gpu["compute_capability"] \
+            or record.get("tensorrt_version") != trt.__version__:
+        raise BackendUnavailableError(
+            f"{artifact_dir}: engines built with TensorRT {record.get('tensorrt_version')} for "
+            f"{record.get('gpu', {}).get('name')} (sm {record.get('gpu', {}).get('compute_capability')}); this is "
+            f"TensorRT {trt.__version__} on {gpu['name']} (sm {gpu['compute_capability']}): rebuild with "
+            f"`nemocompile build --artifact {artifact_dir} --force`")
+    for graph in manifest.graphs:
+        entry = record.get("engines", {}).get(graph.step)
+        if entry is None or entry.get("sources") != _sources(artifact_dir, manifest, graph):
+            raise BackendUnavailableError(f"{engine_path(artifact_dir, graph)}: missing or built from another export "
+                                          f"of {graph.file}; run `nemocompile build --artifact {artifact_dir}`")
 
 
 class TensorRTBackend:
     name = "tensorrt"
 
     def __init__(self, artifact_dir, manifest, device: str | None = None, **_):
-        if not (os.path.exists("/dev/nvidia0") or os.path.exists("/proc/driver/nvidia/version")):
-            raise BackendUnavailableError(NO_GPU)
-        try:
-            import tensorrt as trt
-            import torch
-        except ImportError as e:
-            raise BackendUnavailableError(f"the TensorRT backend needs tensorrt and a CUDA build of torch ({e}); "
-                                          "pip install 'nemocompile[tensorrt]' on the GPU machine") from None
-        if not torch.cuda.is_available():
-            raise BackendUnavailableError(NO_GPU + " (torch sees no CUDA device)")
+        trt, torch = import_tensorrt()
         self.trt, self.torch = trt, torch
         self.dir = Path(artifact_dir)
         self.device = device if device and device.startswith("cuda") else "cuda"
+        check_engines(self.dir, manifest, torch, trt, self.device)
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.trt_runtime = trt.Runtime(self.logger)
         self.stream = torch.cuda.Stream(device=self.device)
@@ -106,4 +243,4 @@ class TensorRTBackend:
         self._engines.clear()
 
 
-__all__ = ["TensorRTBackend", "engine_path", "NO_GPU"]
+__all__ = ["TensorRTBackend", "build_engines", "check_engines", "engine_path", "BUILD_RECORD", "NO_GPU"]
