@@ -44,6 +44,15 @@ from ``--workdir`` so a stage can be re-run alone):
    property).
 5. ``export``: the real checkpoint layout (bf16 ``model.safetensors``,
    ``config.json``, tokenizer files, PEFT ``linear_spec_lora/``).
+
+Optional, not in ``--stage all`` and not in the shipped model: ``distill``,
+on-policy self-distillation of every base weight. The diffusion side learns to
+write, confidently, what the model's own AR greedy decoding writes next
+(``[p, MASK*31]`` and partly masked copies against the greedy continuation,
+cut where it starts repeating itself), beside the joint objective on corpus
+windows. It raises one-shot acceptance and diffusion tokens per forward but
+makes greedy decoding loop more, and ``unloop`` afterwards takes the gains back
+(``TRAINING.md``, "Experiments that were not shipped", has the figures).
 """
 
 from __future__ import annotations
