@@ -378,6 +378,8 @@ def test_build_command_fails_early_without_a_gpu(tmp_path, artifact, capsys):
     assert sorted(p.name for p in copy.iterdir()) == before, "a failed build must not write anything"
     assert main(["build", "--artifact", str(tmp_path / "missing")]) == 2
     assert "not an exported artifact" in capsys.readouterr().err
+    assert main(["build", "--artifact", str(copy), "--timing-cache", str(tmp_path / "no" / "trt.cache")]) == 2
+    assert "--timing-cache" in capsys.readouterr().err and not (tmp_path / "no").exists()
 
 
 class _FakeCuda:  # stands in for torch.cuda: what the build record says about the GPU

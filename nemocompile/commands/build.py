@@ -22,10 +22,16 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from pathlib import Path
+
+    from ..errors import NemocompileError
     from ..manifest import Manifest
     from ..runtime.backends.tensorrt import build_engines, import_tensorrt
 
-    manifest = Manifest.load(args.artifact)  # a bad artifact is reported before any GPU work
+    manifest = Manifest.load(args.artifact)  # bad input is reported before any GPU work
+    if args.timing_cache and not Path(args.timing_cache).resolve().parent.is_dir():
+        raise NemocompileError(f"--timing-cache {args.timing_cache}: its directory does not exist; create it or "
+                               "name a file in an existing directory")
     import_tensorrt()  # no GPU or no TensorRT: one clear line naming the alternative
     print(f"building {len(manifest.graphs)} TensorRT engine(s) for {args.artifact} ({manifest.dtype})",
           file=sys.stderr)
