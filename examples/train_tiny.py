@@ -266,6 +266,27 @@ def joint_losses(model: TriModeModel, x: torch.Tensor, mask: torch.Tensor, posit
     return ar_loss, diff_loss, full_ce
 
 
+def optimize(opt: torch.optim.Optimizer, model: TriModeModel, loss: torch.Tensor) -> None:
+    """One optimizer step on ``loss`` with the gradient norm clipped to 1."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
+def finetune_schedule(opt: torch.optim.Optimizer, base_lr: float, minutes: float):
+    """Yield ``(step, lr)`` (step counts from 1) until ``minutes`` of wall time have passed, after setting
+    the optimizer's lr: 20 warmup steps, then a cosine to 0 on wall time (the unloop and distill stages)."""
+    budget, t0, step = minutes * 60.0, time.time(), 0
+    while time.time() - t0 < budget:
+        frac = (time.time() - t0) / budget
+        step += 1
+        lr = base_lr * min(1.0, step / 20) * 0.5 * (1 + math.cos(math.pi * frac))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        yield step, lr
+
+
 def save_atomic(obj, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -327,10 +348,7 @@ def stage_main(args: argparse.Namespace) -> None:
         x = sample_windows(stream, args.batch, L, gen)
         ar_loss, diff_loss, full_ce = joint_losses(model, x, mask, positions, args.p_full, gen)
         loss = args.alpha * ar_loss + diff_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimize(opt, model, loss)
         step += 1
         tokens += x.numel()
         for k, v in (("ar", ar_loss.item()), ("diff", diff_loss.item()), ("full_block_ce", full_ce)):
@@ -404,13 +422,8 @@ def stage_unloop(args: argparse.Namespace) -> None:
     L, Bk = args.seq_len, model.config.block_size
     mask, positions = joint_mask(L, Bk), torch.arange(2 * L) % L
     opt = torch.optim.AdamW(model.parameters(), lr=args.ul_lr, betas=(0.9, 0.95), weight_decay=0.0)
-    budget = args.ul_minutes * 60.0
     t0, step, ema = time.time(), 0, {}
-    while time.time() - t0 < budget:
-        frac = (time.time() - t0) / budget
-        lr = args.ul_lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * frac))
-        for g in opt.param_groups:
-            g["lr"] = lr
+    for step, lr in finetune_schedule(opt, args.ul_lr, args.ul_minutes):
         ar_loss, diff_loss, _ = joint_losses(model, sample_windows(stream, args.batch, L, gen), mask, positions,
                                              args.p_full, gen)
         ctx_len = int(torch.randint(16, 160, (1,), generator=gen))
@@ -418,11 +431,7 @@ def stage_unloop(args: argparse.Namespace) -> None:
         _, _, cont = greedy_block(model, ctx, args.ul_tokens)
         ul_loss, rep = unlikelihood_loss(model, ctx, cont, args.ul_ngram)
         loss = args.alpha * ar_loss + diff_loss + args.ul_weight * ul_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
+        optimize(opt, model, loss)
         for k, v in (("ar", ar_loss.item()), ("diff", diff_loss.item()), ("ul", ul_loss.item()), ("repeat", rep)):
             ema[k] = v if k not in ema else 0.9 * ema[k] + 0.1 * v
         if step % 10 == 0:
@@ -463,13 +472,8 @@ def stage_distill(args: argparse.Namespace) -> None:
     L, Bk = args.seq_len, model.config.block_size
     mask, positions = joint_mask(L, Bk), torch.arange(2 * L) % L
     opt = torch.optim.AdamW(model.parameters(), lr=args.dist_lr, betas=(0.9, 0.95), weight_decay=0.0)
-    budget = args.dist_minutes * 60.0
     t0, step, ema = time.time(), 0, {}
-    while time.time() - t0 < budget:
-        frac = (time.time() - t0) / budget
-        lr = args.dist_lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * frac))
-        for g in opt.param_groups:
-            g["lr"] = lr
+    for step, lr in finetune_schedule(opt, args.dist_lr, args.dist_minutes):
         ar_loss, diff_loss, _ = joint_losses(model, sample_windows(stream, args.dist_anchor_batch, L, gen), mask,
                                              positions, args.p_full, gen)
         ctx = sample_contexts(args, stream, raw_stream, args.dist_batch, L - Bk, gen)
@@ -493,11 +497,7 @@ def stage_distill(args: argparse.Namespace) -> None:
         # greedy loop more; unlikelihood on the same continuations holds it back.
         ul_loss, rep = unlikelihood_loss(model, ctx, y, args.ul_ngram) if args.dist_ul_weight else (0.0, 0.0)
         loss = args.alpha * ar_loss + diff_loss + args.dist_weight * dist_loss + args.dist_ul_weight * ul_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
+        optimize(opt, model, loss)
         with torch.no_grad():
             conf, pred = F.softmax(logits.float(), -1).max(-1)
             sure = (conf[sel] >= 0.9).float().mean().item() if sel.any() else 0.0

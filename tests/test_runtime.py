@@ -410,7 +410,7 @@ def test_engines_are_checked_against_their_build_record(tmp_path, artifact):
     with pytest.raises(BackendUnavailableError, match="no TensorRT engines .* run `nemocompile build"):
         trt_backend.check_engines(copy, manifest, b200, trt, "cuda")
     record = {"tensorrt_version": "10.15.1", "gpu": trt_backend._gpu(b200, "cuda"),
-              "engines": {g.step: {"sources": trt_backend._sources(copy, manifest, g)} for g in manifest.graphs}}
+              "engines": {step: {"sources": src} for step, src in trt_backend._sources(copy, manifest).items()}}
     (copy / trt_backend.BUILD_RECORD).write_text(json.dumps(record))
     trt_backend.check_engines(copy, manifest, b200, trt, "cuda")  # same export, same GPU: accepted
     with pytest.raises(BackendUnavailableError, match=r"for NVIDIA B200 \(sm 10.0\).*NVIDIA H100 \(sm 9.0\)"):

@@ -65,15 +65,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _sources(artifact_dir: Path, manifest, graph) -> dict:
-    """What an engine is built from: the graph file, the manifest and the weights file (size and mtime:
-    hashing many GB of weights on every load would cost more than the load)."""
-    sources = {"graph_sha256": _sha256(artifact_dir / graph.file),
-               "manifest_sha256": _sha256(artifact_dir / "manifest.json")}
+def _sources(artifact_dir: Path, manifest) -> dict:
+    """Per graph step, what its engine is built from: the graph file, the manifest and the weights file
+    (size and mtime: hashing many GB of weights on every load would cost more than the load)."""
+    shared = {"manifest_sha256": _sha256(artifact_dir / "manifest.json")}
     if manifest.weights_file:
         st = (artifact_dir / manifest.weights_file).stat()
-        sources["weights"] = {"file": manifest.weights_file, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-    return sources
+        shared["weights"] = {"file": manifest.weights_file, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {g.step: {"graph_sha256": _sha256(artifact_dir / g.file), **shared} for g in manifest.graphs}
 
 
 def _gpu(torch, device: str) -> dict:
@@ -108,9 +107,10 @@ def build_engines(artifact_dir, manifest, *, workspace_gb: float | None = None, 
     config0 = builder.create_builder_config()
     cache = config0.create_timing_cache(cache_bytes)
     engines = {}
+    all_sources = _sources(artifact_dir, manifest)
     for graph in manifest.graphs:
         out = engine_path(artifact_dir, graph)
-        sources = _sources(artifact_dir, manifest, graph)
+        sources = all_sources[graph.step]
         prev = old.get("engines", {}).get(graph.step)
         if not force and same_target and out.is_file() and prev and prev.get("sources") == sources:
             log(f"  {graph.step:<8} up to date ({out.name})")
@@ -168,9 +168,10 @@ def check_engines(artifact_dir: Path, manifest, torch, trt, device: str) -> None
             f"{record.get('gpu', {}).get('name')} (sm {record.get('gpu', {}).get('compute_capability')}); this is "
             f"TensorRT {trt.__version__} on {gpu['name']} (sm {gpu['compute_capability']}): rebuild with "
             f"`nemocompile build --artifact {artifact_dir} --force`")
+    sources = _sources(artifact_dir, manifest)
     for graph in manifest.graphs:
         entry = record.get("engines", {}).get(graph.step)
-        if entry is None or entry.get("sources") != _sources(artifact_dir, manifest, graph):
+        if entry is None or entry.get("sources") != sources[graph.step]:
             raise BackendUnavailableError(f"{engine_path(artifact_dir, graph)}: missing or built from another export "
                                           f"of {graph.file}; run `nemocompile build --artifact {artifact_dir}`")
 
