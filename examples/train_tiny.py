@@ -1,12 +1,14 @@
 """Train the embedded tiny tri-mode model (``nemocompile/assets/tiny``) from scratch on CPU.
 
 Exact commands used for the shipped checkpoint (an otherwise idle 2-core CPU,
-about 2 hours; ``TRAINING.md`` records the run)::
+about 3.7 hours; ``TRAINING.md`` records the run)::
 
     PYTHONPATH=. python examples/train_tiny.py --stage corpus --workdir /tmp/tiny/w5 --seed 5
     PYTHONPATH=. python examples/train_tiny.py --stage main --workdir /tmp/tiny/w5 --seed 5 --minutes 88
-    PYTHONPATH=. python examples/train_tiny.py --stage unloop --workdir /tmp/tiny/w5 --seed 5 --ul-minutes 12 --threads 1
-    PYTHONPATH=. python examples/train_tiny.py --stage lora --workdir /tmp/tiny/w5 --seed 5 --lora-minutes 12
+    PYTHONPATH=. python examples/train_tiny.py --stage main --workdir /tmp/tiny/w5 --seed 8 --minutes 98 \
+        --resume --lr 2e-3 --min-lr-frac 0.03
+    PYTHONPATH=. python examples/train_tiny.py --stage unloop --workdir /tmp/tiny/w5 --seed 8 --ul-minutes 14
+    PYTHONPATH=. python examples/train_tiny.py --stage lora --workdir /tmp/tiny/w5 --seed 8 --lora-minutes 10
     PYTHONPATH=. python examples/train_tiny.py --stage export --workdir /tmp/tiny/w5
 
 Stages (``--stage all`` runs them in order; each reads the previous one's files
