@@ -289,6 +289,19 @@ def finetune_schedule(opt: torch.optim.Optimizer, base_lr: float, minutes: float
         yield step, lr
 
 
+def finetune_setup(args: argparse.Namespace, work: Path, seed: int, lr: float):
+    """What a stage that fine-tunes every base weight starts from (unloop, distill): the workdir's
+    base model and checkpoint, torch seeded with ``seed`` and a generator of its own, the joint
+    objective's mask and position ids, and a fresh AdamW without weight decay."""
+    model, ckpt = load_base(work)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    L = args.seq_len
+    mask, positions = joint_mask(L, model.config.block_size), torch.arange(2 * L) % L
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    return model, ckpt, gen, mask, positions, opt
+
+
 def save_atomic(obj, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -417,13 +430,9 @@ def stage_unloop(args: argparse.Namespace) -> None:
     ``-log(1 - p(token))``. Greedy decoding of a small model falls into loops
     that maximum likelihood alone does not remove; this penalizes exactly them."""
     work = Path(args.workdir)
-    model, ckpt = load_base(work)
+    model, ckpt, gen, mask, positions, opt = finetune_setup(args, work, args.seed + 2, args.ul_lr)
     stream = torch.load(work / "tokens.pt")
-    torch.manual_seed(args.seed + 2)
-    gen = torch.Generator().manual_seed(args.seed + 2)
-    L, Bk = args.seq_len, model.config.block_size
-    mask, positions = joint_mask(L, Bk), torch.arange(2 * L) % L
-    opt = torch.optim.AdamW(model.parameters(), lr=args.ul_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    L = args.seq_len
     t0, step, ema = time.time(), 0, {}
     for step, lr in finetune_schedule(opt, args.ul_lr, args.ul_minutes):
         ar_loss, diff_loss, _ = joint_losses(model, sample_windows(stream, args.batch, L, gen), mask, positions,
@@ -467,13 +476,9 @@ def stage_distill(args: argparse.Namespace) -> None:
     anchor, so AR keeps fitting real code. Unlike the drafter LoRA this trains
     every base weight, which is what diffusion mode (no LoRA) decodes with."""
     work = Path(args.workdir)
-    model, ckpt = load_base(work)
-    stream, raw_stream = context_streams(args, work)
-    torch.manual_seed(args.seed + 3)
-    gen = torch.Generator().manual_seed(args.seed + 3)
+    model, ckpt, gen, mask, positions, opt = finetune_setup(args, work, args.seed + 3, args.dist_lr)
+    stream, raw_stream = context_streams(args, work)  # seeds its own random.Random: no torch RNG drawn
     L, Bk = args.seq_len, model.config.block_size
-    mask, positions = joint_mask(L, Bk), torch.arange(2 * L) % L
-    opt = torch.optim.AdamW(model.parameters(), lr=args.dist_lr, betas=(0.9, 0.95), weight_decay=0.0)
     t0, step, ema = time.time(), 0, {}
     for step, lr in finetune_schedule(opt, args.dist_lr, args.dist_minutes):
         ar_loss, diff_loss, _ = joint_losses(model, sample_windows(stream, args.dist_anchor_batch, L, gen), mask,
