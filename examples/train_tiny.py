@@ -60,6 +60,7 @@ makes greedy decoding loop more, and ``unloop`` afterwards takes the gains back
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -399,18 +400,25 @@ def repeated_ngram_positions(seq: list[int], start: int, n: int) -> list[int]:
     return out
 
 
-def unlikelihood_loss(model: TriModeModel, ctx: torch.Tensor, cont: torch.Tensor, n: int) -> tuple[torch.Tensor, float]:
+def unlikelihood_loss(model: TriModeModel, ctx: torch.Tensor, cont: torch.Tensor, n: int,
+                      scope: str = "all") -> tuple[torch.Tensor, float]:
     """Sequence-level unlikelihood of ``cont`` (greedy continuations of ``ctx``) and its repeated n-gram share.
 
     ``-log(1 - p(token))`` from one causal forward over ``[ctx ; cont]`` at
     every continuation token that completes an n-gram already in the context
-    or the continuation, summed and divided by the continuation token count.
+    or the continuation (``scope="all"``), or already in the continuation only
+    (``scope="continuation"``: the model repeating itself, while reusing the
+    context's names and phrases goes unpunished), summed and divided by the
+    continuation token count.
     """
     ctx_len = ctx.shape[1]
     seq = torch.cat([ctx, cont], 1)
     flags = torch.zeros_like(seq, dtype=torch.bool)
     for b, row in enumerate(seq.tolist()):
-        flags[b, repeated_ngram_positions(row, ctx_len, n)] = True
+        if scope == "all":
+            flags[b, repeated_ngram_positions(row, ctx_len, n)] = True
+        else:
+            flags[b, [ctx_len + j for j in repeated_ngram_positions(row[ctx_len:], 0, n)]] = True
     n_pos = seq.shape[1]
     causal = torch.ones(n_pos, n_pos, dtype=torch.bool).tril()
     h = hidden_states(model, seq[:, :-1], torch.arange(n_pos - 1)[None].expand(len(seq), -1),
@@ -440,7 +448,7 @@ def stage_unloop(args: argparse.Namespace) -> None:
         ctx_len = int(torch.randint(16, 160, (1,), generator=gen))
         ctx = sample_windows(stream, args.ul_batch, ctx_len, gen)
         _, _, cont = greedy_block(model, ctx, args.ul_tokens)
-        ul_loss, rep = unlikelihood_loss(model, ctx, cont, args.ul_ngram)
+        ul_loss, rep = unlikelihood_loss(model, ctx, cont, args.ul_ngram, args.ul_scope)
         loss = args.alpha * ar_loss + diff_loss + args.ul_weight * ul_loss
         optimize(opt, model, loss)
         for k, v in (("ar", ar_loss.item()), ("diff", diff_loss.item()), ("ul", ul_loss.item()), ("repeat", rep)):
@@ -463,6 +471,17 @@ def first_repeat(row: list[int], start: int, n: int) -> int:
     return hits[0] if hits else len(row)
 
 
+def anchor_kl(model: TriModeModel, teacher: TriModeModel, seq: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || model) of the next-token distributions, one causal forward over ``seq`` [B, n] each."""
+    n = seq.shape[1] - 1
+    causal = torch.ones(n, n, dtype=torch.bool).tril()[None].expand(len(seq), -1, -1)
+    positions = torch.arange(n)[None].expand(len(seq), -1)
+    with torch.no_grad():
+        target = F.log_softmax(teacher.diffusion_head(hidden_states(teacher, seq[:, :-1], positions, causal)), -1)
+    logp = F.log_softmax(model.diffusion_head(hidden_states(model, seq[:, :-1], positions, causal)), -1)
+    return F.kl_div(logp.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
+
+
 def stage_distill(args: argparse.Namespace) -> None:
     """Teach the base model's diffusion side to write what its own AR greedy
     decoding writes, confidently (the on-policy "certainty-forcing" distillation
@@ -479,6 +498,11 @@ def stage_distill(args: argparse.Namespace) -> None:
     model, ckpt, gen, mask, positions, opt = finetune_setup(args, work, args.seed + 3, args.dist_lr)
     stream, raw_stream = context_streams(args, work)  # seeds its own random.Random: no torch RNG drawn
     L, Bk = args.seq_len, model.config.block_size
+    teacher = None
+    if args.dist_kl_weight:
+        teacher = copy.deepcopy(model).requires_grad_(False)
+        if args.dist_kl_teacher:  # weights of an earlier stage, e.g. the unloop stage's before a first distill run
+            teacher.load_state_dict(torch.load(args.dist_kl_teacher)["model"])
     t0, step, ema = time.time(), 0, {}
     for step, lr in finetune_schedule(opt, args.dist_lr, args.dist_minutes):
         ar_loss, diff_loss, _ = joint_losses(model, sample_windows(stream, args.dist_anchor_batch, L, gen), mask,
@@ -502,9 +526,15 @@ def stage_distill(args: argparse.Namespace) -> None:
         dist_loss = F.cross_entropy(logits[sel], y[sel]) if sel.any() else logits.sum() * 0.0
         # Teaching the diffusion side the model's own continuations makes AR
         # greedy loop more; unlikelihood on the same continuations holds it back.
-        ul_loss, rep = unlikelihood_loss(model, ctx, y, args.ul_ngram) if args.dist_ul_weight else (0.0, 0.0)
-        loss = args.alpha * ar_loss + diff_loss + args.dist_weight * dist_loss + args.dist_ul_weight * ul_loss
+        ul_loss, rep = (unlikelihood_loss(model, ctx, y, args.ul_ngram, args.ul_scope) if args.dist_ul_weight
+                        else (0.0, 0.0))
+        # Or hold AR greedy where it is: its next-token distributions on these very
+        # continuations stay those of the model the stage started from.
+        kl_loss = anchor_kl(model, teacher, torch.cat([ctx, y], 1)) if teacher is not None else 0.0
+        loss = (args.alpha * ar_loss + diff_loss + args.dist_weight * dist_loss + args.dist_ul_weight * ul_loss
+                + args.dist_kl_weight * kl_loss)
         optimize(opt, model, loss)
+        ul_loss, kl_loss = (float(x.detach()) if torch.is_tensor(x) else x for x in (ul_loss, kl_loss))  # for the log
         with torch.no_grad():
             conf, pred = F.softmax(logits.float(), -1).max(-1)
             sure = (conf[sel] >= 0.9).float().mean().item() if sel.any() else 0.0
@@ -513,7 +543,7 @@ def stage_distill(args: argparse.Namespace) -> None:
             accept = ok[full].mean().item() if full.any() else float("nan")
         stats = (("ar", ar_loss.item()), ("diff", diff_loss.item()), ("distill", dist_loss.item()),
                  ("sure", sure), ("accept", accept), ("loop_free", (cut >= Bk).float().mean().item()),
-                 ("ul", float(ul_loss)), ("repeat", rep))
+                 ("ul", ul_loss), ("repeat", rep), ("kl", kl_loss))
         for k, v in stats:
             if not math.isnan(v):
                 ema[k] = v if k not in ema else 0.95 * ema[k] + 0.05 * v
@@ -521,7 +551,7 @@ def stage_distill(args: argparse.Namespace) -> None:
             log(args, f"distill step {step} lr {lr:.2e} ar {ema['ar']:.3f} diff {ema['diff']:.3f} "
                       f"distill {ema['distill']:.3f} masked>=0.9 {ema['sure']:.3f} "
                       f"one-shot acceptance {ema.get('accept', float('nan')):.2f} "
-                      f"loop-free blocks {ema['loop_free']:.2f} ul {ema['ul']:.3f} "
+                      f"loop-free blocks {ema['loop_free']:.2f} ul {ema['ul']:.3f} AR kl {ema['kl']:.4f} "
                       f"greedy repeated {args.ul_ngram}-gram share {ema['repeat']:.3f} elapsed {(time.time() - t0) / 60:.1f} min")
     ckpt.update(model=model.state_dict(), distill={"steps": step, "ema": ema, "wall_s": time.time() - t0})
     save_atomic(ckpt, work / "base.pt")
@@ -710,6 +740,9 @@ def main() -> None:
     ap.add_argument("--ul-lr", type=float, default=3e-4)
     ap.add_argument("--ul-weight", type=float, default=1.0, help="weight of the unlikelihood loss")
     ap.add_argument("--ul-ngram", type=int, default=4)
+    ap.add_argument("--ul-scope", default="all", choices=["all", "continuation"],
+                    help="unlikelihood on tokens repeating an n-gram of the context or the continuation (all), "
+                         "or of the continuation only")
     ap.add_argument("--ul-batch", type=int, default=16)
     ap.add_argument("--ul-tokens", type=int, default=48, help="greedy continuation length per context")
     ap.add_argument("--dist-minutes", type=float, default=30.0, help="wall-time budget of the distill stage")
@@ -717,6 +750,11 @@ def main() -> None:
     ap.add_argument("--dist-weight", type=float, default=1.0, help="weight of the self-distillation CE")
     ap.add_argument("--dist-ul-weight", type=float, default=1.0,
                     help="weight of unlikelihood on the same continuations (0 = off)")
+    ap.add_argument("--dist-kl-weight", type=float, default=0.0,
+                    help="weight of KL(start-of-stage model || model) of AR next-token distributions on the "
+                         "same continuations (0 = off)")
+    ap.add_argument("--dist-kl-teacher", default="",
+                    help="a base.pt whose AR distributions the KL holds instead of the start-of-stage model's")
     ap.add_argument("--dist-batch", type=int, default=32, help="greedy continuations per step")
     ap.add_argument("--dist-anchor-batch", type=int, default=8, help="corpus windows per step (joint objective)")
     ap.add_argument("--lora-r", type=int, default=32)

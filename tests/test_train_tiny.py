@@ -77,3 +77,32 @@ def test_unlikelihood_penalizes_exactly_the_repeated_tokens():
     p = probs[4, 11]  # logits at position 4 (token 10) predict position 5 (token 11)
     assert share == pytest.approx(1 / 4)
     assert loss.item() == pytest.approx((-torch.log(1 - p) / 4).item(), rel=1e-4)
+
+
+def test_unlikelihood_continuation_scope_spares_copies_of_the_context():
+    model = make_model(make_config(), scale=0.2)
+    ctx = torch.tensor([[10, 11, 12, 13]])
+    copied = torch.tensor([[10, 11, 30, 31]])  # repeats a context bigram, not itself
+    loss, share = tt.unlikelihood_loss(model, ctx, copied, 2, scope="continuation")
+    assert loss.item() == 0.0 and share == 0.0
+    looped = torch.tensor([[30, 31, 30, 31]])  # (30, 31) again, then (31, 30)... the second 31 repeats
+    loss_c, share_c = tt.unlikelihood_loss(model, ctx, looped, 2, scope="continuation")
+    loss_a, share_a = tt.unlikelihood_loss(model, ctx, looped, 2, scope="all")
+    assert share_c == share_a == pytest.approx(1 / 4) and loss_c.item() == pytest.approx(loss_a.item())
+    assert loss_c.item() > 0.0
+
+
+def test_anchor_kl_is_zero_for_the_teacher_itself_and_pulls_a_drifted_model_back():
+    model = make_model(make_config(), scale=0.2)
+    teacher = make_model(make_config(), scale=0.2)
+    teacher.load_state_dict(model.state_dict())
+    model.requires_grad_(True)
+    teacher.requires_grad_(True)  # anchor_kl itself must keep the teacher out of the graph
+    seq = torch.randint(4, model.config.vocab_size, (2, 9))
+    assert tt.anchor_kl(model, teacher, seq).item() == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        model.diffusion_head.weight.add_(0.3 * torch.randn_like(model.diffusion_head.weight))
+    kl = tt.anchor_kl(model, teacher, seq)
+    assert kl.item() > 1e-3
+    kl.backward()
+    assert model.diffusion_head.weight.grad.abs().sum() > 0 and teacher.diffusion_head.weight.grad is None
