@@ -1,14 +1,15 @@
 """Train the embedded tiny tri-mode model (``nemocompile/assets/tiny``) from scratch on CPU.
 
 Exact commands used for the shipped checkpoint (an otherwise idle 2-core CPU,
-about 3.7 hours; ``TRAINING.md`` records the run)::
+about 4.2 hours; ``TRAINING.md`` records the run)::
 
     PYTHONPATH=. python examples/train_tiny.py --stage corpus --workdir /tmp/tiny/w5 --seed 5
     PYTHONPATH=. python examples/train_tiny.py --stage main --workdir /tmp/tiny/w5 --seed 5 --minutes 88
     PYTHONPATH=. python examples/train_tiny.py --stage main --workdir /tmp/tiny/w5 --seed 8 --minutes 98 \
         --resume --lr 2e-3 --min-lr-frac 0.03
     PYTHONPATH=. python examples/train_tiny.py --stage unloop --workdir /tmp/tiny/w5 --seed 8 --ul-minutes 14
-    PYTHONPATH=. python examples/train_tiny.py --stage lora --workdir /tmp/tiny/w5 --seed 8 --lora-minutes 10
+    PYTHONPATH=. python examples/train_tiny.py --stage distill --workdir /tmp/tiny/w5 --seed 12 --dist-minutes 30
+    PYTHONPATH=. python examples/train_tiny.py --stage lora --workdir /tmp/tiny/w5 --seed 12 --lora-minutes 10
     PYTHONPATH=. python examples/train_tiny.py --stage export --workdir /tmp/tiny/w5
 
 Stages (``--stage all`` runs them in order; each reads the previous one's files
@@ -38,23 +39,28 @@ from ``--workdir`` so a stage can be re-run alone):
    model's own greedy continuations: every token that repeats a 4-gram is
    pushed down (greedy decoding of a small model falls into loops that maximum
    likelihood alone does not remove).
-4. ``lora``: the drafter LoRA on every ``o_proj`` by self-distillation: random
-   contexts (half normalized corpus, half raw source as prompts arrive), the base model's greedy AR continuation (``p`` + 31 tokens,
-   KV cache, LoRA off), then only the LoRA weights learn to predict tokens
-   1..31 from one bidirectional draft forward of ``[p, MASK*31]`` against the
-   context's cache (earlier positions weigh more: acceptance is a prefix
-   property).
-5. ``export``: the real checkpoint layout (bf16 ``model.safetensors``,
+4. ``distill``: on-policy self-distillation of every base weight. The
+   diffusion side learns to write, confidently, what the model's own AR greedy
+   decoding writes next (``[p, MASK*31]`` and partly masked copies against the
+   greedy continuation, cut where it starts repeating itself), beside the
+   diffusion loss on corpus windows, while a KL anchor (``--dist-kl-weight``)
+   holds the model's AR next-token distributions on those continuations at the
+   unloop stage's, so greedy decoding does not drift back into loops.
+5. ``lora``: the drafter LoRA on every ``o_proj`` by self-distillation: random
+   contexts (half normalized corpus, half raw source as prompts arrive), the
+   base model's greedy AR continuation (``p`` + 31 tokens, KV cache, LoRA off),
+   then only the LoRA weights learn to predict tokens 1..31 from one
+   bidirectional draft forward of ``[p, MASK*31]`` against the context's cache
+   (earlier positions weigh more: acceptance is a prefix property).
+6. ``export``: the real checkpoint layout (bf16 ``model.safetensors``,
    ``config.json``, tokenizer files, PEFT ``linear_spec_lora/``).
 
-Optional, not in ``--stage all`` and not in the shipped model: ``distill``,
-on-policy self-distillation of every base weight. The diffusion side learns to
-write, confidently, what the model's own AR greedy decoding writes next
-(``[p, MASK*31]`` and partly masked copies against the greedy continuation,
-cut where it starts repeating itself), beside the joint objective on corpus
-windows. It raises one-shot acceptance and diffusion tokens per forward but
-makes greedy decoding loop more, and ``unloop`` afterwards takes the gains back
-(``TRAINING.md``, "Experiments that were not shipped", has the figures).
+Variants measured and not shipped (``TRAINING.md``, "Experiments that were not
+shipped", has the figures): ``distill`` with the AR CE on the corpus instead of
+the anchor (``--dist-alpha 1 --dist-kl-weight 0``, the earlier form of the
+stage), with unlikelihood on the same continuations (``--dist-ul-weight``), or
+with a weaker anchor; ``--ul-scope continuation``, unlikelihood only on the
+continuation's repeats of itself; ``--ul-ngram 8``.
 """
 
 from __future__ import annotations
@@ -491,9 +497,13 @@ def stage_distill(args: argparse.Namespace) -> None:
     (``p`` kept, each later position masked at one rate ``t ~ U(0,1)`` per
     row, a share fully masked as in a one-shot draft), and the CE of the masked
     positions against the greedy tokens from one bidirectional forward over the
-    context's cache. The joint objective on corpus windows runs beside it as the
-    anchor, so AR keeps fitting real code. Unlike the drafter LoRA this trains
-    every base weight, which is what diffusion mode (no LoRA) decodes with."""
+    context's cache. The diffusion loss on corpus windows runs beside it, and
+    AR greedy is held where it is by a KL anchor (``--dist-kl-weight``): the
+    model's next-token distributions on these same continuations against those
+    of the model the stage started from. (The AR CE on the corpus, ``--dist-alpha``,
+    is off by default: it pulls AR back towards the maximum-likelihood fit that
+    loops.) Unlike the drafter LoRA this trains every base weight, which is what
+    diffusion mode (no LoRA) decodes with."""
     work = Path(args.workdir)
     model, ckpt, gen, mask, positions, opt = finetune_setup(args, work, args.seed + 3, args.dist_lr)
     stream, raw_stream = context_streams(args, work)  # seeds its own random.Random: no torch RNG drawn
@@ -531,7 +541,7 @@ def stage_distill(args: argparse.Namespace) -> None:
         # Or hold AR greedy where it is: its next-token distributions on these very
         # continuations stay those of the model the stage started from.
         kl_loss = anchor_kl(model, teacher, torch.cat([ctx, y], 1)) if teacher is not None else 0.0
-        loss = (args.alpha * ar_loss + diff_loss + args.dist_weight * dist_loss + args.dist_ul_weight * ul_loss
+        loss = (args.dist_alpha * ar_loss + diff_loss + args.dist_weight * dist_loss + args.dist_ul_weight * ul_loss
                 + args.dist_kl_weight * kl_loss)
         optimize(opt, model, loss)
         ul_loss, kl_loss = (float(x.detach()) if torch.is_tensor(x) else x for x in (ul_loss, kl_loss))  # for the log
@@ -748,9 +758,11 @@ def main() -> None:
     ap.add_argument("--dist-minutes", type=float, default=30.0, help="wall-time budget of the distill stage")
     ap.add_argument("--dist-lr", type=float, default=3e-4)
     ap.add_argument("--dist-weight", type=float, default=1.0, help="weight of the self-distillation CE")
-    ap.add_argument("--dist-ul-weight", type=float, default=1.0,
+    ap.add_argument("--dist-alpha", type=float, default=0.0,
+                    help="weight of the AR CE on corpus windows in the distill stage (its diffusion loss always counts)")
+    ap.add_argument("--dist-ul-weight", type=float, default=0.0,
                     help="weight of unlikelihood on the same continuations (0 = off)")
-    ap.add_argument("--dist-kl-weight", type=float, default=0.0,
+    ap.add_argument("--dist-kl-weight", type=float, default=5.0,
                     help="weight of KL(start-of-stage model || model) of AR next-token distributions on the "
                          "same continuations (0 = off)")
     ap.add_argument("--dist-kl-teacher", default="",
@@ -771,7 +783,7 @@ def main() -> None:
     random.seed(args.seed)
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     log(args, f"args {vars(args)}")
-    stages = ["corpus", "main", "unloop", "lora", "export"] if args.stage == "all" else [args.stage]
+    stages = ["corpus", "main", "unloop", "distill", "lora", "export"] if args.stage == "all" else [args.stage]
     for stage in stages:
         {"corpus": stage_corpus, "main": stage_main, "unloop": stage_unloop, "distill": stage_distill, "lora": stage_lora, "export": stage_export}[stage](args)
 
