@@ -768,7 +768,7 @@ def main() -> None:
     ap.add_argument("--dist-kl-teacher", default="",
                     help="a base.pt whose AR distributions the KL holds instead of the start-of-stage model's")
     ap.add_argument("--dist-batch", type=int, default=32, help="greedy continuations per step")
-    ap.add_argument("--dist-anchor-batch", type=int, default=8, help="corpus windows per step (joint objective)")
+    ap.add_argument("--dist-anchor-batch", type=int, default=8, help="corpus windows per step (diffusion loss; AR CE too if --dist-alpha > 0)")
     ap.add_argument("--lora-r", type=int, default=32)
     ap.add_argument("--lora-alpha", type=int, default=64)
     ap.add_argument("--lora-lr", type=float, default=2e-3)

@@ -85,7 +85,7 @@ def test_unlikelihood_continuation_scope_spares_copies_of_the_context():
     copied = torch.tensor([[10, 11, 30, 31]])  # repeats a context bigram, not itself
     loss, share = tt.unlikelihood_loss(model, ctx, copied, 2, scope="continuation")
     assert loss.item() == 0.0 and share == 0.0
-    looped = torch.tensor([[30, 31, 30, 31]])  # (30, 31) again, then (31, 30)... the second 31 repeats
+    looped = torch.tensor([[30, 31, 30, 31]])  # the last 31 completes the bigram (30, 31) a second time
     loss_c, share_c = tt.unlikelihood_loss(model, ctx, looped, 2, scope="continuation")
     loss_a, share_a = tt.unlikelihood_loss(model, ctx, looped, 2, scope="all")
     assert share_c == share_a == pytest.approx(1 / 4) and loss_c.item() == pytest.approx(loss_a.item())
