@@ -241,6 +241,14 @@ def hidden_states(model: TriModeModel, ids: torch.Tensor, positions: torch.Tenso
     return model.encoder.norm(h)
 
 
+def next_token_states(model: TriModeModel, seq: torch.Tensor) -> torch.Tensor:
+    """Hidden states [B, n-1, hidden] of one causal forward over ``seq[:, :-1]`` ([B, n], positions from 0):
+    state i predicts token i + 1."""
+    B, n = seq.shape[0], seq.shape[1] - 1
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    return hidden_states(model, seq[:, :-1], torch.arange(n)[None].expand(B, -1), causal[None].expand(B, -1, -1))
+
+
 def sample_windows(stream: torch.Tensor, batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
     starts = torch.randint(0, len(stream) - length - 1, (batch,), generator=gen)
     return torch.stack([stream[s : s + length] for s in starts.tolist()]).long()
@@ -425,10 +433,7 @@ def unlikelihood_loss(model: TriModeModel, ctx: torch.Tensor, cont: torch.Tensor
             flags[b, repeated_ngram_positions(row, ctx_len, n)] = True
         else:
             flags[b, [ctx_len + j for j in repeated_ngram_positions(row[ctx_len:], 0, n)]] = True
-    n_pos = seq.shape[1]
-    causal = torch.ones(n_pos, n_pos, dtype=torch.bool).tril()
-    h = hidden_states(model, seq[:, :-1], torch.arange(n_pos - 1)[None].expand(len(seq), -1),
-                      causal[None, :-1, :-1].expand(len(seq), -1, -1))
+    h = next_token_states(model, seq)
     target_flags = flags[:, 1:]  # logits at i predict token i + 1
     probs = F.softmax(model.diffusion_head(h[target_flags]), -1)
     p_tok = probs.gather(1, seq[:, 1:][target_flags][:, None]).squeeze(1)
@@ -479,12 +484,9 @@ def first_repeat(row: list[int], start: int, n: int) -> int:
 
 def anchor_kl(model: TriModeModel, teacher: TriModeModel, seq: torch.Tensor) -> torch.Tensor:
     """KL(teacher || model) of the next-token distributions, one causal forward over ``seq`` [B, n] each."""
-    n = seq.shape[1] - 1
-    causal = torch.ones(n, n, dtype=torch.bool).tril()[None].expand(len(seq), -1, -1)
-    positions = torch.arange(n)[None].expand(len(seq), -1)
     with torch.no_grad():
-        target = F.log_softmax(teacher.diffusion_head(hidden_states(teacher, seq[:, :-1], positions, causal)), -1)
-    logp = F.log_softmax(model.diffusion_head(hidden_states(model, seq[:, :-1], positions, causal)), -1)
+        target = F.log_softmax(teacher.diffusion_head(next_token_states(teacher, seq)), -1)
+    logp = F.log_softmax(model.diffusion_head(next_token_states(model, seq)), -1)
     return F.kl_div(logp.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
 
 
