@@ -11,7 +11,10 @@ threshold 0.9, and reports:
   duplicated non-blank lines);
 - acceptance length (accepted drafts + 1 bonus per verify; mean and median
   over all verifies) and whether self-speculation reproduced the AR output;
-- diffusion tokens per forward (prefill included, spec section 3).
+- diffusion tokens per forward (prefill included, spec section 3);
+- with ``--draft-thresholds``, self-speculation with iterative drafting
+  (threshold > 0, spec 3.3): acceptance and the decode forwards (drafts +
+  verify) each verify costs.
 
 ``--impl own`` uses the reference loops below (spec section 3, written on
 ``model.step`` through the KV cache); ``--impl project`` uses
@@ -194,17 +197,23 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=4, help="AR samples to print")
     ap.add_argument("--json", default="", help="write the per-prompt results here")
     ap.add_argument("--extra-thresholds", default="", help="also report diffusion TPF at these, e.g. 0.7,0.5")
+    ap.add_argument("--draft-thresholds", default="",
+                    help="also run self-speculation (LoRA on) with iterative drafting at these thresholds, "
+                         "e.g. 0.9 (--impl project only)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(REPO))
     prompts = [json.loads(l)["prompt"] for l in Path(args.prompts).read_text().splitlines() if l.strip()]
     if args.limit:
         prompts = prompts[: args.limit]
+    drafts = [float(t) for t in args.draft_thresholds.split(",") if t]
 
     import nemocompile
 
     use_project = args.impl == "project" or (
         args.impl == "auto" and hasattr(nemocompile, "generate") and hasattr(nemocompile, "load"))
+    if drafts and not use_project:
+        ap.error("--draft-thresholds needs --impl project (the own reference loops draft in one forward only)")
     n = args.max_new_tokens
     if use_project:
         model = nemocompile.load(args.checkpoint)  # with the drafter LoRA when the checkpoint has one
@@ -230,6 +239,8 @@ def main() -> None:
     extra = [float(t) for t in args.extra_thresholds.split(",") if t]
     extra_tok = {t: 0 for t in extra}
     extra_fw = {t: 0 for t in extra}
+    draft_acc = {t: [] for t in drafts}  # per verify: tokens accepted
+    draft_fw = {t: 0 for t in drafts}  # decode forwards (draft + verify), prefill excluded
     for i, text in enumerate(prompts):
         ids = encode(text)
         if use_project:
@@ -255,6 +266,11 @@ def main() -> None:
                 r = diffusion(model, ids, n, t)
                 extra_tok[t] += len(r["tokens"])
                 extra_fw[t] += r["forwards"]
+        for t in drafts:
+            r = run(model, "linear-spec", ids, block_length=32, threshold=t)
+            assert r["tokens"] == r_ar["tokens"], "self-speculation must stay lossless with any draft threshold"
+            draft_acc[t] += list(r["stats"].acceptance_lengths)
+            draft_fw[t] += r["stats"].decode_forwards
         acc_lora += a_l
         spec_bytes += len(decode(r_sl["tokens"]).encode())
         acc_base += a_b
@@ -285,6 +301,11 @@ def main() -> None:
         "spec_lossless_prompts": lossless,
         "diffusion_tpf_0.9": df_toks / df_fw,
         **{f"diffusion_tpf_{t}": extra_tok[t] / extra_fw[t] for t in extra},
+        **{k: v for t in drafts for k, v in {
+            f"acceptance_draft_{t}_mean": statistics.mean(draft_acc[t]),
+            f"acceptance_draft_{t}_median": statistics.median(draft_acc[t]),
+            f"decode_forwards_per_verify_draft_{t}": draft_fw[t] / len(draft_acc[t]),
+            f"decode_tokens_per_forward_draft_{t}": sum(draft_acc[t]) / draft_fw[t]}.items()},
         "ar_rep4_mean": statistics.mean(r["rep4"] for r in rows),
         "ar_dup_lines_mean": statistics.mean(r["dup_lines"] for r in rows),
         "ar_tokens": ar_toks,
