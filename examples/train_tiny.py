@@ -60,7 +60,8 @@ shipped", has the figures): ``distill`` with the AR CE on the corpus instead of
 the anchor (``--dist-alpha 1 --dist-kl-weight 0``, the earlier form of the
 stage), with unlikelihood on the same continuations (``--dist-ul-weight``), or
 with a weaker anchor; ``--ul-scope continuation``, unlikelihood only on the
-continuation's repeats of itself; ``--ul-ngram 8``.
+continuation's repeats of itself; ``--ul-ngram 8``; a third ``main`` run
+(64 minutes more, then the same later stages).
 """
 
 from __future__ import annotations
