@@ -186,6 +186,14 @@ def reference_loop_measures(encode, decode, n: int, count: int) -> dict:
     return {"reference_code_rep4_mean": statistics.mean(rep), "reference_code_dup_lines_mean": statistics.mean(dup)}
 
 
+def thresholds(text: str) -> list[float]:
+    """``"0.7,0.5"`` -> ``[0.7, 0.5]`` (an argparse type: a bad value is a usage error)."""
+    try:
+        return [float(t) for t in text.split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 0.7,0.5, got {text!r}") from None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("checkpoint", nargs="?", default=str(REPO / "nemocompile" / "assets" / "tiny"))
@@ -196,8 +204,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--samples", type=int, default=4, help="AR samples to print")
     ap.add_argument("--json", default="", help="write the per-prompt results here")
-    ap.add_argument("--extra-thresholds", default="", help="also report diffusion TPF at these, e.g. 0.7,0.5")
-    ap.add_argument("--draft-thresholds", default="",
+    ap.add_argument("--extra-thresholds", type=thresholds, default=[], help="also report diffusion TPF at these, e.g. 0.7,0.5")
+    ap.add_argument("--draft-thresholds", type=thresholds, default=[],
                     help="also run self-speculation (LoRA on) with iterative drafting at these thresholds, "
                          "e.g. 0.9 (--impl project only)")
     args = ap.parse_args()
@@ -206,7 +214,7 @@ def main() -> None:
     prompts = [json.loads(l)["prompt"] for l in Path(args.prompts).read_text().splitlines() if l.strip()]
     if args.limit:
         prompts = prompts[: args.limit]
-    drafts = [float(t) for t in args.draft_thresholds.split(",") if t]
+    extra, drafts = args.extra_thresholds, args.draft_thresholds
 
     import nemocompile
 
@@ -236,7 +244,6 @@ def main() -> None:
     spec_bytes = 0  # text bytes self-speculation emitted (LoRA on), for bytes per verify
     ar_toks = ar_fw = df_toks = df_fw = 0
     lossless = 0
-    extra = [float(t) for t in args.extra_thresholds.split(",") if t]
     extra_tok = {t: 0 for t in extra}
     extra_fw = {t: 0 for t in extra}
     draft_acc = {t: [] for t in drafts}  # per verify: tokens accepted
@@ -301,16 +308,16 @@ def main() -> None:
         "spec_lossless_prompts": lossless,
         "diffusion_tpf_0.9": df_toks / df_fw,
         **{f"diffusion_tpf_{t}": extra_tok[t] / extra_fw[t] for t in extra},
-        **{k: v for t in drafts for k, v in {
-            f"acceptance_draft_{t}_mean": statistics.mean(draft_acc[t]),
-            f"acceptance_draft_{t}_median": statistics.median(draft_acc[t]),
-            f"decode_forwards_per_verify_draft_{t}": draft_fw[t] / len(draft_acc[t]),
-            f"decode_tokens_per_forward_draft_{t}": sum(draft_acc[t]) / draft_fw[t]}.items()},
         "ar_rep4_mean": statistics.mean(r["rep4"] for r in rows),
         "ar_dup_lines_mean": statistics.mean(r["dup_lines"] for r in rows),
         "ar_tokens": ar_toks,
         **reference_loop_measures(encode, decode, n, len(prompts)),
     }
+    for t in drafts:
+        summary[f"acceptance_draft_{t}_mean"] = statistics.mean(draft_acc[t])
+        summary[f"acceptance_draft_{t}_median"] = statistics.median(draft_acc[t])
+        summary[f"decode_forwards_per_verify_draft_{t}"] = draft_fw[t] / len(draft_acc[t])
+        summary[f"decode_tokens_per_forward_draft_{t}"] = sum(draft_acc[t]) / draft_fw[t]
     print(json.dumps(summary, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "rows": rows}, indent=2))

@@ -564,7 +564,8 @@ def stage_distill(args: argparse.Namespace) -> None:
             log(args, f"distill step {step} lr {lr:.2e} ar {ema['ar']:.3f} diff {ema['diff']:.3f} "
                       f"distill {ema['distill']:.3f} masked>=0.9 {ema['sure']:.3f} "
                       f"one-shot acceptance {ema.get('accept', float('nan')):.2f} "
-                      f"loop-free blocks {ema['loop_free']:.2f} ul {ema['ul']:.3f} AR kl {ema['kl']:.4f} "
+                      f"loop-free blocks {ema['loop_free']:.2f} ul {ema['ul']:.3f} "
+                      f"AR kl {ema['kl']:.4f} "
                       f"greedy repeated {args.ul_ngram}-gram share {ema['repeat']:.3f} elapsed {(time.time() - t0) / 60:.1f} min")
     ckpt.update(model=model.state_dict(), distill={"steps": step, "ema": ema, "wall_s": time.time() - t0})
     save_atomic(ckpt, work / "base.pt")
@@ -771,7 +772,8 @@ def main() -> None:
     ap.add_argument("--dist-kl-teacher", default="",
                     help="a base.pt whose AR distributions the KL holds instead of the start-of-stage model's")
     ap.add_argument("--dist-batch", type=int, default=32, help="greedy continuations per step")
-    ap.add_argument("--dist-anchor-batch", type=int, default=8, help="corpus windows per step (diffusion loss; AR CE too if --dist-alpha > 0)")
+    ap.add_argument("--dist-anchor-batch", type=int, default=8,
+                    help="corpus windows per step (diffusion loss; AR CE too if --dist-alpha > 0)")
     ap.add_argument("--lora-r", type=int, default=32)
     ap.add_argument("--lora-alpha", type=int, default=64)
     ap.add_argument("--lora-lr", type=float, default=2e-3)
