@@ -202,6 +202,24 @@ def create_app(runtime, model_name: str | None = None):
 
         return StreamingResponse(body(), media_type="text/event-stream")
 
+    def envelope(rid: str, obj: str, payload: dict, tokens: list[int], finish: str | None) -> dict:
+        """One response or stream chunk: a single choice carrying ``payload``."""
+        return {"id": rid, "object": obj, "created": int(time.time()), "model": name,
+                "choices": [{"index": 0, **payload, "tokens": tokens, "logprobs": None, "finish_reason": finish}]}
+
+    async def answer(body: dict, ids: list[int], kwargs: dict, chunk, on_delta, reply):
+        """Decode ``ids``: a server-sent event stream of ``on_delta`` chunks closed by
+        ``chunk``'s final ones, or one response that ``reply(result)`` builds."""
+        include_usage = _include_usage(body)
+
+        def final(result, ids) -> list[dict]:
+            return final_chunks(chunk, usage(len(ids), result), result.finish_reason, include_usage)
+
+        if body.get("stream"):
+            return stream_events(ids, kwargs, on_delta, final)
+        result = await run_blocking(lambda: runtime.generate(ids, **kwargs))
+        return {**reply(result), "usage": usage(len(ids), result)}
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_json(request)
@@ -215,23 +233,16 @@ def create_app(runtime, model_name: str | None = None):
             raise APIError("'prompt' must be a non-empty string or a list of token ids (one prompt per request)",
                            param="prompt")
         ids, kwargs = prepare(prompt, kwargs)
-        rid, include_usage = f"cmpl-{uuid.uuid4().hex[:24]}", _include_usage(body)
+        rid = f"cmpl-{uuid.uuid4().hex[:24]}"
 
         def chunk(delta: str, tokens: list[int], finish=None) -> dict:
-            return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": name,
-                    "choices": [{"index": 0, "text": delta, "tokens": tokens, "logprobs": None,
-                                 "finish_reason": finish}]}
+            return envelope(rid, "text_completion", {"text": delta}, tokens, finish)
 
-        def final(result, ids) -> list[dict]:
-            return final_chunks(chunk, usage(len(ids), result), result.finish_reason, include_usage)
+        def reply(result) -> dict:
+            return envelope(rid, "text_completion", {"text": result.text or ""}, result.tokens,
+                            result.finish_reason)
 
-        if body.get("stream"):
-            return stream_events(ids, kwargs, chunk, final)
-        result = await run_blocking(lambda: runtime.generate(ids, **kwargs))
-        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": name,
-                "choices": [{"index": 0, "text": result.text or "", "tokens": result.tokens, "logprobs": None,
-                             "finish_reason": result.finish_reason}],
-                "usage": usage(len(ids), result)}
+        return await answer(body, ids, kwargs, chunk, chunk, reply)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -239,31 +250,24 @@ def create_app(runtime, model_name: str | None = None):
         kwargs = parse_body(body, CHAT_FIELDS, name)
         messages = _messages(body.get("messages"))
         ids, kwargs = prepare(messages, {**kwargs, "chat": True})
-        rid, include_usage = f"chatcmpl-{uuid.uuid4().hex[:24]}", _include_usage(body)
+        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
 
         def chunk(delta: str, tokens: list[int], finish=None, first=False) -> dict:
             d = {"role": "assistant", "content": delta} if first else ({"content": delta} if delta or tokens else {})
-            return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": name,
-                    "choices": [{"index": 0, "delta": d, "tokens": tokens, "logprobs": None,
-                                 "finish_reason": finish}]}
+            return envelope(rid, "chat.completion.chunk", {"delta": d}, tokens, finish)
 
         started = False
 
-        def delta(text: str, tokens: list[int]) -> dict:
+        def on_delta(text: str, tokens: list[int]) -> dict:
             nonlocal started
             first, started = not started, True
             return chunk(text, tokens, first=first)
 
-        def final(result, ids) -> list[dict]:
-            return final_chunks(chunk, usage(len(ids), result), result.finish_reason, include_usage)
+        def reply(result) -> dict:
+            message = {"role": "assistant", "content": result.text or ""}
+            return envelope(rid, "chat.completion", {"message": message}, result.tokens, result.finish_reason)
 
-        if body.get("stream"):
-            return stream_events(ids, kwargs, delta, final)
-        result = await run_blocking(lambda: runtime.generate(ids, **kwargs))
-        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text or ""},
-                             "tokens": result.tokens, "logprobs": None, "finish_reason": result.finish_reason}],
-                "usage": usage(len(ids), result)}
+        return await answer(body, ids, kwargs, chunk, on_delta, reply)
 
     return app
 
