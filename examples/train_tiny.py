@@ -522,7 +522,7 @@ def stage_distill(args: argparse.Namespace) -> None:
                                              positions, args.p_full, gen)
         ctx = sample_contexts(args, stream, raw_stream, args.dist_batch, L - Bk, gen)
         ctx_len, B = ctx.shape[1], ctx.shape[0]
-        ck, cv, y = greedy_block(model, ctx, Bk)
+        ck, cv, y = greedy_block(model, ctx, Bk, args.dist_ban_ngram)
         # Cut where the continuation repeats one of its own n-grams (a loop);
         # reusing the context's names and phrases is how code reads, not a loop.
         cut = torch.tensor([first_repeat(r, 0, args.ul_ngram) for r in y.tolist()])
@@ -544,10 +544,16 @@ def stage_distill(args: argparse.Namespace) -> None:
         # Or hold AR greedy where it is: its next-token distributions on these very
         # continuations stay those of the model the stage started from.
         kl_loss = anchor_kl(model, teacher, torch.cat([ctx, y], 1)) if teacher is not None else 0.0
+        # Or teach AR greedy the same continuations (self-training; with --dist-ban-ngram,
+        # on greedy text that never repeats an n-gram).
+        self_ar = (F.cross_entropy(model.diffusion_head(next_token_states(model, torch.cat([ctx, y], 1))
+                                                        [:, ctx_len - 1 :]).flatten(0, 1), y.flatten())
+                   if args.dist_self_ar else 0.0)
         loss = (args.dist_alpha * ar_loss + diff_loss + args.dist_weight * dist_loss + args.dist_ul_weight * ul_loss
-                + args.dist_kl_weight * kl_loss)
+                + args.dist_kl_weight * kl_loss + args.dist_self_ar * self_ar)
         optimize(opt, model, loss)
-        ul_loss, kl_loss = (float(x.detach()) if torch.is_tensor(x) else x for x in (ul_loss, kl_loss))  # for the log
+        ul_loss, kl_loss, self_ar = (float(x.detach()) if torch.is_tensor(x) else x
+                                     for x in (ul_loss, kl_loss, self_ar))  # for the log
         with torch.no_grad():
             conf, pred = F.softmax(logits.float(), -1).max(-1)
             sure = (conf[sel] >= 0.9).float().mean().item() if sel.any() else 0.0
@@ -556,7 +562,7 @@ def stage_distill(args: argparse.Namespace) -> None:
             accept = ok[full].mean().item() if full.any() else float("nan")
         stats = (("ar", ar_loss.item()), ("diff", diff_loss.item()), ("distill", dist_loss.item()),
                  ("sure", sure), ("accept", accept), ("loop_free", (cut >= Bk).float().mean().item()),
-                 ("ul", ul_loss), ("repeat", rep), ("kl", kl_loss))
+                 ("ul", ul_loss), ("repeat", rep), ("kl", kl_loss), ("self_ar", self_ar))
         for k, v in stats:
             if not math.isnan(v):
                 ema[k] = v if k not in ema else 0.95 * ema[k] + 0.05 * v
@@ -565,7 +571,7 @@ def stage_distill(args: argparse.Namespace) -> None:
                       f"distill {ema['distill']:.3f} masked>=0.9 {ema['sure']:.3f} "
                       f"one-shot acceptance {ema.get('accept', float('nan')):.2f} "
                       f"loop-free blocks {ema['loop_free']:.2f} ul {ema['ul']:.3f} "
-                      f"AR kl {ema['kl']:.4f} "
+                      f"AR kl {ema['kl']:.4f} self-training AR CE {ema['self_ar']:.3f} "
                       f"greedy repeated {args.ul_ngram}-gram share {ema['repeat']:.3f} elapsed {(time.time() - t0) / 60:.1f} min")
     ckpt.update(model=model.state_dict(), distill={"steps": step, "ema": ema, "wall_s": time.time() - t0})
     save_atomic(ckpt, work / "base.pt")
@@ -593,16 +599,43 @@ def attach_lora(model: TriModeModel, rank: int, alpha: int) -> list[LoRA]:
     return loras
 
 
+class NgramBan:
+    """Greedy picks that never complete an n-gram already in the row (context and
+    continuation so far): the argmax over the tokens that have not yet followed the
+    row's last n-1 tokens (``no_repeat_ngram_size`` decoding)."""
+
+    def __init__(self, ctx: torch.Tensor, n: int):
+        self.n, self.rows = n, ctx.tolist()
+        self.seen = [{} for _ in self.rows]
+        for row, seen in zip(self.rows, self.seen):
+            for j in range(n - 1, len(row)):
+                seen.setdefault(tuple(row[j - n + 1 : j]), set()).add(row[j])
+
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.clone()
+        keys = [tuple(row[len(row) - self.n + 1 :]) for row in self.rows]
+        for b, (key, seen) in enumerate(zip(keys, self.seen)):
+            if key in seen:
+                logits[b, list(seen[key])] = float("-inf")
+        toks = logits.argmax(-1)
+        for row, seen, key, t in zip(self.rows, self.seen, keys, toks.tolist()):
+            seen.setdefault(key, set()).add(t)
+            row.append(t)
+        return toks
+
+
 @torch.no_grad()
-def greedy_block(model: TriModeModel, ctx: torch.Tensor, n: int):
-    """Context cache (LoRA off) and the greedy continuation [B, n] (p then n-1 more)."""
+def greedy_block(model: TriModeModel, ctx: torch.Tensor, n: int, ban_ngram: int = 0):
+    """Context cache (LoRA off) and the greedy continuation [B, n] (p then n-1 more);
+    with ``ban_ngram`` > 0, greedy that never repeats an n-gram (``NgramBan``)."""
+    pick = NgramBan(ctx, ban_ngram).pick if ban_ngram else (lambda lg: lg.argmax(-1))
     logits, ck, cv = model.step(ctx, None, None, 0, pattern="causal")
-    toks = [logits[:, -1].argmax(-1)]
+    toks = [pick(logits[:, -1])]
     k, v = ck, cv
     for _ in range(n - 1):
         lg, nk, nv = model.step(toks[-1][:, None], k, v, k.shape[3], pattern="causal")
         k, v = torch.cat([k, nk], 3), torch.cat([v, nv], 3)
-        toks.append(lg[:, -1].argmax(-1))
+        toks.append(pick(lg[:, -1]))
     return ck, cv, torch.stack(toks, 1)
 
 
@@ -771,6 +804,10 @@ def main() -> None:
                          "same continuations (0 = off)")
     ap.add_argument("--dist-kl-teacher", default="",
                     help="a base.pt whose AR distributions the KL holds instead of the start-of-stage model's")
+    ap.add_argument("--dist-self-ar", type=float, default=0.0,
+                    help="weight of the AR CE on the same continuations (self-training; 0 = off)")
+    ap.add_argument("--dist-ban-ngram", type=int, default=0,
+                    help="continuations never repeat an n-gram of their context or themselves (0 = plain greedy)")
     ap.add_argument("--dist-batch", type=int, default=32, help="greedy continuations per step")
     ap.add_argument("--dist-anchor-batch", type=int, default=8,
                     help="corpus windows per step (diffusion loss; AR CE too if --dist-alpha > 0)")

@@ -106,3 +106,16 @@ def test_anchor_kl_is_zero_for_the_teacher_itself_and_pulls_a_drifted_model_back
     assert kl.item() > 1e-3
     kl.backward()
     assert model.diffusion_head.weight.grad.abs().sum() > 0 and teacher.diffusion_head.weight.grad is None
+
+
+def test_banned_greedy_follows_plain_greedy_until_it_would_repeat_then_never_repeats():
+    model = make_model(make_config(), scale=0.2)
+    ctx = torch.randint(4, model.config.vocab_size, (3, 6), generator=torch.Generator().manual_seed(1))
+    _, _, plain = tt.greedy_block(model, ctx, 24)
+    _, _, banned = tt.greedy_block(model, ctx, 24, ban_ngram=2)
+    for c, p, b in zip(ctx.tolist(), plain.tolist(), banned.tolist()):
+        assert tt.repeated_ngram_positions(c + b, len(c), 2) == []
+        first = tt.first_repeat(c + p, len(c), 2) - len(c)
+        assert b[:first] == p[:first]
+    assert any(tt.repeated_ngram_positions(c + p, len(c), 2) for c, p in zip(ctx.tolist(), plain.tolist())), \
+        "the random model's plain greedy repeats somewhere, so the ban is exercised"
