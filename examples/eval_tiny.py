@@ -7,8 +7,10 @@ code the model never saw) it runs AR, linear self-speculation (block 32,
 one-shot draft, with and without the LoRA drafter) and block diffusion at
 threshold 0.9, and reports:
 
-- AR samples and a loop measure (share of repeated token 4-grams, share of
-  duplicated non-blank lines);
+- AR samples and loop measures (share of repeated token 4-grams, share of
+  duplicated non-blank lines, and across prompts the share of a
+  continuation's lines of 20+ characters that another prompt's continuation
+  also holds: a collapse onto stock lines);
 - acceptance length (accepted drafts + 1 bonus per verify; mean and median
   over all verifies) and whether self-speculation reproduced the AR output;
 - diffusion tokens per forward (prefill included, spec section 3);
@@ -157,6 +159,20 @@ def loop_measures(tokens: list[int], text: str) -> tuple[float, float]:
     return rep4, dup
 
 
+def shared_lines(texts: list[str], min_chars: int = 20) -> float:
+    """Mean over the texts (those with any line of at least ``min_chars``) of the
+    share of their distinct such lines that another text also holds: a collapse
+    onto a few stock lines across prompts, which the per-text loop measures
+    cannot see."""
+    sets = [{l.strip() for l in t.splitlines() if len(l.strip()) >= min_chars} for t in texts]
+    shares = []
+    for i, lines in enumerate(sets):
+        if lines:
+            others = set().union(*(o for j, o in enumerate(sets) if j != i))
+            shares.append(len(lines & others) / len(lines))
+    return statistics.mean(shares) if shares else 0.0
+
+
 def reference_loop_measures(encode, decode, n: int, count: int) -> dict:
     """The same loop measures on real code: ``count`` windows of ``n`` tokens from
     the held-out packages' own source (third-party code, never trained on), so
@@ -173,17 +189,19 @@ def reference_loop_measures(encode, decode, n: int, count: int) -> dict:
     if not files:
         return {}
     rng = random.Random(0)
-    rep, dup = [], []
+    rep, dup, texts = [], [], []
     while len(rep) < count:
         ids = encode(rng.choice(files).read_text(encoding="utf-8", errors="replace"))
         if len(ids) < 2 * n:
             continue
         start = rng.randrange(len(ids) - n)
         window = ids[start : start + n]
-        r4, d = loop_measures(window, decode(window))
+        texts.append(decode(window))
+        r4, d = loop_measures(window, texts[-1])
         rep.append(r4)
         dup.append(d)
-    return {"reference_code_rep4_mean": statistics.mean(rep), "reference_code_dup_lines_mean": statistics.mean(dup)}
+    return {"reference_code_rep4_mean": statistics.mean(rep), "reference_code_dup_lines_mean": statistics.mean(dup),
+            "reference_code_shared_lines_mean": shared_lines(texts)}
 
 
 def thresholds(text: str) -> list[float]:
@@ -310,6 +328,7 @@ def main() -> None:
         **{f"diffusion_tpf_{t}": extra_tok[t] / extra_fw[t] for t in extra},
         "ar_rep4_mean": statistics.mean(r["rep4"] for r in rows),
         "ar_dup_lines_mean": statistics.mean(r["dup_lines"] for r in rows),
+        "ar_shared_lines_mean": shared_lines([r["ar_text"] for r in rows]),
         "ar_tokens": ar_toks,
         **reference_loop_measures(encode, decode, n, len(prompts)),
     }
