@@ -9,8 +9,8 @@ threshold 0.9, and reports:
 
 - AR samples and loop measures (share of repeated token 4-grams, share of
   duplicated non-blank lines, and across prompts the share of a
-  continuation's lines of 20+ characters that another prompt's continuation
-  also holds: a collapse onto stock lines);
+  continuation's token 8-grams that another prompt's continuation also
+  holds: a collapse onto stock phrases);
 - acceptance length (accepted drafts + 1 bonus per verify; mean and median
   over all verifies) and whether self-speculation reproduced the AR output;
 - diffusion tokens per forward (prefill included, spec section 3);
@@ -159,17 +159,16 @@ def loop_measures(tokens: list[int], text: str) -> tuple[float, float]:
     return rep4, dup
 
 
-def shared_lines(texts: list[str], min_chars: int = 20) -> float:
-    """Mean over the texts (those with any line of at least ``min_chars``) of the
-    share of their distinct such lines that another text also holds: a collapse
-    onto a few stock lines across prompts, which the per-text loop measures
-    cannot see."""
-    sets = [{l.strip() for l in t.splitlines() if len(l.strip()) >= min_chars} for t in texts]
+def shared_ngrams(seqs: list[list[int]], n: int = 8) -> float:
+    """Mean over the token sequences of the share of their distinct n-grams that
+    another sequence also holds: a collapse onto a few stock phrases across
+    prompts (renamed or not), which the per-sequence loop measures cannot see."""
+    sets = [{tuple(s[i : i + n]) for i in range(len(s) - n + 1)} for s in seqs]
     shares = []
-    for i, lines in enumerate(sets):
-        if lines:
+    for i, grams in enumerate(sets):
+        if grams:
             others = set().union(*(o for j, o in enumerate(sets) if j != i))
-            shares.append(len(lines & others) / len(lines))
+            shares.append(len(grams & others) / len(grams))
     return statistics.mean(shares) if shares else 0.0
 
 
@@ -189,19 +188,19 @@ def reference_loop_measures(encode, decode, n: int, count: int) -> dict:
     if not files:
         return {}
     rng = random.Random(0)
-    rep, dup, texts = [], [], []
+    rep, dup, windows = [], [], []
     while len(rep) < count:
         ids = encode(rng.choice(files).read_text(encoding="utf-8", errors="replace"))
         if len(ids) < 2 * n:
             continue
         start = rng.randrange(len(ids) - n)
         window = ids[start : start + n]
-        texts.append(decode(window))
-        r4, d = loop_measures(window, texts[-1])
+        windows.append(window)
+        r4, d = loop_measures(window, decode(window))
         rep.append(r4)
         dup.append(d)
     return {"reference_code_rep4_mean": statistics.mean(rep), "reference_code_dup_lines_mean": statistics.mean(dup),
-            "reference_code_shared_lines_mean": shared_lines(texts)}
+            "reference_code_shared_8grams_mean": shared_ngrams(windows)}
 
 
 def thresholds(text: str) -> list[float]:
@@ -258,7 +257,7 @@ def main() -> None:
     print(f"implementation: {'project nemocompile.generate' if use_project else 'own reference loops'}; "
           f"{len(prompts)} prompts, max_new_tokens {n}")
 
-    rows, acc_lora, acc_base = [], [], []
+    rows, acc_lora, acc_base, ar_seqs = [], [], [], []
     spec_bytes = 0  # text bytes self-speculation emitted (LoRA on), for bytes per verify
     ar_toks = ar_fw = df_toks = df_fw = 0
     lossless = 0
@@ -304,6 +303,7 @@ def main() -> None:
         ar_toks += len(r_ar["tokens"])
         df_toks += len(r_df["tokens"])
         df_fw += df_forwards
+        ar_seqs.append(r_ar["tokens"])
         out_text = decode(r_ar["tokens"])
         rep4, dup = loop_measures(r_ar["tokens"], out_text)
         rows.append({"prompt": text, "ar_text": out_text, "diffusion_text": decode(r_df["tokens"]),
@@ -328,7 +328,7 @@ def main() -> None:
         **{f"diffusion_tpf_{t}": extra_tok[t] / extra_fw[t] for t in extra},
         "ar_rep4_mean": statistics.mean(r["rep4"] for r in rows),
         "ar_dup_lines_mean": statistics.mean(r["dup_lines"] for r in rows),
-        "ar_shared_lines_mean": shared_lines([r["ar_text"] for r in rows]),
+        "ar_shared_8grams_mean": shared_ngrams(ar_seqs),
         "ar_tokens": ar_toks,
         **reference_loop_measures(encode, decode, n, len(prompts)),
     }

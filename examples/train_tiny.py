@@ -60,8 +60,12 @@ shipped", has the figures): ``distill`` with the AR CE on the corpus instead of
 the anchor (``--dist-alpha 1 --dist-kl-weight 0``, the earlier form of the
 stage), with unlikelihood on the same continuations (``--dist-ul-weight``), or
 with a weaker anchor; ``--ul-scope continuation``, unlikelihood only on the
-continuation's repeats of itself; ``--ul-ngram 8``; a third ``main`` run
-(64 minutes more, then the same later stages).
+continuation's repeats of itself; ``--ul-ngram 8``; ``--ul-weight 0.3`` for
+twice as long; a third ``main`` run (64 minutes more, then the same later
+stages); ``distill`` as self-training on greedy text that never repeats a
+4-gram (``--dist-ban-ngram 4 --dist-self-ar 1 --dist-alpha 1
+--dist-kl-weight 0``: it meets the acceptance and diffusion targets only by
+collapsing onto a few stock lines across prompts).
 """
 
 from __future__ import annotations

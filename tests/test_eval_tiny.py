@@ -14,10 +14,10 @@ def test_loop_measures_count_repeated_4grams_and_duplicated_lines():
     assert et.loop_measures([1, 2, 3, 4, 5], "a\nb") == (0.0, 0.0)
 
 
-def test_shared_lines_sees_a_stock_line_across_texts_that_per_text_measures_miss():
-    stock = "raise AssertionError(f'Expected a tensor')"
-    texts = [f"def f(a):\n    {stock}", f"def g(b):\n    {stock}\n    return b + 1 if b else None", "x = compute_something(1)"]
-    # text 0: its only long line is shared (1); text 1: one of two (1/2); text 2: none (0)
-    assert et.shared_lines(texts) == pytest.approx((1 + 0.5 + 0) / 3)
-    assert all(et.loop_measures([1, 2, 3, 4], t)[1] == 0.0 for t in texts), "no text repeats a line of its own"
-    assert et.shared_lines(["short\nlines", "short\nlines"]) == 0.0, "lines under 20 characters do not count"
+def test_shared_ngrams_sees_a_stock_phrase_across_prompts_that_per_text_measures_miss():
+    stock = [7, 8, 9, 10]
+    seqs = [[1, *stock], [2, *stock, 3], [4, 5, 6, 11, 12]]
+    # n=4: seq 0 has 2 grams, (7..10) shared -> 1/2; seq 1 has 3, one shared -> 1/3; seq 2 none -> 0
+    assert et.shared_ngrams(seqs, 4) == pytest.approx((1 / 2 + 1 / 3 + 0) / 3)
+    assert all(et.loop_measures(s, "")[0] == 0.0 for s in seqs), "no sequence repeats a 4-gram of its own"
+    assert et.shared_ngrams([[1, 2, 3], [1, 2, 3]], 4) == 0.0, "sequences shorter than n hold no n-gram"
