@@ -495,6 +495,12 @@ def anchor_kl(model: TriModeModel, teacher: TriModeModel, seq: torch.Tensor) -> 
     return F.kl_div(logp.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
 
 
+def continuation_ce(model: TriModeModel, ctx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """AR CE of the continuation ``y`` [B, n] after ``ctx`` [B, c]: one causal forward over ``[ctx ; y]``."""
+    h = next_token_states(model, torch.cat([ctx, y], 1))[:, ctx.shape[1] - 1 :]  # state i predicts y[i]
+    return F.cross_entropy(model.diffusion_head(h).flatten(0, 1), y.flatten())
+
+
 def stage_distill(args: argparse.Namespace) -> None:
     """Teach the base model's diffusion side to write what its own AR greedy
     decoding writes, confidently (the on-policy "certainty-forcing" distillation
@@ -509,8 +515,11 @@ def stage_distill(args: argparse.Namespace) -> None:
     model's next-token distributions on these same continuations against those
     of the model the stage started from. (The AR CE on the corpus, ``--dist-alpha``,
     is off by default: it pulls AR back towards the maximum-likelihood fit that
-    loops.) Unlike the drafter LoRA this trains every base weight, which is what
-    diffusion mode (no LoRA) decodes with."""
+    loops.) An experiment, off by default: self-training, where the AR side
+    learns the same continuations too (``--dist-self-ar``), drawn from greedy
+    that never repeats an n-gram (``--dist-ban-ngram``). Unlike the drafter
+    LoRA this trains every base weight, which is what diffusion mode (no LoRA)
+    decodes with."""
     work = Path(args.workdir)
     model, ckpt, gen, mask, positions, opt = finetune_setup(args, work, args.seed + 3, args.dist_lr)
     stream, raw_stream = context_streams(args, work)  # seeds its own random.Random: no torch RNG drawn
@@ -550,9 +559,7 @@ def stage_distill(args: argparse.Namespace) -> None:
         kl_loss = anchor_kl(model, teacher, torch.cat([ctx, y], 1)) if teacher is not None else 0.0
         # Or teach AR greedy the same continuations (self-training; with --dist-ban-ngram,
         # on greedy text that never repeats an n-gram).
-        self_ar = (F.cross_entropy(model.diffusion_head(next_token_states(model, torch.cat([ctx, y], 1))
-                                                        [:, ctx_len - 1 :]).flatten(0, 1), y.flatten())
-                   if args.dist_self_ar else 0.0)
+        self_ar = continuation_ce(model, ctx, y) if args.dist_self_ar else 0.0
         loss = (args.dist_alpha * ar_loss + diff_loss + args.dist_weight * dist_loss + args.dist_ul_weight * ul_loss
                 + args.dist_kl_weight * kl_loss + args.dist_self_ar * self_ar)
         optimize(opt, model, loss)
@@ -825,6 +832,8 @@ def main() -> None:
                     help="share of distill/LoRA batches with raw-source contexts")
     ap.add_argument("--lora-reuse", type=int, default=3, help="optimizer steps per generated batch")
     args = ap.parse_args()
+    if args.dist_ban_ngram < 0 or args.dist_ban_ngram == 1:
+        ap.error("--dist-ban-ngram must be 0 (off) or an n-gram length of at least 2")
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
     Path(args.workdir).mkdir(parents=True, exist_ok=True)

@@ -119,3 +119,13 @@ def test_banned_greedy_follows_plain_greedy_until_it_would_repeat_then_never_rep
         assert b[:first] == p[:first]
     assert any(tt.repeated_ngram_positions(c + p, len(c), 2) for c, p in zip(ctx.tolist(), plain.tolist())), \
         "the random model's plain greedy repeats somewhere, so the ban is exercised"
+
+
+def test_continuation_ce_is_the_causal_ce_of_the_continuation_tokens_only():
+    model = make_model(make_config(), scale=0.2)
+    ctx = torch.tensor([[10, 11, 12, 13], [20, 21, 22, 23]])
+    y = torch.tensor([[30, 31, 32], [40, 41, 42]])
+    seq = torch.cat([ctx, y], 1)
+    logits = model(seq[:, :-1], pattern="causal")  # position i predicts token i + 1
+    ref = torch.nn.functional.cross_entropy(logits[:, 3:].flatten(0, 1), y.flatten())
+    assert tt.continuation_ce(model, ctx, y).item() == pytest.approx(ref.item(), rel=1e-4)
