@@ -420,7 +420,7 @@ def repeated_ngram_positions(seq: list[int], start: int, n: int) -> list[int]:
 
 
 def unlikelihood_loss(model: TriModeModel, ctx: torch.Tensor, cont: torch.Tensor, n: int,
-                      scope: str = "all") -> tuple[torch.Tensor, float]:
+                      scope: str = "all", states: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """Sequence-level unlikelihood of ``cont`` (greedy continuations of ``ctx``) and its repeated n-gram share.
 
     ``-log(1 - p(token))`` from one causal forward over ``[ctx ; cont]`` at
@@ -428,7 +428,8 @@ def unlikelihood_loss(model: TriModeModel, ctx: torch.Tensor, cont: torch.Tensor
     or the continuation (``scope="all"``), or already in the continuation only
     (``scope="continuation"``: the model repeating itself, while reusing the
     context's names and phrases goes unpunished), summed and divided by the
-    continuation token count.
+    continuation token count. ``states``: that forward's ``next_token_states``,
+    when the caller already has them.
     """
     ctx_len = ctx.shape[1]
     seq = torch.cat([ctx, cont], 1)
@@ -438,7 +439,7 @@ def unlikelihood_loss(model: TriModeModel, ctx: torch.Tensor, cont: torch.Tensor
             flags[b, repeated_ngram_positions(row, ctx_len, n)] = True
         else:
             flags[b, [ctx_len + j for j in repeated_ngram_positions(row[ctx_len:], 0, n)]] = True
-    h = next_token_states(model, seq)
+    h = next_token_states(model, seq) if states is None else states
     target_flags = flags[:, 1:]  # logits at i predict token i + 1
     probs = F.softmax(model.diffusion_head(h[target_flags]), -1)
     p_tok = probs.gather(1, seq[:, 1:][target_flags][:, None]).squeeze(1)
@@ -487,17 +488,22 @@ def first_repeat(row: list[int], start: int, n: int) -> int:
     return hits[0] if hits else len(row)
 
 
-def anchor_kl(model: TriModeModel, teacher: TriModeModel, seq: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || model) of the next-token distributions, one causal forward over ``seq`` [B, n] each."""
+def anchor_kl(model: TriModeModel, teacher: TriModeModel, seq: torch.Tensor,
+              states: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher || model) of the next-token distributions, one causal forward over ``seq`` [B, n] each
+    (``states``: the model's ``next_token_states`` of ``seq``, when the caller already has them)."""
     with torch.no_grad():
         target = F.log_softmax(teacher.diffusion_head(next_token_states(teacher, seq)), -1)
-    logp = F.log_softmax(model.diffusion_head(next_token_states(model, seq)), -1)
+    logp = F.log_softmax(model.diffusion_head(next_token_states(model, seq) if states is None else states), -1)
     return F.kl_div(logp.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
 
 
-def continuation_ce(model: TriModeModel, ctx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """AR CE of the continuation ``y`` [B, n] after ``ctx`` [B, c]: one causal forward over ``[ctx ; y]``."""
-    h = next_token_states(model, torch.cat([ctx, y], 1))[:, ctx.shape[1] - 1 :]  # state i predicts y[i]
+def continuation_ce(model: TriModeModel, ctx: torch.Tensor, y: torch.Tensor,
+                    states: torch.Tensor | None = None) -> torch.Tensor:
+    """AR CE of the continuation ``y`` [B, n] after ``ctx`` [B, c]: one causal forward over ``[ctx ; y]``
+    (``states``: its ``next_token_states``, when the caller already has them)."""
+    h = next_token_states(model, torch.cat([ctx, y], 1)) if states is None else states
+    h = h[:, ctx.shape[1] - 1 :]  # state i predicts y[i]
     return F.cross_entropy(model.diffusion_head(h).flatten(0, 1), y.flatten())
 
 
@@ -550,16 +556,20 @@ def stage_distill(args: argparse.Namespace) -> None:
         logits, _, _ = model.step(block, ck, cv, ctx_len, pattern="bidirectional")
         sel = masked & valid
         dist_loss = F.cross_entropy(logits[sel], y[sel]) if sel.any() else logits.sum() * 0.0
+        # The AR losses on these continuations share one causal forward of the model over them.
+        seq = torch.cat([ctx, y], 1)
+        states = (next_token_states(model, seq)
+                  if args.dist_ul_weight or teacher is not None or args.dist_self_ar else None)
         # Teaching the diffusion side the model's own continuations makes AR
         # greedy loop more; unlikelihood on the same continuations holds it back.
-        ul_loss, rep = (unlikelihood_loss(model, ctx, y, args.ul_ngram, args.ul_scope) if args.dist_ul_weight
+        ul_loss, rep = (unlikelihood_loss(model, ctx, y, args.ul_ngram, args.ul_scope, states) if args.dist_ul_weight
                         else (0.0, 0.0))
         # Or hold AR greedy where it is: its next-token distributions on these very
         # continuations stay those of the model the stage started from.
-        kl_loss = anchor_kl(model, teacher, torch.cat([ctx, y], 1)) if teacher is not None else 0.0
+        kl_loss = anchor_kl(model, teacher, seq, states) if teacher is not None else 0.0
         # Or teach AR greedy the same continuations (self-training; with --dist-ban-ngram,
         # on greedy text that never repeats an n-gram).
-        self_ar = continuation_ce(model, ctx, y) if args.dist_self_ar else 0.0
+        self_ar = continuation_ce(model, ctx, y, states) if args.dist_self_ar else 0.0
         loss = (args.dist_alpha * ar_loss + diff_loss + args.dist_weight * dist_loss + args.dist_ul_weight * ul_loss
                 + args.dist_kl_weight * kl_loss + args.dist_self_ar * self_ar)
         optimize(opt, model, loss)

@@ -129,3 +129,16 @@ def test_continuation_ce_is_the_causal_ce_of_the_continuation_tokens_only():
     logits = model(seq[:, :-1], pattern="causal")  # position i predicts token i + 1
     ref = torch.nn.functional.cross_entropy(logits[:, 3:].flatten(0, 1), y.flatten())
     assert tt.continuation_ce(model, ctx, y).item() == pytest.approx(ref.item(), rel=1e-4)
+
+
+def test_the_continuation_losses_give_the_same_result_from_shared_states():
+    model = make_model(make_config(), scale=0.2)
+    teacher = make_model(make_config(), seed=1, scale=0.2)
+    ctx = torch.tensor([[10, 11, 12, 13]])
+    y = torch.tensor([[10, 11, 30, 31]])
+    seq = torch.cat([ctx, y], 1)
+    states = tt.next_token_states(model, seq)
+    assert tt.unlikelihood_loss(model, ctx, y, 2, states=states)[0].item() == pytest.approx(
+        tt.unlikelihood_loss(model, ctx, y, 2)[0].item())
+    assert tt.anchor_kl(model, teacher, seq, states).item() == pytest.approx(tt.anchor_kl(model, teacher, seq).item())
+    assert tt.continuation_ce(model, ctx, y, states).item() == pytest.approx(tt.continuation_ce(model, ctx, y).item())
