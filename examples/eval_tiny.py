@@ -30,6 +30,7 @@ import argparse
 import json
 import statistics
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -164,11 +165,8 @@ def shared_ngrams(seqs: list[list[int]], n: int = 8) -> float:
     another sequence also holds: a collapse onto a few stock phrases across
     prompts (renamed or not), which the per-sequence loop measures cannot see."""
     sets = [{tuple(s[i : i + n]) for i in range(len(s) - n + 1)} for s in seqs]
-    shares = []
-    for i, grams in enumerate(sets):
-        if grams:
-            others = set().union(*(o for j, o in enumerate(sets) if j != i))
-            shares.append(len(grams & others) / len(grams))
+    holders = Counter(g for grams in sets for g in grams)  # how many sequences hold each n-gram
+    shares = [sum(holders[g] > 1 for g in grams) / len(grams) for grams in sets if grams]
     return statistics.mean(shares) if shares else 0.0
 
 
@@ -221,7 +219,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--samples", type=int, default=4, help="AR samples to print")
     ap.add_argument("--json", default="", help="write the per-prompt results here")
-    ap.add_argument("--extra-thresholds", type=thresholds, default=[], help="also report diffusion TPF at these, e.g. 0.7,0.5")
+    ap.add_argument("--extra-thresholds", type=thresholds, default=[],
+                    help="also report diffusion TPF at these, e.g. 0.7,0.5")
     ap.add_argument("--draft-thresholds", type=thresholds, default=[],
                     help="also run self-speculation (LoRA on) with iterative drafting at these thresholds, "
                          "e.g. 0.9 (--impl project only)")
