@@ -1,4 +1,4 @@
-"""Eager reference decoders: the spec's three algorithms, on the PyTorch model."""
+"""Eager reference decoders: the spec's four algorithms, on the PyTorch model."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from .ar import decode_ar
 from .common import MODES, DecodeArgs, GenerationResult, GenerationStats, validate_args
 from .diffusion import decode_diffusion
 from .linear_spec import accept, decode_linear_spec
+from .quadratic_spec import decode_quadratic_spec
 
-_DECODERS = {"ar": decode_ar, "diffusion": decode_diffusion, "linear-spec": decode_linear_spec}
+_DECODERS = {"ar": decode_ar, "diffusion": decode_diffusion, "linear-spec": decode_linear_spec,
+             "quadratic-spec": decode_quadratic_spec}
 
 
 def encode_prompts(model: TriModeModel, prompt, chat: bool = False) -> tuple[list[list[int]], bool]:

@@ -10,7 +10,8 @@ import torch
 from ..errors import GenerationError
 from ..model import KVCache, TriModeModel
 
-MODES = ("ar", "diffusion", "linear-spec")
+MODES = ("ar", "diffusion", "linear-spec", "quadratic-spec")
+SPECULATIVE = ("linear-spec", "quadratic-spec")  # one sequence at a time
 
 
 @dataclass
@@ -119,14 +120,27 @@ def validate_args(model: TriModeModel, args: DecodeArgs, batch: int) -> DecodeAr
         threshold = 0.0
     if args.steps is not None and args.steps < 1:
         raise GenerationError(f"steps must be at least 1, got {args.steps}")
-    if args.mode == "linear-spec" and batch != 1:
-        raise GenerationError("linear-spec decodes one sequence at a time (batch 1); use ar or diffusion for batches")
+    if args.mode in SPECULATIVE and batch != 1:
+        raise GenerationError(f"{args.mode} decodes one sequence at a time (batch 1); use ar or diffusion for batches")
+    if args.mode == "quadratic-spec":
+        threshold = check_quadratic(args.threshold, args.temperature)
     eos = model.config.eos_token_id if args.eos_token_id is None else args.eos_token_id
     return DecodeArgs(args.mode, args.max_new_tokens, block, threshold, args.steps, args.temperature,
                       args.seed, eos)
 
 
 DEFAULT = object()
+
+
+def check_quadratic(threshold, temperature: float) -> None:
+    """quadratic-spec drafts in one shot and is greedy: it has no threshold, and sampling is refused."""
+    if temperature > 0:
+        raise GenerationError("quadratic-spec is greedy (temperature 0): it has no lossless sampling rule yet; "
+                              "use linear-spec or ar to sample")
+    if threshold is not None and parse_threshold(threshold) not in (DEFAULT, 0.0):
+        raise GenerationError("quadratic-spec drafts every block in one forward and takes no threshold; "
+                              "leave threshold unset (or use linear-spec for iterative drafting)")
+    return None
 
 
 def parse_threshold(value: float | str | None):

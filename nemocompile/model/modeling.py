@@ -21,9 +21,19 @@ from torch import nn
 
 from ..config import ModelConfig, RopeConfig
 from .cache import KVCache
+from .layout import Layout, full_input
 
 Pattern = Literal["causal", "bidirectional"]
 PATTERNS = ("causal", "bidirectional")
+
+
+def _groups(layout: Layout, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token: its branch index (-1 on the spine) and the last spine index it sees."""
+    group, reach = [-1] * layout.spine, list(range(layout.spine))
+    for n, b in enumerate(layout.branches):
+        group += [n] * b.length
+        reach += [b.anchor] * b.length
+    return torch.tensor(group, device=device), torch.tensor(reach, device=device)
 
 
 def greedy_candidates(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +131,7 @@ class Attention(nn.Module):
         cache_k: torch.Tensor | None,  # [B, kv_heads, C, head_dim]
         cache_v: torch.Tensor | None,  # [B, kv_heads, C, head_dim]
         cache_mask: torch.Tensor | None,  # [B, C] bool
-        lora: bool,
+        lora: bool | torch.Tensor,  # True: every row; a [L] bool tensor: those rows
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, L, _ = x.shape
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
@@ -152,8 +162,9 @@ class Attention(nn.Module):
             out = out + torch.matmul(p[..., :C].reshape(B, KV, G * L, C), cache_v)
         out = out.view(B, H, L, D).transpose(1, 2).reshape(B, L, H * D)
         o = self.o_proj(out)
-        if lora and self.o_lora is not None:
-            o = o + self.o_lora(out)
+        if self.o_lora is not None and (torch.is_tensor(lora) or lora):
+            delta = self.o_lora(out)
+            o = o + (delta * lora[None, :, None].to(delta.dtype) if torch.is_tensor(lora) else delta)
         return o, k, v
 
 
@@ -236,7 +247,7 @@ class TriModeModel(nn.Module):
         cache_k: torch.Tensor | None = None,  # [layers, B, kv_heads, C, head_dim]
         cache_v: torch.Tensor | None = None,
         cache_mask: torch.Tensor | None = None,  # [B, C] bool
-        lora: bool = False,
+        lora: bool | torch.Tensor = False,  # True: every row; a [L] bool tensor: those rows
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits [B, L, V] and the block's keys/values [layers, B, kv_heads, L, head_dim]."""
         h = self.encoder.embed_tokens(input_ids)
@@ -257,45 +268,62 @@ class TriModeModel(nn.Module):
 
     def step(
         self,
-        input_ids: torch.Tensor,  # [B, L]
+        input_ids: torch.Tensor,  # [B, layout.input_length]
         cache_k: torch.Tensor | None,  # [layers, B, kv_heads, C, head_dim]
         cache_v: torch.Tensor | None,
-        cache_len: torch.Tensor | int,  # committed slots; block slots are cache_len .. cache_len+L-1
+        cache_len: torch.Tensor | int,  # committed slots; token positions count from here
         row_start: torch.Tensor | None = None,  # [B] first real slot per row (left padding)
         *,
-        pattern: Pattern,
+        pattern: Pattern | None = None,
         lora: bool = False,
+        layout: Layout | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run one block against the cache. Returns logits [B, L, V], new_k, new_v
-        [layers, B, kv_heads, L, head_dim]. The cache itself is never modified.
+        """Run one forward of ``layout`` (see layout.py) against the cache. Returns
+        logits [B, T, V] and the spine's new_k, new_v [layers, B, kv_heads, spine, head_dim].
+        The cache itself is never modified.
 
+        ``pattern`` (with ``lora``) is shorthand for the two basic layouts: "causal"
+        (a spine of L tokens) and "bidirectional" (one branch of L input tokens).
         ``C`` (the cache tensors' slot count) may exceed ``cache_len``: slots at
         or beyond ``cache_len`` are masked, which is how static graphs use a
         fixed-capacity buffer.
         """
-        B, L = input_ids.shape
+        B, n_in = input_ids.shape
+        if layout is None:
+            if pattern not in PATTERNS:
+                raise ValueError(f"unknown attention pattern {pattern!r}; expected one of {PATTERNS}")
+            layout = Layout.causal(n_in) if pattern == "causal" else Layout.bidirectional(n_in, lora=lora)
+        if n_in != layout.input_length:
+            raise ValueError(f"input_ids has {n_in} tokens but the layout reads {layout.input_length}")
         device = input_ids.device
         if row_start is None:
             row_start = torch.zeros(B, dtype=torch.long, device=device)
         if not torch.is_tensor(cache_len):
             cache_len = torch.tensor(cache_len, dtype=torch.long, device=device)
-        block_slots = cache_len + torch.arange(L, device=device)  # [L]
-        positions = (block_slots[None, :] - row_start[:, None]).clamp(min=0)  # [B, L]
-        idx = torch.arange(L, device=device)
-        if pattern == "causal":
-            allowed = idx[None, :] <= idx[:, None]  # [L(query), L(key)]
-        elif pattern == "bidirectional":
-            allowed = torch.ones(L, L, dtype=torch.bool, device=device)
-        else:
-            raise ValueError(f"unknown attention pattern {pattern!r}; expected one of {PATTERNS}")
-        key_real = block_slots[None, :] >= row_start[:, None]  # [B, L]
+        ids = full_input(layout, input_ids, self.config.mask_token_id)  # [B, T]
+        T = ids.shape[1]
+        slots = cache_len + torch.tensor(layout.offsets(), dtype=torch.long, device=device)  # [T]
+        positions = (slots[None, :] - row_start[:, None]).clamp(min=0)  # [B, T]
+        # The attention rule among the forward's tokens, from the static layout:
+        # a spine key k is seen by queries whose reach is >= k; a branch key by its own branch.
+        group, reach = _groups(layout, device)  # [T], [T]
+        spine_key = (group[None, :] < 0) & (torch.arange(T, device=device)[None, :] <= reach[:, None])
+        own_branch = (group[:, None] >= 0) & (group[None, :] == group[:, None])
+        allowed = spine_key | own_branch  # [T(query), T(key)]
+        key_real = slots[None, :] >= row_start[:, None]  # [B, T]
         # A padding query attends to itself only, so no softmax row is empty.
-        block_mask = (allowed[None] & key_real[:, None, :]) | torch.eye(L, dtype=torch.bool, device=device)[None]
+        block_mask = (allowed[None] & key_real[:, None, :]) | torch.eye(T, dtype=torch.bool, device=device)[None]
         cache_mask = None
         if cache_k is not None:
-            slots = torch.arange(cache_k.shape[3], device=device)  # [C]
-            cache_mask = (slots[None, :] < cache_len) & (slots[None, :] >= row_start[:, None])  # [B, C]
-        return self.run_layers(input_ids, positions, block_mask, cache_k, cache_v, cache_mask, lora)
+            cslots = torch.arange(cache_k.shape[3], device=device)  # [C]
+            cache_mask = (cslots[None, :] < cache_len) & (cslots[None, :] >= row_start[:, None])  # [B, C]
+        rows = layout.lora
+        lora_rows: bool | torch.Tensor = rows == "all" or (
+            torch.tensor(layout.lora_rows(), device=device) if rows == "branches" else False)
+        logits, k, v = self.run_layers(ids, positions, block_mask, cache_k, cache_v, cache_mask, lora_rows)
+        if layout.spine < T:
+            k, v = k[:, :, :, :layout.spine], v[:, :, :, :layout.spine]
+        return logits, k, v
 
     # ---- convenience -------------------------------------------------------
     def forward(

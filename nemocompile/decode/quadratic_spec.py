@@ -1,0 +1,81 @@
+"""Quadratic self-speculation (spec 3.4): draft and verify fused in one forward.
+
+Glossary:
+- draft ``d``: B tokens; ``d_0`` is already emitted, ``d_1..d_{B-1}`` are guesses.
+- fused step: one forward over the spine ``d`` (causal verify, writes its B rows)
+  and, for each j, a branch of B masks that sees ``d_0..d_j`` (the next draft,
+  should ``j + 1`` tokens be accepted); masks write nothing.
+- verifier's choice ``a[j]``: the argmax at ``d_j``, the AR token after it.
+- accepted: ``d_1..d_{cnt-1}`` while ``a[i-1] == d_i``; the bonus is ``a[cnt-1]``.
+- acceptance length: ``cnt`` (accepted drafts + the bonus), per fused step.
+- next draft: ``[a[cnt-1], q[cnt-1][2..B]]`` from the branch conditioned on exactly
+  the accepted prefix; the bonus replaces the branch's own guess for its first slot.
+- rollback: crop the cache to its length before the step plus ``cnt`` (it keeps
+  ``d_0..d_{cnt-1}``).
+Each cycle is one forward; the prefill and the first draft are one forward too.
+At temperature 0 the output equals AR greedy decoding token for token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model import TriModeModel
+from ..model.layout import Branch, Layout
+from .common import DecodeArgs, GenerationStats, first_eos_trim
+
+
+def prefill_draft_layout(prompt: int, block: int) -> Layout:
+    """The prompt (causal, written) and B masks after it that see all of it."""
+    return Layout(prompt, (Branch(block, prompt, prompt - 1, "mask"),))
+
+
+def verify_draft_layout(block: int) -> Layout:
+    """The draft (causal verify, written) and after each of its tokens j, B masks seeing d_0..d_j."""
+    return Layout(block, tuple(Branch(block, j + 1, j, "mask") for j in range(block)))
+
+
+def accept(d: list[int], a: list[int]) -> int:
+    """cnt: 1 + the leading drafts d[1..] matched by the verifier's a[0..]."""
+    cnt = 1
+    while cnt < len(d) and a[cnt - 1] == d[cnt]:
+        cnt += 1
+    return cnt
+
+
+def next_draft(bonus: int, branch: list[int]) -> list[int]:
+    """The bonus, then the branch's guesses for the slots after it."""
+    return [bonus] + branch[1:]
+
+
+@torch.no_grad()
+def decode_quadratic_spec(model: TriModeModel, prompts: list[list[int]], args: DecodeArgs):
+    stats = GenerationStats(mode="quadratic-spec", block_length=args.block_length)
+    B, eos, prompt = args.block_length, args.eos_token_id, prompts[0]
+    cache = model.new_cache(1, len(prompt) + args.max_new_tokens + B)
+    ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
+
+    tokens = forward(model, cache, ids, prefill_draft_layout(len(prompt), B))  # prefill + first draft
+    stats.forwards = 1
+    a, branch = tokens[len(prompt) - 1], tokens[len(prompt):]
+    d = next_draft(a, branch)
+    out = [a]
+    while eos not in out and len(out) < args.max_new_tokens:
+        before = cache.length
+        tokens = forward(model, cache, torch.tensor([d], device=model.device), verify_draft_layout(B))
+        stats.forwards += 1
+        a = tokens[:B]  # the verifier's choice after each draft token
+        cnt = accept(d, a)
+        cache.crop(before + cnt)
+        stats.acceptance_lengths.append(cnt)
+        out += d[1:cnt] + [a[cnt - 1]]
+        j = cnt - 1  # the branch conditioned on exactly the accepted prefix
+        d = next_draft(a[j], tokens[B + j * B: B + (j + 1) * B])
+    return [first_eos_trim(out, eos)[: args.max_new_tokens]], stats
+
+
+def forward(model: TriModeModel, cache, ids: torch.Tensor, layout: Layout) -> list[int]:
+    """One forward of ``layout``: writes the spine into the cache, returns every token's argmax [T]."""
+    logits, k, v = model.step(ids, cache.keys(), cache.values(), cache.length, cache.row_start, layout=layout)
+    cache.write(k, v)
+    return logits[0].float().argmax(-1).tolist()
