@@ -10,6 +10,6 @@ MODE = "ar"
 
 def steps(*, block_length: int, prefill_length: int, has_lora: bool) -> list[StepSpec]:
     return [
-        StepSpec("prefill", prefill_length),  # P prompt tokens, causal, writes
-        StepSpec("ar_step", 1),  # the previous token, causal, writes
+        StepSpec.causal("prefill", prefill_length),  # P prompt tokens, causal, writes
+        StepSpec.causal("ar_step", 1),  # the previous token, causal, writes
     ]

@@ -10,7 +10,7 @@ MODE = "diffusion"
 
 def steps(*, block_length: int, prefill_length: int, has_lora: bool) -> list[StepSpec]:
     return [
-        StepSpec("prefill", prefill_length),  # P prompt tokens, causal, writes
-        StepSpec("denoise", block_length),  # [s, MASK...]: bidirectional, no write, run until unmasked
-        StepSpec("commit", block_length),  # the finished block: causal, writes; its last logits seed the next
+        StepSpec.causal("prefill", prefill_length),  # P prompt tokens, causal, writes
+        StepSpec.bidirectional("denoise", block_length),  # [s, MASK...]: no write, run until unmasked
+        StepSpec.causal("commit", block_length),  # the finished block: writes; its last token seeds the next
     ]

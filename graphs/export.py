@@ -29,7 +29,7 @@ from nemocompile.manifest import MANIFEST, GraphSpec, Manifest
 from nemocompile.model import TriModeModel
 from nemocompile.passes.base import PassContext, PassResult
 from nemocompile.passes.check_onnx import check_onnx
-from nemocompile.passes.pipeline import PipelineOptions, run_pipeline
+from nemocompile.passes.pipeline import PipelineOptions, run_description_pipeline, run_pipeline
 from nemocompile.passes.share_weights import WEIGHTS_FILE, WeightStore
 from nemocompile.tokenizer import TOKENIZER_FILES
 
@@ -51,7 +51,7 @@ class ExportError(NemocompileError):
 def export_artifact(
     model: TriModeModel | str | Path | None,
     out_dir: str | Path,
-    modes: Sequence[str] | str = ("ar", "diffusion", "linear-spec"),
+    modes: Sequence[str] | str = ("ar", "diffusion", "linear-spec", "quadratic-spec"),
     block_length: int | None = None,
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
     batch_size: int = 1,
@@ -64,9 +64,10 @@ def export_artifact(
     share_weights: bool = True,
     overwrite: bool = False,
     dump_after: str | None = None,
+    logits: bool = True,
 ) -> Manifest:
     """Export the graphs of ``modes`` ("all" or a list of ar, diffusion,
-    linear-spec) and return the manifest written to ``out_dir``.
+    linear-spec, quadratic-spec) and return the manifest written to ``out_dir``.
 
     ``model`` is a loaded model or a checkpoint directory (None: the embedded
     tiny model); a directory is loaded straight into ``dtype`` so only one copy
@@ -75,7 +76,9 @@ def export_artifact(
     ``block_length`` (default: the config's block_size) is B of denoise /
     commit / draft / verify; ``prefill_length`` P (default min(64, max_seq_len))
     the prompt chunk; ``max_seq_len`` the cache capacity C; ``batch_size`` the
-    static batch. ``progress``: True prints to stderr, or a callable(str).
+    static batch. ``logits=False`` makes a greedy-only artifact: no graph returns
+    vocabulary-sized logits (token ids and confidences only; sampling then
+    needs another export). ``progress``: True prints to stderr, or a callable(str).
     """
     say = _progress(progress)
     # Everything that can be checked before loading a (possibly large) checkpoint is.
@@ -98,27 +101,30 @@ def export_artifact(
     _check_lengths(modes, block_length, prefill_length, max_seq_len, batch_size, cfg.max_position_embeddings)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
 
-    graphs = plan(modes, block_length=block_length, prefill_length=prefill_length, has_lora=model.has_lora)
+    planned = plan(modes, block_length=block_length, prefill_length=prefill_length, has_lora=model.has_lora,
+                   logits=logits)
+    # the description passes (fusion) run on the whole plan before anything is lowered
+    graphs = list(zip(run_description_pipeline([s for s, _ in planned]), [used for _, used in planned]))
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     store = None
     try:
         store = WeightStore(tmp) if share_weights else None
         specs = []
         options = PipelineOptions(optimize=optimize, share_weights=share_weights)
-        traced: dict[tuple, tuple] = {}  # (pattern, L, lora, writes) -> (graph, step): identical steps trace once
+        traced: dict[tuple, tuple] = {}  # (layout, logits) -> (graph, step): identical steps trace once
         for i, (spec, used_by) in enumerate(graphs, 1):
             t0 = time.perf_counter()
             module = StepModule(model, spec)
             inputs, outputs = module.io_specs(batch_size, max_seq_len)
             file = f"{spec.step}.onnx"
-            key = (spec.pattern, spec.block_length, spec.lora, spec.writes_cache)
+            key = (spec.layout, spec.logits)
             if key in traced:
                 # e.g. commit and verify: the same computation under two step kinds
                 say(f"[{i}/{len(graphs)}] {spec.step}: same graph as {traced[key][1]}")
                 _save(traced[key][0], tmp / file, share_weights)
             else:
-                say(f"[{i}/{len(graphs)}] {spec.step}: tracing (L={spec.block_length}, C={max_seq_len}, "
-                    f"batch={batch_size}, {spec.pattern}{', LoRA' if spec.lora else ''})")
+                say(f"[{i}/{len(graphs)}] {spec.step}: tracing ({spec.layout.describe()}, C={max_seq_len}, "
+                    f"batch={batch_size})")
                 onnx_model = _trace(module, module.example_inputs(batch_size, max_seq_len), spec, opset)
                 ctx = PassContext(spec.step, inputs, outputs, weights=store, opset=opset,
                                   dump_dir=tmp.parent / f"{out_dir.name}.dump" if dump_after else None)
@@ -129,7 +135,7 @@ def export_artifact(
             check_onnx(tmp / file)
             specs.append(GraphSpec(step=spec.step, file=file, modes=used_by, pattern=spec.pattern,
                                    writes_cache=spec.writes_cache, lora=spec.lora, block_length=spec.block_length,
-                                   inputs=inputs, outputs=outputs))
+                                   inputs=inputs, outputs=outputs, layout=spec.layout.to_dict()))
         del traced
         if store is not None:
             store.close()
@@ -169,7 +175,7 @@ def _check_lengths(modes, block_length, prefill_length, capacity, batch_size, ma
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ExportError(f"{name} must be a positive integer, got {value!r}")
     if any(m != "ar" for m in modes) and block_length < 2:
-        raise ExportError(f"block_length must be at least 2 for diffusion and linear-spec, got {block_length}")
+        raise ExportError(f"block_length must be at least 2 for diffusion and self-speculation, got {block_length}")
     if block_length > capacity:
         raise ExportError(f"block length {block_length} exceeds the cache capacity (max_seq_len) {capacity}; "
                           "raise --max-seq-len or lower --block-length")

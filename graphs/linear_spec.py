@@ -11,7 +11,7 @@ MODE = "linear-spec"
 
 def steps(*, block_length: int, prefill_length: int, has_lora: bool) -> list[StepSpec]:
     return [
-        StepSpec("prefill", prefill_length),  # P prompt tokens, causal, LoRA off, writes
-        StepSpec("draft", block_length, lora=has_lora),  # [p, MASK...]: bidirectional, no write
-        StepSpec("verify", block_length),  # the drafted block: causal, LoRA off, writes all B rows
+        StepSpec.causal("prefill", prefill_length),  # P prompt tokens, causal, LoRA off, writes
+        StepSpec.bidirectional("draft", block_length, lora=has_lora),  # [p, MASK...]: no write
+        StepSpec.causal("verify", block_length),  # the drafted block: causal, LoRA off, writes all B rows
     ]

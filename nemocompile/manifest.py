@@ -13,12 +13,16 @@ inputs
   cache_k     dtype [layers, B, kv_heads, C, head_dim]   the preallocated cache, C = cache capacity
   cache_v     dtype [layers, B, kv_heads, C, head_dim]
 outputs
-  logits      float32 [B, L, vocab]
-  present_k   dtype [layers, B, kv_heads, L, head_dim]   only for steps that write the cache:
-  present_v   dtype [layers, B, kv_heads, L, head_dim]   the runtime places them at cache_len
-  candidate   int64 [B, L]                      only for bidirectional steps (denoise, draft):
-  confidence  float32 [B, L]                    each position's argmax and its softmax probability,
-                                                so a greedy runtime never reads the full logits
+  candidate   int64 [B, T]                      every token's argmax (T = the layout's tokens)
+  confidence  float32 [B, T]                    and its softmax probability: a greedy runtime
+                                                never reads vocabulary-sized tensors
+  logits      float32 [B, T, vocab]             only in graphs that keep them (sampling)
+  present_k   dtype [layers, B, kv_heads, S, head_dim]   only for steps that write the cache (S = the
+  present_v   dtype [layers, B, kv_heads, S, head_dim]   spine's tokens): the runtime places them at cache_len
+
+Each graph records its token ``layout`` (nemocompile/model/layout.py): the spine
+(causal, written to the cache) and the branches (drafts), so a runtime knows
+what every output row means without exporter code.
 """
 
 from __future__ import annotations
@@ -31,18 +35,26 @@ from typing import Any
 from .errors import NemocompileError
 
 FORMAT = "nemocompile-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: token layouts, candidate outputs on every graph, fused steps
 MANIFEST = "manifest.json"
 
 # step kind -> (attention pattern, writes the cache, modes that use it)
 STEP_KINDS: dict[str, tuple[str, bool, tuple[str, ...]]] = {
-    "prefill": ("causal", True, ("ar", "diffusion", "linear-spec")),
+    "prefill": ("causal", True, ("ar", "diffusion", "linear-spec", "quadratic-spec")),
     "ar_step": ("causal", True, ("ar",)),
     "denoise": ("bidirectional", False, ("diffusion",)),
     "commit": ("causal", True, ("diffusion",)),
     "draft": ("bidirectional", False, ("linear-spec",)),
     "verify": ("causal", True, ("linear-spec",)),
+    "prefill_draft": ("fused", True, ("quadratic-spec",)),
+    "verify_draft": ("fused", True, ("quadratic-spec",)),
 }
+# the graphs each mode needs
+MODE_STEPS = {"ar": {"prefill", "ar_step"}, "diffusion": {"prefill", "denoise", "commit"},
+              "linear-spec": {"prefill", "draft", "verify"},
+              "quadratic-spec": {"prefill", "prefill_draft", "verify_draft"}}
+# the graph whose block length is a mode's block length
+BLOCK_STEP = {"diffusion": "denoise", "linear-spec": "draft", "quadratic-spec": "verify_draft"}
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "int64")
 
 
@@ -65,9 +77,13 @@ class GraphSpec:
     pattern: str  # "causal" | "bidirectional"
     writes_cache: bool
     lora: bool  # drafter adapter active in this graph
-    block_length: int  # L, tokens per call
+    block_length: int  # L, tokens per call (read from input_ids)
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    layout: dict[str, Any]  # the token layout (Layout.to_dict()): spine, branches
+
+    def output(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.outputs if t.name == name), None)
 
 
 @dataclass(frozen=True)
@@ -100,9 +116,16 @@ class Manifest:
     @property
     def modes(self) -> list[str]:
         steps = {g.step for g in self.graphs}
-        need = {"ar": {"prefill", "ar_step"}, "diffusion": {"prefill", "denoise", "commit"},
-                "linear-spec": {"prefill", "draft", "verify"}}
-        return [m for m, s in need.items() if s <= steps]
+        return [m for m, s in MODE_STEPS.items() if s <= steps]
+
+    def block_lengths(self, mode: str) -> list[int]:
+        """The block lengths ``mode`` can run at (its block graph's lengths)."""
+        return sorted({g.block_length for g in self.graphs if g.step == BLOCK_STEP.get(mode)})
+
+    @property
+    def sampling(self) -> bool:
+        """Whether the graphs return logits (temperature > 0 needs them)."""
+        return all(g.output("logits") is not None for g in self.graphs if g.pattern != "fused")
 
     # ---- (de)serialisation -------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

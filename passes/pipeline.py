@@ -1,4 +1,7 @@
-"""THE ordered list of graph passes, run on every exported graph.
+"""THE ordered lists of passes: over step descriptions, then over every exported graph.
+
+``DESCRIPTION_PIPELINE`` rewrites the export plan's step descriptions
+(graphs/steps.py) before anything is lowered to ONNX.
 
 Each stage is a pass ``(ir.Model, PassContext) -> PassResult``; ``when`` makes
 a stage conditional on an export option. The graph's I/O contract is checked
@@ -18,6 +21,7 @@ from .base import PassContext, PassError, PassResult
 from .check_io import check_io
 from .check_tensorrt import check_tensorrt
 from .fold_weight_transposes import fold_weight_transposes
+from .fuse_draft_verify import fuse_draft_verify
 from .lower_integer_clip import lower_integer_clip
 from .share_weights import share_weights
 from .simplify_graph import simplify_graph
@@ -35,6 +39,25 @@ class Stage:
     name: str
     run: Callable[[ir.Model, PassContext], PassResult]
     when: Callable[[PipelineOptions], bool] = lambda opts: True
+
+
+# Passes over step descriptions, in order, before lowering.
+DESCRIPTION_PIPELINE = [
+    # Must run before lowering: it resolves every Fuse request into a plain
+    # StepSpec (the verify/draft fusion of quadratic self-speculation), and only
+    # plain specs lower to ONNX.
+    ("fuse_draft_verify", fuse_draft_verify),
+]
+
+
+def run_description_pipeline(specs: list) -> list:
+    """The plan's descriptions after every description pass; a Fuse left unresolved is an error."""
+    for _name, run in DESCRIPTION_PIPELINE:
+        specs = run(specs).specs
+    left = [s.step for s in specs if not hasattr(s, "layout")]
+    if left:
+        raise PassError(f"steps {left} are still fusion requests after the description passes")
+    return specs
 
 
 PIPELINE: list[Stage] = [

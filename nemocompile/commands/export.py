@@ -10,7 +10,7 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("export", help="export static ONNX decode graphs (one per step kind) and a manifest")
     add_model_arg(p)
-    p.add_argument("--mode", default="all", help="ar, diffusion, linear-spec or all (default: all)")
+    p.add_argument("--mode", default="all", help="ar, diffusion, linear-spec, quadratic-spec, a comma list, or all (default: all)")
     p.add_argument("--block-length", type=int, default=None,
                    help="B of denoise/commit/draft/verify (default: the config's block_size)")
     p.add_argument("--max-seq-len", type=int, default=512, help="cache capacity C in tokens (default: 512)")
@@ -25,6 +25,9 @@ def add_parser(sub) -> None:
                    help="give every graph its own copy of the weights (larger; for comparison)")
     p.add_argument("--dump-after", default=None, metavar="STAGE",
                    help="save each graph after this pass-pipeline stage into DIR.dump/")
+    p.add_argument("--greedy-only", action="store_true",
+                   help="no graph returns vocabulary-sized logits (token ids and confidences only): smaller "
+                        "outputs for real vocabularies; temperature > 0 then needs another export")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=run)
 
@@ -38,7 +41,7 @@ def run(args) -> int:
         args.model, args.out, modes=modes, block_length=args.block_length, max_seq_len=args.max_seq_len,
         batch_size=args.batch_size, dtype=args.dtype, prefill_length=args.prefill_length, progress=True,
         opset=args.opset, optimize=not args.no_optimize, share_weights=not args.no_share_weights,
-        overwrite=args.force, dump_after=args.dump_after,
+        overwrite=args.force, dump_after=args.dump_after, logits=not args.greedy_only,
     )
     report = lint_artifact(args.out)
     if args.json:
@@ -49,7 +52,7 @@ def run(args) -> int:
           f"capacity {manifest.cache_capacity}, block {manifest.block_length}, prefill {manifest.prefill_length}, "
           f"opset {manifest.opset})")
     for g in manifest.graphs:
-        print(f"  {g.step:<8} L={g.block_length:<4} {g.pattern:<13} {'writes' if g.writes_cache else 'reads '} "
+        print(f"  {g.step:<13} L={g.block_length:<4} {g.pattern:<13} {'writes' if g.writes_cache else 'reads '} "
               f"{'LoRA' if g.lora else '    '}  {g.file}")
     bad = {k: v for k, v in report.items() if v}
     print("TensorRT   " + ("every graph passes the ONNX-parser lint" if not bad else
