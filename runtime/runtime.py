@@ -19,12 +19,12 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from nemocompile.decode.common import DEFAULT, MODES, parse_threshold
+from nemocompile.decode.common import DEFAULT, MODES, SPECULATIVE, check_quadratic, parse_threshold
 from nemocompile.errors import GenerationError, NemocompileError
 from nemocompile.manifest import Manifest, ManifestError
 from nemocompile.tokenizer import encode_prompts
 
-from .backends import Backend, StepIO, create_backend
+from .backends import NUMPY_DTYPES, Backend, StepIO, create_backend
 from .cache import KVCache
 from .sampling import Sampler
 from .stats import RuntimeStats, StepTimer
@@ -80,18 +80,20 @@ class Runtime:
             raise ManifestError(f"cache_k has batch {cache_spec.shape[1]} but the manifest's batch_size is "
                                 f"{self.batch_size}; re-export the artifact")
         self.cache = KVCache(backend.allocate((2, *cache_spec.shape), cache_spec.dtype), self.batch_size)
-        self.io: dict[int, StepIO] = {}
+        self.buffers: dict[tuple, object] = {}  # (name, shape, dtype) -> buffer, shared by graphs
+        self.io: dict[tuple[str, int], StepIO] = {}  # (step, block length) -> its buffers
         for graph in manifest.graphs:
             if _tensor(graph.inputs, "cache_k", graph).shape != cache_spec.shape:
                 raise ManifestError(f"graph {graph.step!r} has a different cache shape; every graph of an "
                                     "artifact must share one cache (re-export it)")
             io = self._step_io(graph)
             backend.open(graph, io, self.cache)
-        self.block_lengths = sorted({g.block_length for g in manifest.graphs if g.step in ("denoise", "draft")})
+        self.sampling = manifest.sampling
         self.prefill_length = manifest.graph("prefill").block_length
         # host scratch for the candidates of a block's masked positions, touched once here so
         # denoising never allocates (a fresh multi-100 KB array per step costs page faults)
-        self.scratch = np.zeros((self.batch_size * max(self.block_lengths, default=1), self.vocab_size), np.float32)
+        longest = max((g.block_length for g in manifest.graphs if g.step in ("denoise", "draft")), default=1)
+        self.scratch = np.zeros((self.batch_size * longest, self.vocab_size), np.float32) if self.sampling else None
 
     # ---- construction ------------------------------------------------------------
     @classmethod
@@ -105,24 +107,33 @@ class Runtime:
         return cls(artifact_dir, manifest, create_backend(backend, artifact_dir, manifest, device=device, **options))
 
     def _step_io(self, graph) -> StepIO:
-        """The buffers of ``graph``'s block length, created by the first graph of that length."""
+        """``graph``'s buffers. Graphs share a buffer where name, shape and dtype agree: a
+        diffusion block is denoised and committed in one ``input_ids``, and every step of a
+        block length places its present rows from the same device buffer."""
         L = graph.block_length
-        io = self.io.get(L)
-        if io is None:
-            ids = _tensor(graph.inputs, "input_ids", graph)
-            logits = _tensor(graph.outputs, "logits", graph)
-            if ids.shape != [self.batch_size, L] or logits.shape != [self.batch_size, L, self.vocab_size]:
-                raise ManifestError(f"graph {graph.step!r}: input_ids {ids.shape} / logits {logits.shape} do not "
-                                    f"match batch {self.batch_size}, block {L}, vocab {self.vocab_size}")
-            io = StepIO(np.zeros(ids.shape, np.int64), np.zeros(logits.shape, np.float32), None, None)
-            self.io[L] = io
-        if any(o.name == "candidate" for o in graph.outputs) and io.candidate is None:
-            io.candidate = np.zeros((self.batch_size, L), np.int64)
-            io.confidence = np.zeros((self.batch_size, L), np.float32)
-        if graph.writes_cache and io.present_k is None:
-            spec = _tensor(graph.outputs, "present_k", graph)
-            io.present_k = self.backend.allocate(tuple(spec.shape), spec.dtype)
-            io.present_v = self.backend.allocate(tuple(spec.shape), spec.dtype)
+        ids = _tensor(graph.inputs, "input_ids", graph)
+        if ids.shape != [self.batch_size, L]:
+            raise ManifestError(f"graph {graph.step!r}: input_ids {ids.shape} does not match batch "
+                                f"{self.batch_size}, block {L}; re-export the artifact")
+        logits = graph.output("logits")
+        if logits is not None and logits.shape[-1] != self.vocab_size:
+            raise ManifestError(f"graph {graph.step!r}: logits {logits.shape} do not match vocab {self.vocab_size}")
+
+        def buffer(spec, device: bool = False):
+            if spec is None:
+                return None
+            key = (spec.name, tuple(spec.shape), spec.dtype)
+            if key not in self.buffers:
+                self.buffers[key] = (self.backend.allocate(tuple(spec.shape), spec.dtype) if device else
+                                     np.zeros(spec.shape, NUMPY_DTYPES[spec.dtype]))
+            return self.buffers[key]
+
+        io = StepIO(buffer(ids), buffer(logits), buffer(graph.output("present_k"), device=True),
+                    buffer(graph.output("present_v"), device=True), buffer(graph.output("candidate")),
+                    buffer(graph.output("confidence")))
+        if io.candidate is None:
+            raise ManifestError(f"graph {graph.step!r} returns no 'candidate'; re-export the artifact")
+        self.io[(graph.step, L)] = io
         return io
 
     def close(self) -> None:
@@ -140,6 +151,13 @@ class Runtime:
         return Path(self.manifest.source or self.artifact_dir).name
 
     # ---- requests ----------------------------------------------------------------
+    def prompt_width(self, prompts: list[list[int]], mode: str) -> int:
+        """Cache slots the left-padded prompts take. quadratic-spec's fused prefill graph
+        needs a full last chunk (its masks sit right after it), so a prompt shorter than
+        one chunk is left padded to it."""
+        width = max(map(len, prompts))
+        return max(width, self.prefill_length) if mode == "quadratic-spec" else width
+
     def encode(self, prompt, chat: bool = False) -> tuple[list[list[int]], bool]:
         """Token lists for the prompt(s) (text, ids, a batch, or one chat), and whether they were a batch."""
         return encode_prompts(self.tokenizer, self.vocab_size, prompt, chat, owner="artifact")
@@ -168,11 +186,16 @@ class Runtime:
             raise GenerationError(f"eos must be a token id or -1 (no EOS stop), got {eos!r}")
         if not prompts or any(len(p) == 0 for p in prompts):
             raise GenerationError("empty prompt: give at least one token")
-        limit = 1 if mode == "linear-spec" else self.batch_size
+        if temperature > 0 and not self.sampling:
+            raise GenerationError("this artifact was exported with --greedy-only (its graphs return no logits): "
+                                  "use temperature 0, or re-export without --greedy-only to sample")
+        if mode == "quadratic-spec":
+            check_quadratic(threshold, temperature)
+        limit = 1 if mode in SPECULATIVE else self.batch_size
         if len(prompts) > limit:
             raise GenerationError(
-                "linear-spec decodes one sequence at a time (batch 1); use ar or diffusion for batches"
-                if mode == "linear-spec" else
+                f"{mode} decodes one sequence at a time (batch 1); use ar or diffusion for batches"
+                if mode in SPECULATIVE else
                 f"{len(prompts)} prompts exceed the artifact's batch size {self.batch_size}; send at most "
                 f"{self.batch_size} at a time or re-export with a larger batch size")
 
@@ -181,18 +204,19 @@ class Runtime:
             block = self.manifest.block_length if block_length is None else block_length
             if isinstance(block, bool) or not isinstance(block, int) or block < 2:
                 raise GenerationError(f"block_length must be an integer >= 2, got {block!r}")
-            if block not in self.block_lengths:
-                raise GenerationError(f"this artifact was exported for block length(s) {self.block_lengths}, not "
+            lengths = self.manifest.block_lengths(mode)
+            if block not in lengths:
+                raise GenerationError(f"this artifact's {mode} graphs are for block length(s) {lengths}, not "
                                       f"{block}; pick one of those or re-export with --block-length {block}")
         thr = parse_threshold(threshold)
         if thr is DEFAULT:
             thr = (None if steps is not None else 0.9) if mode == "diffusion" else 0.0
         if mode == "linear-spec" and thr is None:
             thr = 0.0
-        if mode == "ar":
+        if mode in ("ar", "quadratic-spec"):
             thr = None
 
-        width = max(map(len, prompts))
+        width = self.prompt_width(prompts, mode)
         need = width + max_new_tokens + (block if block else 0)
         if width > self.capacity or need > self.capacity:
             what = (f"the prompt ({width} tokens) alone exceeds" if width > self.capacity else
@@ -306,8 +330,8 @@ class Decode:
             self.results.append(RuntimeResult(tokens, text, stats.finish(len(tokens)), reason))
 
     # ---- what schedulers call ----------------------------------------------------
-    def io(self, block_length: int) -> StepIO:
-        return self.rt.io[block_length]
+    def io(self, step: str, block_length: int) -> StepIO:
+        return self.rt.io[(step, block_length)]
 
     def run(self, step: str, block_length: int) -> StepIO:
         """Execute one graph step (a model forward) on its bound buffers."""
@@ -318,28 +342,45 @@ class Decode:
         timer.graph_s += time.perf_counter() - t0
         timer.calls += 1
         self.stats.forwards += 1
-        return self.rt.io[block_length]
+        return self.rt.io[(step, block_length)]
 
-    def prefill(self) -> np.ndarray:
-        """Run the (left-padded) prompts causally into the cache in prefill-graph chunks;
-        the logits [B, V] at each row's last prompt token. Counts as one forward."""
+    def choose(self, io: StepIO, column: int) -> np.ndarray:
+        """Each row's token [B] at ``column`` of a step's output: the graph's argmax when
+        greedy (the host never reads the logits), else a draw from the logits."""
+        if self.sampler.greedy:
+            return io.candidate[:, column]
+        return self.sampler.sample(io.logits[:, column])
+
+    def prefill(self, last: str = "prefill") -> tuple[StepIO, int]:
+        """Run the (left-padded) prompts causally into the cache in prefill-graph chunks,
+        the last chunk through the graph ``last`` (quadratic-spec: the fused prefill that
+        also drafts). Returns the last chunk's outputs and the column of each row's last
+        prompt token. Counts as one forward."""
         prompts, B, P = self.request.prompts, self.rt.batch_size, self.rt.prefill_length
-        width = max(map(len, prompts))
+        width = self.rt.prompt_width(prompts, self.request.mode)
         ids = np.zeros((B, width), dtype=np.int64)  # pad id 0: padded slots are masked
         row_start = np.full(B, width - 1, dtype=np.int64)  # spare rows: one pad token
         for b, p in enumerate(prompts):
             ids[b, width - len(p):] = p
             row_start[b] = width - len(p)
         self.cache.reset(row_start)
-        io = self.rt.io[P]
-        for start in range(0, width, P):
-            n = min(P, width - start)
-            io.input_ids[:, :n] = ids[:, start:start + n]
-            io.input_ids[:, n:] = 0  # right padding of the last chunk: computed, never placed in the cache
-            self.run("prefill", P)
+        # a fused last graph needs a full last chunk: then the short chunk goes first
+        first = P if last == "prefill" else width % P or P
+        bounds = [0, *range(first, width, P), width]
+        for start, end in zip(bounds, bounds[1:]):
+            n = end - start
+            io = self.rt.io[("prefill", P)]  # every chunk's input buffer: prefill and `last` share it
+            io.input_ids[:, :n] = ids[:, start:end]
+            io.input_ids[:, n:] = 0  # right padding of a short chunk: computed, never placed in the cache
+            io = self.run(last if end == width else "prefill", P)
             self.cache.write(io.present_k, io.present_v, n)
-        self.stats.forwards -= (width + P - 1) // P - 1  # the spec counts the prefill as one forward
-        return io.logits[:, n - 1]
+        self.stats.forwards -= len(bounds) - 2  # the spec counts the prefill as one forward
+        return io, n - 1
+
+    def prefill_tokens(self) -> np.ndarray:
+        """Prefill, then each row's first token [B]."""
+        io, last = self.prefill()
+        return self.choose(io, last)
 
     def emit(self, row: int, tokens: Sequence[int]) -> None:
         """Append ``tokens`` to an unfinished row, stopping after an EOS or at max_new_tokens."""

@@ -9,7 +9,8 @@ for a B200), written as ``<graph file stem>.engine`` next to its graph, plus
 ``engines.json``, the build record this backend checks the engines against
 (same graphs, same GPU architecture) before it loads them. Device buffers are torch CUDA tensors; the small host inputs
 (``input_ids``, ``cache_len``, ``row_start``) are copied to staging tensors before
-a step and ``logits`` copied back after it.
+a step and the host outputs (``candidate``, ``confidence``, ``logits`` where the graph has them)
+copied back after it.
 
 Not exercised on the CPU-only development machine: there both the build and
 the backend fail early with the message below.
@@ -209,10 +210,13 @@ class TensorRTBackend:
                                           "TensorRT version or GPU?); rebuild the engines on this machine")
         context = engine.create_execution_context()
         ids = t.zeros(io.input_ids.shape, dtype=t.int64, device=self.device)
-        logits = t.zeros(io.logits.shape, dtype=t.float32, device=self.device)
+        # host outputs (the scheduler reads them) get device twins copied back after each run
+        host = {name: getattr(io, name) for name in ("logits", "candidate", "confidence")
+                if getattr(io, name) is not None}
+        twins = {name: t.from_numpy(a).to(self.device) for name, a in host.items()}
         buffers = {"input_ids": ids, "cache_len": self._cache_len, "row_start": self._row_start,
-                   "cache_k": cache.k, "cache_v": cache.v, "logits": logits,
-                   "present_k": io.present_k, "present_v": io.present_v}
+                   "cache_k": cache.k, "cache_v": cache.v, "present_k": io.present_k, "present_v": io.present_v,
+                   **twins}
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
             if name not in buffers or buffers[name] is None:
@@ -224,10 +228,11 @@ class TensorRTBackend:
                                               f"{tuple(buffers[name].shape)}; rebuild the engine")
             context.set_tensor_address(name, buffers[name].data_ptr())
         self._engines.append(engine)
-        self.steps[(graph.step, graph.block_length)] = (context, io, ids, logits, cache)
+        copies = [(t.from_numpy(host[name]), twin) for name, twin in twins.items()]
+        self.steps[(graph.step, graph.block_length)] = (context, io, ids, copies, cache)
 
     def run(self, key: GraphKey) -> None:
-        context, io, ids, logits, cache = self.steps[key]
+        context, io, ids, copies, cache = self.steps[key]
         t = self.torch
         with t.cuda.stream(self.stream):
             ids.copy_(t.from_numpy(io.input_ids), non_blocking=True)
@@ -235,7 +240,8 @@ class TensorRTBackend:
             self._row_start.copy_(t.from_numpy(cache.row_start), non_blocking=True)
             if not context.execute_async_v3(self.stream.cuda_stream):
                 raise BackendUnavailableError(f"TensorRT failed to run the {key[0]!r} engine")
-            t.from_numpy(io.logits).copy_(logits)  # synchronizes: the scheduler reads logits next
+            for dst, src in copies:  # synchronizes: the scheduler reads these next
+                dst.copy_(src)
         # present rows stay on the device; the runtime places them into the cache there
         self.stream.synchronize()
 

@@ -57,31 +57,28 @@ class TorchBackend:
 
     def open(self, graph, io: StepIO, cache) -> None:
         t = self.torch
+        from nemocompile.model.layout import Layout
 
         def view(a):
-            return t.from_numpy(a) if isinstance(a, np.ndarray) else a
+            return None if a is None else t.from_numpy(a) if isinstance(a, np.ndarray) else a
 
-        ids, row_start = t.from_numpy(io.input_ids), t.from_numpy(cache.row_start)
-        on_host = self.device == "cpu"
         self.steps[(graph.step, graph.block_length)] = (
-            graph.pattern, graph.lora, ids, row_start, view(cache.k), view(cache.v), cache,
-            t.from_numpy(io.logits), view(io.present_k) if graph.writes_cache else None,
-            view(io.present_v) if graph.writes_cache else None, on_host,
-            None if io.candidate is None else (t.from_numpy(io.candidate), t.from_numpy(io.confidence)))
+            Layout.from_dict(graph.layout), t.from_numpy(io.input_ids), t.from_numpy(cache.row_start),
+            view(cache.k), view(cache.v), cache, view(io.logits), view(io.present_k), view(io.present_v),
+            self.device == "cpu", view(io.candidate), view(io.confidence))
 
     def run(self, key: GraphKey) -> None:
-        pattern, lora, ids, row_start, ck, cv, cache, logits, pk, pv, on_host, greedy = self.steps[key]
+        layout, ids, row_start, ck, cv, cache, logits, pk, pv, on_host, cand, conf = self.steps[key]
         n = cache.length
         if not on_host:
             ids, row_start = ids.to(self.device), row_start.to(self.device)
         with self.torch.inference_mode():
-            out, k, v = self.model.step(ids, ck[:, :, :, :n], cv[:, :, :, :n], n, row_start,
-                                        pattern=pattern, lora=lora)
-            logits.copy_(out)
-            if greedy is not None and pk is None:  # a bidirectional graph: argmax and its probability
-                cand, conf = greedy_candidates(out)
-                greedy[0].copy_(cand)
-                greedy[1].copy_(conf)
+            out, k, v = self.model.step(ids, ck[:, :, :, :n], cv[:, :, :, :n], n, row_start, layout=layout)
+            if logits is not None:
+                logits.copy_(out)
+            c, p = greedy_candidates(out)  # the graphs' argmax and its probability
+            cand.copy_(c)
+            conf.copy_(p)
             if pk is not None:
                 pk.copy_(k)
                 pv.copy_(v)

@@ -6,7 +6,7 @@ import numpy as np
 
 
 def decode_ar(d):
-    token = d.sampler.sample(d.prefill())  # [B]
+    token = d.prefill_tokens()  # [B]
     while True:
         d.emit_rows(token)
         yield
@@ -17,8 +17,7 @@ def decode_ar(d):
 
 def ar_step(d, token: np.ndarray) -> np.ndarray:
     """Run each row's last token causally (writes its cache row); the next token per row [B]."""
-    io = d.io(1)
-    io.input_ids[:, 0] = token
-    d.run("ar_step", 1)
+    d.io("ar_step", 1).input_ids[:, 0] = token
+    io = d.run("ar_step", 1)
     d.cache.write(io.present_k, io.present_v)
-    return d.sampler.sample(io.logits[:, 0])
+    return d.choose(io, 0)

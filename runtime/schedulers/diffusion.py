@@ -16,10 +16,10 @@ from nemocompile.decode.common import first_eos_trim, split_evenly
 def decode_diffusion(d):
     req = d.request
     L, eos = req.block_length, req.eos
-    x = d.io(L).input_ids  # [B, L]
+    x = d.io("denoise", L).input_ids  # [B, L]: commit reads the same buffer
     schedule = split_evenly(L - 1, req.steps or L)  # fixed schedule (no threshold)
     threshold = as_float32(req.threshold)
-    seed = d.sampler.sample(d.prefill())  # [B]
+    seed = d.prefill_tokens()  # [B]
     while True:
         block = Block(x, seed, d.unfinished(), d.mask_token_id)  # finished rows ride along, deciding nothing
         need = min(L, req.max_new_tokens - min(len(d.out[b]) for b in d.unfinished()))
@@ -115,7 +115,7 @@ def commit(d, L: int) -> np.ndarray:
     """One causal forward over the finished block that writes it into the cache; the next seeds [B]."""
     io = d.run("commit", L)
     d.cache.write(io.present_k, io.present_v)
-    return d.sampler.sample(io.logits[:, -1])
+    return d.choose(io, L - 1)
 
 
 def as_float32(threshold: float | None) -> float | None:

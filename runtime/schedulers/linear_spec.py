@@ -25,9 +25,9 @@ from .diffusion import Block, as_float32, denoise
 def decode_linear_spec(d):
     req = d.request
     L = req.block_length
-    x = d.io(L).input_ids  # [B, L]: row 0 is the block, other rows ride along
+    x = d.io("draft", L).input_ids  # [B, L]: row 0 is the block, other rows ride along; verify reads it too
     threshold = as_float32(req.threshold)
-    p = int(d.sampler.sample(d.prefill())[0])
+    p = int(d.prefill_tokens()[0])
     d.emit(0, (p,))
     yield
     while not d.done[0]:
@@ -54,6 +54,8 @@ def verify(d, L: int) -> list[int]:
     """The causal forward over the drafted block (writes all L rows); the verifier's tokens a [L]."""
     io = d.run("verify", L)
     d.cache.write(io.present_k, io.present_v)
+    if d.sampler.greedy:
+        return io.candidate[0].tolist()
     return d.sampler.sample(io.logits[0]).tolist()
 
 
