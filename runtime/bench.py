@@ -105,14 +105,40 @@ class Row:
 
 def grid(runtime: Runtime, diffusion_thresholds: Sequence, linear_spec_thresholds: Sequence):
     """(mode, block_length, threshold) for every mode the artifact has."""
+    thresholds = {"ar": (None,), "diffusion": diffusion_thresholds, "linear-spec": linear_spec_thresholds,
+                  "quadratic-spec": (None,)}
     out = []
     for mode in runtime.modes:
-        if mode == "ar":
-            out.append(("ar", None, None))
-        for L in runtime.block_lengths if mode != "ar" else ():
-            thresholds = diffusion_thresholds if mode == "diffusion" else linear_spec_thresholds
-            out += [(mode, L, t) for t in thresholds]
+        for L in runtime.manifest.block_lengths(mode) if mode != "ar" else (None,):
+            out += [(mode, L, t) for t in thresholds[mode]]
     return out
+
+
+def step_times(runtime: Runtime, steps: Sequence[str] = ("verify", "verify_draft"), repeats: int = 20) -> list[dict]:
+    """Median milliseconds per forward of each of ``steps`` at each of its block lengths, with
+    the cache half full: what the fused step's B x (B+1) rows cost against a plain verify."""
+    import statistics
+    import time
+
+    out = []
+    for g in runtime.manifest.graphs:
+        if g.step not in steps:
+            continue
+        runtime.cache.reset(length=(runtime.capacity - g.block_length) // 2)
+        times = []
+        for _ in range(repeats + 2):
+            t0 = time.perf_counter()
+            runtime.backend.run((g.step, g.block_length))
+            times.append(time.perf_counter() - t0)
+        runtime.cache.reset()
+        out.append({"step": g.step, "block_length": g.block_length, "tokens": _tokens(g),
+                    "ms": statistics.median(times[2:]) * 1e3})
+    return out
+
+
+def _tokens(graph) -> int:
+    layout = graph.layout
+    return layout["spine"] + sum(b["length"] for b in layout.get("branches", ()))
 
 
 def run_bench(artifacts: Sequence[str | Path], prompts: list, backends: Sequence[str] = ("onnxruntime", "torch"),
@@ -123,6 +149,7 @@ def run_bench(artifacts: Sequence[str | Path], prompts: list, backends: Sequence
     """Benchmark every configuration; returns {"results": [row dicts], "summary": {...}}."""
     say = progress or (lambda msg: None)
     rows: list[dict] = []
+    step_rows: list[dict] = []
     for artifact in artifacts:
         runtimes = {}
         for b in backends:
@@ -147,10 +174,15 @@ def run_bench(artifacts: Sequence[str | Path], prompts: list, backends: Sequence
                 row["tokens_equal_eager"] = acc[b].tokens == acc["torch"].tokens if "torch" in acc else None
                 rows.append(row)
                 say(_line(row))
+        times = [dict(t, backend=b, artifact=str(artifact)) for b, rt in runtimes.items() for t in step_times(rt)]
+        step_rows.extend(times)
+        for t in times:
+            say(f"{t['backend']:<11} {t['step']:<13} B={t['block_length']:<3} {t['tokens']:>5} tokens "
+                f"{t['ms']:8.2f} ms/forward")
         for rt in runtimes.values():
             rt.close()
     _add_speedups(rows)
-    return {"results": rows, "summary": summarize(rows)}
+    return {"results": rows, "step_times": step_rows, "summary": summarize(rows, step_rows)}
 
 
 def _fit(runtime: Runtime, prompt, max_new_tokens: int) -> list[int]:
@@ -179,7 +211,7 @@ def _add_speedups(rows: list[dict]) -> None:
         r["speedup_vs_eager"] = r["tokens_per_second"] / e if e else None
 
 
-def summarize(rows: list[dict]) -> dict:
+def summarize(rows: list[dict], step_rows: Sequence[dict] = ()) -> dict:
     """The issue's targets, read off the rows."""
     ort = [r for r in rows if r["backend"] == "onnxruntime"]
     out: dict = {}
@@ -206,12 +238,30 @@ def summarize(rows: list[dict]) -> dict:
             out["linear_spec_best_block_length"] = best["block_length"]
             out["linear_spec_speedup_vs_ar"] = best["speedup_vs_ar"]
             out["linear_spec_acceptance_length"] = best["acceptance_length"]
+        # quadratic-spec against linear-spec at the same block length: tokens per forward, tokens/s
+        linear = {(r["block_length"], r["artifact"]): r for r in ls if r["threshold"] in (0, 0.0)}
+        ratios = {}
+        for r in ort:
+            other = linear.get((r["block_length"], r["artifact"])) if r["mode"] == "quadratic-spec" else None
+            if other and other["tokens_per_forward"] and other["tokens_per_second"]:
+                ratios[r["block_length"]] = {
+                    "tokens_per_forward": r["tokens_per_forward"] / other["tokens_per_forward"],
+                    "tokens_per_second": r["tokens_per_second"] / other["tokens_per_second"]}
+        if ratios:
+            out["quadratic_over_linear"] = ratios
+    fused = {}
+    for t in step_rows:
+        if t["backend"] == "onnxruntime":
+            fused.setdefault(t["block_length"], {})[t["step"]] = t["ms"]
+    fused = {L: v["verify_draft"] / v["verify"] for L, v in fused.items() if len(v) == 2}
+    if fused:
+        out["fused_step_over_verify_time"] = fused
     return out
 
 
 # (row key, header, width, format of a present value); None prints as "-"
 COLUMNS = (
-    ("backend", "backend", -11, "{}"), ("mode", "mode", -11, "{}"), ("block_length", "block", 5, "{}"),
+    ("backend", "backend", -11, "{}"), ("mode", "mode", -14, "{}"), ("block_length", "block", 5, "{}"),
     ("threshold", "thr", 5, "{:g}"), ("tokens_per_second", "tok/s", 8, "{:.1f}"),
     ("tokens_per_forward", "tok/fw", 6, "{:.2f}"), ("acceptance_length", "accept", 6, "{:.2f}"),
     ("time_to_first_token_s", "ttft_ms", 8, "{:.1f}"), ("overhead_share", "ovhd", 6, "{:.1%}"),
@@ -251,6 +301,11 @@ def format_table(report: dict) -> str:
             lines.append(f"linear-spec: fastest block length {s['linear_spec_best_block_length']}, "
                          + (f"{speedup:.2f}x AR tokens/s, " if speedup is not None else "no AR run to compare, ")
                          + f"acceptance length {s['linear_spec_acceptance_length']:.2f}")
+        for L, q in s.get("quadratic_over_linear", {}).items():
+            lines.append(f"quadratic-spec / linear-spec at block {L}: {q['tokens_per_forward']:.2f}x tokens per "
+                         f"forward, {q['tokens_per_second']:.2f}x tokens/s")
+        for L, ratio in s.get("fused_step_over_verify_time", {}).items():
+            lines.append(f"fused verify_draft forward / plain verify forward at block {L}: {ratio:.2f}x time")
     return "\n".join(lines)
 
 

@@ -71,7 +71,10 @@ class KVCache:
             raise ValueError(f"cannot crop a cache of length {self._length} to {length}")
         self._set_length(length)
 
-    def reset(self, row_start=None) -> None:
-        """Empty the cache for a new request; ``row_start`` [B] sets the rows' left padding."""
-        self._set_length(0)
+    def reset(self, row_start=None, length: int = 0) -> None:
+        """Empty the cache for a new request; ``row_start`` [B] sets the rows' left padding.
+        ``length`` > 0 treats that many slots as committed, whatever they hold (timing a step)."""
+        if not 0 <= length <= self.capacity:
+            raise ValueError(f"cannot reset a cache of capacity {self.capacity} to length {length}")
+        self._set_length(length)
         self.row_start[:] = 0 if row_start is None else row_start

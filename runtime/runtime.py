@@ -89,6 +89,7 @@ class Runtime:
             io = self._step_io(graph)
             backend.open(graph, io, self.cache)
         self.sampling = manifest.sampling
+        self.block_lengths = sorted({L for m in self.modes for L in manifest.block_lengths(m)})  # every mode's
         self.prefill_length = manifest.graph("prefill").block_length
         # host scratch for the candidates of a block's masked positions, touched once here so
         # denoising never allocates (a fresh multi-100 KB array per step costs page faults)

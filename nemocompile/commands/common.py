@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..decode.common import MODES
+
 
 def add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="DIR",
@@ -12,7 +14,7 @@ def add_model_arg(p: argparse.ArgumentParser) -> None:
 
 def add_decode_args(p: argparse.ArgumentParser) -> None:
     """The decoding knobs every generating command takes."""
-    p.add_argument("--mode", choices=["ar", "diffusion", "linear-spec"], default="ar")
+    p.add_argument("--mode", choices=list(MODES), default="ar")
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     p.add_argument("--max-new-tokens", type=int, default=64)
