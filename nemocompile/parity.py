@@ -8,8 +8,9 @@ Two levels, both at temperature 0:
   the rows after the first. The cache prefix holds the model's own keys and
   values; the slots beyond ``cache_len`` hold noise, so a graph that failed to
   mask them would show. Reported per step kind: max and mean absolute logit
-  difference, max difference of the written (present) cache rows, top-1
-  agreement.
+  difference (graphs without logits: of the confidences), max difference of the
+  written (present) cache rows, top-1 agreement; all three are part of the
+  verdict. Fused graphs are also compared with the separate steps they replace.
 - whole generations (:func:`generation_parity`): the runtime
   (``nemocompile.runtime``, ONNX Runtime backend) against the eager decoders
   (``nemocompile.generate``) in every mode of the artifact; the token
@@ -29,6 +30,8 @@ import torch
 from .errors import NemocompileError
 from .manifest import Manifest
 from .model import TriModeModel
+from .model.layout import Layout
+from .model.modeling import greedy_candidates
 
 # Max abs logit (and cache row) difference allowed per artifact dtype. fp32 is
 # absolute (1e-4). Half precisions are relative to the step's largest |logit|
@@ -87,20 +90,22 @@ class ParityReport:
 
     def table(self) -> str:
         lines = [f"parity of {self.artifact} ({self.dtype}) against eager PyTorch",
-                 f"{'step':<9}{'cases':>6}{'logits max':>13}{'logits mean':>13}{'cache max':>12}{'top-1':>8}"
+                 f"{'step':<23}{'cases':>6}{'logits max':>13}{'logits mean':>13}{'cache max':>12}{'top-1':>8}"
                  f"{'tol':>9}  result"]
         for s in self.steps:
             cache = "-" if s.cache_max is None else f"{s.cache_max:.2e}"
-            lines.append(f"{s.step:<9}{len(s.cases):>6}{s.logits_max:>13.2e}{s.logits_mean:>13.2e}{cache:>12}"
+            lines.append(f"{s.step:<23}{len(s.cases):>6}{s.logits_max:>13.2e}{s.logits_mean:>13.2e}{cache:>12}"
                          f"{s.top1:>8.1%}{s.tolerance:>9.1e}  {'ok' if s.ok else 'FAIL'}")
         if self.generations:
-            lines.append(f"{'mode':<12}{'prompts':>8}{'identical':>11}{'tokens':>9}  result")
+            lines.append(f"{'mode':<15}{'prompts':>8}{'identical':>11}{'tokens':>9}  result")
             for g in self.generations:
-                lines.append(f"{g.mode:<12}{g.prompts:>8}{g.identical:>11}{g.token_agreement:>9.1%}  "
+                lines.append(f"{g.mode:<15}{g.prompts:>8}{g.identical:>11}{g.token_agreement:>9.1%}  "
                              f"{'ok' if g.ok else 'FAIL'}")
                 for d in g.first_divergence:
                     lines.append(f"    prompt {d['prompt']}: first divergence at token {d['position']}: "
                                  f"onnx {d['onnx']} vs eager {d['eager']}")
+        lines.append("(graphs without logits, e.g. the fused ones, are compared on their confidences; "
+                     "<step>=separate: a fused graph against the separate steps it replaces)")
         lines.append("PASS" if self.ok else "FAIL")
         return "\n".join(lines)
 
@@ -141,9 +146,16 @@ def reference_model(manifest: Manifest, model: TriModeModel | str | Path | None)
 
 
 # ---- per step ----------------------------------------------------------------
+# Least share of positions whose argmax must agree with eager (near-ties may flip in half precision).
+TOP1 = {"fp32": 0.999, "fp16": 0.98, "bf16": 0.95}
+
+
 def step_parity(artifact_dir: str | Path, model: TriModeModel, *, manifest: Manifest | None = None,
                 cache_lens: Sequence[int] | None = None, seed: int = 0) -> list[StepParity]:
-    """Every graph on ORT CPU against ``model.step`` on the same inputs."""
+    """Every graph on ORT CPU against ``model.step`` on the same inputs. A fused graph
+    is also compared row by row with the separate steps it replaces (a causal step over
+    its spine, one draft per branch on the cache extended by the spine prefix): the
+    row ``<step>=separate``."""
     import onnxruntime as ort
 
     manifest = manifest or Manifest.load(artifact_dir)
@@ -152,51 +164,97 @@ def step_parity(artifact_dir: str | Path, model: TriModeModel, *, manifest: Mani
     so.log_severity_level = 3
     out = []
     for g in manifest.graphs:
-        L = g.block_length
-        lens = cache_lens if cache_lens is not None else sorted({0, (C - L) // 2, C - L})
+        layout = Layout.from_dict(g.layout)
+        L, T = g.block_length, layout.tokens
+        lens = cache_lens if cache_lens is not None else sorted({0, (C - T) // 2, C - T})
         try:
             session = ort.InferenceSession(str(Path(artifact_dir) / g.file), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types
             hint = ("bf16 artifacts do not run on ORT's CPU provider: export fp32 or fp16 for CPU parity"
                     if manifest.dtype == "bf16" else "re-export the artifact (`nemocompile check` lints it)")
             raise ParityError(f"{g.file}: ONNX Runtime (CPU) cannot load it ({e}); {hint}") from None
-        diffs, means, cache_diffs, agree, total, cases, scale, cache_scale = [], [], [], 0, 0, [], 1.0, 1.0
+        names = [o.name for o in session.get_outputs()]
+        direct, separate = _Tally(g.step, manifest.dtype), _Tally(f"{g.step}=separate", manifest.dtype)
         gen = torch.Generator().manual_seed(seed)
         for cache_len in lens:
-            if cache_len + L > C:
+            if cache_len < 0 or cache_len + max(T, L) > C:
                 continue
-            inputs = _step_inputs(model, g.pattern, B, L, C, cache_len, gen)
-            feeds = {k: _numpy(v) for k, v in inputs.items()}
-            got = session.run(None, feeds)
+            inputs = _step_inputs(model, layout, B, C, cache_len, gen)
+            got = dict(zip(names, session.run(None, {k: _numpy(v) for k, v in inputs.items()})))
             with torch.no_grad():
                 ref = model.step(inputs["input_ids"], inputs["cache_k"], inputs["cache_v"], inputs["cache_len"],
-                                 inputs["row_start"], pattern=g.pattern, lora=g.lora)
-            ref_logits = ref[0].float().numpy()
-            scale = max(scale, float(np.abs(ref_logits).max()))
-            d = np.abs(got[0].astype(np.float64) - ref_logits)
-            diffs.append(float(d.max()))
-            means.append(float(d.mean()))
-            agree += int((got[0].argmax(-1) == ref_logits.argmax(-1)).sum())
-            total += B * L
-            if g.writes_cache:
-                cache_diffs += [float(np.abs(_f32(got[i]) - ref[i].float().numpy()).max()) for i in (1, 2)]
-                cache_scale = max(cache_scale, *(float(ref[i].float().abs().max()) for i in (1, 2)))
-            cases.append(f"cache_len={cache_len}")
-        relative = RELATIVE[manifest.dtype]
-        tol = TOLERANCE[manifest.dtype] * (scale if relative else 1.0)
-        cache_tol = TOLERANCE[manifest.dtype] * (cache_scale if relative else 1.0)
-        logits_max = max(diffs)
-        cache_max = max(cache_diffs) if g.writes_cache else None
-        ok = logits_max <= tol and (cache_max is None or cache_max <= cache_tol)
-        out.append(StepParity(g.step, cases, logits_max, float(np.mean(means)), cache_max, agree / total, tol, ok))
+                                 inputs["row_start"], layout=layout)
+            direct.add(f"cache_len={cache_len}", got, ref)
+            if layout.pattern == "fused":
+                separate.add(f"cache_len={cache_len}", got, separate_steps(model, layout, inputs))
+        out.append(direct.result())
+        if separate.cases:
+            out.append(separate.result())
     return out
 
 
-def _step_inputs(model: TriModeModel, pattern: str, B: int, L: int, C: int, cache_len: int,
+class _Tally:
+    """Differences of one graph's outputs from a reference, over the cases compared."""
+
+    def __init__(self, step: str, dtype: str):
+        self.step, self.dtype = step, dtype
+        self.cases: list[str] = []
+        self.diffs, self.means, self.cache_diffs = [], [], []
+        self.agree = self.total = 0
+        self.scale = self.cache_scale = 1.0
+
+    def add(self, case: str, got: dict, ref: tuple) -> None:
+        ref_logits = ref[0].float()
+        self.scale = max(self.scale, float(ref_logits.abs().max()))
+        cand, conf = (t.numpy() for t in greedy_candidates(ref_logits))
+        # graphs that keep logits are compared on them, the others on the confidences
+        ours, theirs = (got["logits"], ref_logits.numpy()) if "logits" in got else (got["confidence"], conf)
+        d = np.abs(ours.astype(np.float64) - theirs)
+        self.diffs.append(float(d.max()))
+        self.means.append(float(d.mean()))
+        self.agree += int((got["candidate"] == cand).sum())
+        self.total += cand.size
+        if "present_k" in got and ref[1] is not None:
+            self.cache_diffs += [float(np.abs(_f32(got[n]) - r.float().numpy()).max())
+                                 for n, r in (("present_k", ref[1]), ("present_v", ref[2]))]
+            self.cache_scale = max(self.cache_scale, *(float(r.float().abs().max()) for r in ref[1:]))
+        self.cases.append(case)
+
+    def result(self) -> StepParity:
+        relative = RELATIVE[self.dtype]
+        tol = TOLERANCE[self.dtype] * (self.scale if relative else 1.0)
+        cache_tol = TOLERANCE[self.dtype] * (self.cache_scale if relative else 1.0)
+        logits_max = max(self.diffs)
+        cache_max = max(self.cache_diffs) if self.cache_diffs else None
+        top1 = self.agree / self.total
+        ok = (logits_max <= tol and (cache_max is None or cache_max <= cache_tol) and top1 >= TOP1[self.dtype])
+        return StepParity(self.step, self.cases, logits_max, float(np.mean(self.means)), cache_max, top1, tol, ok)
+
+
+def separate_steps(model: TriModeModel, layout: Layout, inputs: dict) -> tuple[torch.Tensor, ...]:
+    """What a fused layout must compute, from the separate steps: logits [B, T, V] of a
+    causal step over the spine, and of each branch as its own draft on the cache extended
+    by the spine tokens 0..anchor; the spine's K/V rows. (passes/fuse_draft_verify's invariant.)"""
+    ids, ck, cv, n, row_start = (inputs[k] for k in ("input_ids", "cache_k", "cache_v", "cache_len", "row_start"))
+    n = int(n)
+    with torch.no_grad():
+        spine_logits, k, v = model.step(ids[:, :layout.spine], ck, cv, n, row_start, layout=Layout.causal(layout.spine))
+        ck, cv = ck.clone(), cv.clone()
+        ck[..., n:n + layout.spine, :] = k
+        cv[..., n:n + layout.spine, :] = v
+        parts = [spine_logits]
+        for b in layout.branches:
+            draft = Layout.bidirectional(b.length, lora=b.lora, source=b.source)
+            prefix = n + b.anchor + 1  # the cache holds the spine up to the anchor
+            parts.append(model.step(ids[:, :0], ck, cv, prefix, row_start, layout=draft)[0])
+    return torch.cat(parts, dim=1), k, v
+
+
+def _step_inputs(model: TriModeModel, layout: Layout, B: int, C: int, cache_len: int,
                  gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """A block against a cache holding ``cache_len`` slots of the model's own K/V
+    """A step's inputs against a cache holding ``cache_len`` slots of the model's own K/V
     (row b left-padded by b slots) and noise beyond them."""
-    cfg, dtype = model.config, model.dtype
+    cfg, dtype, L = model.config, model.dtype, layout.input_length
     row_start = torch.tensor([min(b, max(cache_len + L - 1, 0)) for b in range(B)], dtype=torch.long)
     shape = (cfg.num_hidden_layers, B, cfg.num_key_value_heads, C, cfg.head_dim)
     cache_k = torch.randn(shape, generator=gen).to(dtype) * 3  # noise: must be masked away
@@ -208,7 +266,7 @@ def _step_inputs(model: TriModeModel, pattern: str, B: int, L: int, C: int, cach
         cache_k[..., :cache_len, :] = k
         cache_v[..., :cache_len, :] = v
     ids = torch.randint(0, cfg.vocab_size, (B, L), generator=gen)
-    if pattern == "bidirectional" and L > 1:  # denoise/draft blocks: a seed token, then mostly masks
+    if layout.pattern == "bidirectional" and L > 1:  # denoise/draft blocks: a seed token, then mostly masks
         keep = torch.rand(B, L, generator=gen) < 0.3
         keep[:, 0] = True
         ids = torch.where(keep, ids, torch.full_like(ids, cfg.mask_token_id))
@@ -243,7 +301,7 @@ def generation_parity(artifact_dir: str | Path, model: TriModeModel, prompts: Se
     results = []
     with Runtime.load(artifact_dir, backend="onnxruntime") as runtime:
         for mode in modes or manifest.modes:
-            block = None if mode == "ar" else manifest.block_length
+            block = None if mode == "ar" else manifest.block_lengths(mode)[0]
             pairs = []
             for p in prompts:
                 ours = runtime.generate(p, mode=mode, max_new_tokens=max_new_tokens, block_length=block,
