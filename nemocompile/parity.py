@@ -165,8 +165,9 @@ def step_parity(artifact_dir: str | Path, model: TriModeModel, *, manifest: Mani
     out = []
     for g in manifest.graphs:
         layout = Layout.from_dict(g.layout)
-        L, T = g.block_length, layout.tokens
-        lens = cache_lens if cache_lens is not None else sorted({0, (C - T) // 2, C - T})
+        L = g.block_length
+        # a step's cache slots are its L input tokens (a fused graph's masks write nothing)
+        lens = cache_lens if cache_lens is not None else sorted({0, (C - L) // 2, C - L})
         try:
             session = ort.InferenceSession(str(Path(artifact_dir) / g.file), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types
@@ -177,7 +178,7 @@ def step_parity(artifact_dir: str | Path, model: TriModeModel, *, manifest: Mani
         direct, separate = _Tally(g.step, manifest.dtype), _Tally(f"{g.step}=separate", manifest.dtype)
         gen = torch.Generator().manual_seed(seed)
         for cache_len in lens:
-            if cache_len < 0 or cache_len + max(T, L) > C:
+            if cache_len < 0 or cache_len + L > C:
                 continue
             inputs = _step_inputs(model, layout, B, C, cache_len, gen)
             got = dict(zip(names, session.run(None, {k: _numpy(v) for k, v in inputs.items()})))

@@ -36,14 +36,15 @@ def test_bench_rows_compare_backends_in_one_run(artifact, prompts_file):
                              threads=1, eos=-1)
     rows = report["results"]
     configs = [(r["mode"], r["block_length"], r["threshold"]) for r in rows if r["backend"] == "onnxruntime"]
-    assert configs == [("ar", None, None), ("diffusion", 4, 0.9), ("diffusion", 4, None), ("linear-spec", 4, 0.0)]
-    assert [r["backend"] for r in rows] == ["onnxruntime", "torch"] * 4
+    assert configs == [("ar", None, None), ("diffusion", 4, 0.9), ("diffusion", 4, None), ("linear-spec", 4, 0.0),
+                       ("quadratic-spec", 4, None)]
+    assert [r["backend"] for r in rows] == ["onnxruntime", "torch"] * 5
     for r in rows:
         assert all(k in r for k in REQUIRED), r
         assert r["prompts"] == 2 and r["generated_tokens"] == 18
         assert r["tokens_equal_eager"] is True
         assert 0 <= r["overhead_share"] < 1 and r["time_to_first_token_s"] > 0
-        assert (r["acceptance_length"] is not None) == (r["mode"] == "linear-spec")
+        assert (r["acceptance_length"] is not None) == (r["mode"] in ("linear-spec", "quadratic-spec"))
     for ort_row, torch_row in zip(rows[::2], rows[1::2]):
         assert ort_row["tokens_per_forward"] == torch_row["tokens_per_forward"]
         assert ort_row["forwards"] == torch_row["forwards"]
@@ -52,7 +53,16 @@ def test_bench_rows_compare_backends_in_one_run(artifact, prompts_file):
     s = report["summary"]
     assert s["tokens_per_forward_equal_eager"] is True and s["tokens_equal_eager"] is True
     assert s["linear_spec_best_block_length"] == 4
-    assert set(s["max_overhead_share_by_mode"]) == {"ar", "diffusion", "linear-spec"}
+    assert set(s["max_overhead_share_by_mode"]) == {"ar", "diffusion", "linear-spec", "quadratic-spec"}
+    quad = next(r for r in rows if r["mode"] == "quadratic-spec" and r["backend"] == "onnxruntime")
+    linear = next(r for r in rows if r["mode"] == "linear-spec" and r["backend"] == "onnxruntime")
+    assert s["quadratic_over_linear"][4]["tokens_per_forward"] == pytest.approx(
+        quad["tokens_per_forward"] / linear["tokens_per_forward"])
+    # the fused step's time per forward against a plain verify, per backend and block length
+    times = {(t["backend"], t["step"]): t for t in report["step_times"]}
+    assert set(times) == {(b, st) for b in ("onnxruntime", "torch") for st in ("verify", "verify_draft")}
+    assert times[("onnxruntime", "verify_draft")]["tokens"] == 4 * 5 and times[("onnxruntime", "verify")]["tokens"] == 4
+    assert s["fused_step_over_verify_time"][4] > 0
     assert s["onnxruntime_over_eager_ar"] == pytest.approx(ar[0]["tokens_per_second"] / ar[1]["tokens_per_second"])
     assert "linear-spec" in bench.format_table(report)
 
@@ -69,7 +79,8 @@ def test_bench_command_writes_json_and_plot(artifact, prompts_file, tmp_path, ca
     assert "tok/s" in table and "linear-spec" in table
     report = json.loads(out.read_text())
     assert [(r["backend"], r["mode"], r["threshold"]) for r in report["results"]] == [
-        ("onnxruntime", "ar", None), ("onnxruntime", "diffusion", None), ("onnxruntime", "linear-spec", 0.0)]
+        ("onnxruntime", "ar", None), ("onnxruntime", "diffusion", None), ("onnxruntime", "linear-spec", 0.0),
+        ("onnxruntime", "quadratic-spec", None)]
     assert all(all(k in r for k in REQUIRED) for r in report["results"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -45,7 +45,7 @@ def test_plan_declares_each_modes_graphs():
 def test_export_all_modes_is_a_valid_artifact():
     _, art = lora_batch2()
     manifest = Manifest.load(art)
-    assert manifest.modes == ["ar", "diffusion", "linear-spec"]
+    assert manifest.modes == ["ar", "diffusion", "linear-spec", "quadratic-spec"]
     assert [g.step for g in manifest.graphs] == list(STEP_KINDS)
     assert (manifest.batch_size, manifest.cache_capacity, manifest.block_length, manifest.prefill_length) == \
         (2, CAPACITY, BLOCK, PREFILL)
@@ -55,6 +55,7 @@ def test_export_all_modes_is_a_valid_artifact():
     assert not [p for p in art.parent.iterdir() if ".partial-" in p.name]
     for g in manifest.graphs:
         pattern, writes, _ = STEP_KINDS[g.step]
+        # the drafter LoRA is on in linear-spec's draft only (quadratic-spec follows the reference: off)
         assert (g.pattern, g.writes_cache, g.lora) == (pattern, writes, g.step == "draft")
         onnx.checker.check_model(str(art / g.file), full_check=True)  # checker + strict shape inference
         proto = load_graph(art / g.file)
@@ -244,7 +245,7 @@ def test_export_the_embedded_model(embedded_dir):
     out = embedded()
     manifest = Manifest.load(out)
     assert manifest.source == str(embedded_dir)
-    assert manifest.modes == ["ar", "diffusion", "linear-spec"]
+    assert manifest.modes == ["ar", "diffusion", "linear-spec", "quadratic-spec"]
     assert set(manifest.tokenizer_files) >= {"tokenizer.json"} and (out / "tokenizer.json").is_file()
     assert manifest.block_length == manifest.model_config["block_size"]
     assert manifest.graph("draft").lora == manifest.has_lora

@@ -36,10 +36,13 @@ def assert_steps_match(report, steps):
 def test_every_step_kind_matches_eager_batch2_with_lora():
     model, art = lora_batch2()
     report = step_parity(art, model)  # cache lengths 0, mid and C - L; rows 0 and 1 (left padded)
-    assert_steps_match(report, ["prefill", "ar_step", "denoise", "commit", "draft", "verify"])
+    # the fused graphs, against the eager fused step and against the separate steps they replace
+    assert_steps_match(report, ["prefill", "ar_step", "denoise", "commit", "draft", "verify", "prefill_draft",
+                                "prefill_draft=separate", "verify_draft", "verify_draft=separate"])
     writes = {s.step: s.cache_max is not None for s in report}
     assert writes == {"prefill": True, "ar_step": True, "denoise": False, "commit": True, "draft": False,
-                      "verify": True}
+                      "verify": True, "prefill_draft": True, "prefill_draft=separate": True, "verify_draft": True,
+                      "verify_draft=separate": True}
 
 
 def test_step_kinds_match_eager_batch1_without_lora():
@@ -65,8 +68,9 @@ def test_whole_generations_are_token_identical_in_every_mode():
     prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist() for n in (3, 21)]
     # 21 tokens > the prefill length 16: the prompt is prefilled in two chunks
     batch = [prompts[0], prompts[1][:11]]  # ar and diffusion also decode a left-padded batch of 2
-    results = generation_parity(art, model, prompts, max_new_tokens=16, modes=["ar", "diffusion", "linear-spec"])
-    assert [r.mode for r in results] == ["ar", "diffusion", "linear-spec"]
+    modes = ["ar", "diffusion", "linear-spec", "quadratic-spec"]
+    results = generation_parity(art, model, prompts, max_new_tokens=16, modes=modes)
+    assert [r.mode for r in results] == modes
     for r in results:
         assert r.ok and r.identical == r.prompts == 2 and r.token_agreement == 1.0, r
     batched = generation_parity(art, model, [batch], max_new_tokens=12, modes=["ar", "diffusion"])
@@ -149,5 +153,5 @@ def test_bf16_artifact_says_why_it_cannot_run_on_cpu(tmp_path):
 def test_embedded_model_parity(embedded_dir):
     report = check_parity(embedded(), None, max_new_tokens=24)  # text prompts through the copied tokenizer
     assert report.ok, report.table()
-    assert [g.mode for g in report.generations] == ["ar", "diffusion", "linear-spec"]
+    assert [g.mode for g in report.generations] == ["ar", "diffusion", "linear-spec", "quadratic-spec"]
     assert all(s.logits_max <= FP32 for s in report.steps)

@@ -298,7 +298,7 @@ def _counting(rt):
     (dict(prompt=[5] * (CAPACITY + 1)), "alone exceeds the artifact's KV cache capacity of 96"),
     (dict(max_new_tokens=CAPACITY), "exceed the artifact's KV cache capacity"),
     (dict(mode="diffusion", max_new_tokens=CAPACITY - 8), r"\+ one block \(4\)"),
-    (dict(mode="diffusion", block_length=8), r"exported for block length\(s\) \[4\], not 8"),
+    (dict(mode="diffusion", block_length=8), r"graphs are for block length\(s\) \[4\], not 8"),
     (dict(mode="quadratic"), "unknown mode"),
     (dict(max_new_tokens=0), "max_new_tokens must be"),
     (dict(temperature=-1.0), "temperature must be"),

@@ -160,7 +160,7 @@ def sse(response) -> list:
 def test_http_binds_loopback_and_reports_health_and_models(server, client):
     assert server.startswith("http://127.0.0.1:")
     health = client.get("/health").json()
-    assert health["status"] == "ok" and health["modes"] == ["ar", "diffusion", "linear-spec"]
+    assert health["status"] == "ok" and health["modes"] == ["ar", "diffusion", "linear-spec", "quadratic-spec"]
     assert health["block_lengths"] == [4] and health["cache_capacity"] == CAPACITY
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny"]
