@@ -114,7 +114,7 @@ def assert_same(ref, got, what: str) -> None:
 
 # ---- greedy parity with the eager decoders -----------------------------------------
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
-@pytest.mark.parametrize("mode", ["ar", "diffusion", "linear-spec"])
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "linear-spec", "quadratic-spec"])
 def test_greedy_matches_eager_decoders(mode, backend, model, ort, eager_rt):
     rt = ort if backend == "onnxruntime" else eager_rt
     for prompt in PROMPTS:
@@ -125,7 +125,7 @@ def test_greedy_matches_eager_decoders(mode, backend, model, ort, eager_rt):
             assert got.stats.backend == backend and got.finish_reason == "length"
 
 
-@pytest.mark.parametrize("mode", ["ar", "diffusion", "linear-spec"])
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "linear-spec", "quadratic-spec"])
 def test_eos_stops_like_eager(mode, model, ort):
     free = eager(model, PROMPTS[0], mode=mode, max_new_tokens=24, block_length=BLOCK, eos_token_id=-1)
     eos = free.tokens[5]
@@ -219,14 +219,15 @@ def test_seeded_sampling_is_reproducible(mode, ort):
     assert a.tokens != greedy.tokens
 
 
-@pytest.mark.parametrize("mode", ["ar", "diffusion", "linear-spec"])
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "linear-spec", "quadratic-spec"])
 def test_stream_yields_each_commit(mode, ort):
     full = ort.generate(PROMPTS[0], mode=mode, max_new_tokens=21, eos=-1)
     stream = ort.generate(PROMPTS[0], mode=mode, max_new_tokens=21, eos=-1, stream=True)
     chunks = list(stream)
     assert [t for c in chunks for t in c] == full.tokens
     assert stream.result.tokens == full.tokens and stream.result.stats.forwards == full.stats.forwards
-    commits = {"ar": 21, "diffusion": -(-21 // BLOCK), "linear-spec": 1 + len(full.stats.acceptance_lengths)}
+    cycles = 1 + len(full.stats.acceptance_lengths)
+    commits = {"ar": 21, "diffusion": -(-21 // BLOCK), "linear-spec": cycles, "quadratic-spec": cycles}
     assert len(chunks) == commits[mode]
 
 
@@ -426,7 +427,7 @@ def test_engines_are_checked_against_their_build_record(tmp_path, artifact):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_nvidia_gpu(), reason="needs an NVIDIA GPU")
-@pytest.mark.parametrize("mode", ["ar", "diffusion", "linear-spec"])
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "linear-spec", "quadratic-spec"])
 def test_tensorrt_engines_match_eager_decoders(mode, tmp_path_factory, model):
     """On a GPU with TensorRT: build the engines, then decode token-for-token like eager (fp32 graphs)."""
     pytest.importorskip("tensorrt", reason="needs TensorRT (pip install 'nemocompile[tensorrt]')")

@@ -48,6 +48,7 @@ def test_stdio_serves_valid_malformed_and_queued_requests(artifact, ort):
         '{"id": 8, "prompt": [5], "mode": "diffusion", "block_length": 16}',
         '',
         '{"id": 9, "prompt": [60, 61, 62, 63, 64, 65, 66, 67, 68, 69], "max_new_tokens": 7, "eos": -1}',
+        '{"id": 10, "prompt": [5, 9, 11, 20, 7], "mode": "quadratic-spec", "max_new_tokens": 12, "eos": -1}',
     ]
     proc = subprocess.run(SERVE + ["--stdio", "--artifact", str(artifact), "--threads", "1"],
                           input="\n".join(requests) + "\n", capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -55,7 +56,7 @@ def test_stdio_serves_valid_malformed_and_queued_requests(artifact, ort):
     lines = [json.loads(line) for line in proc.stdout.splitlines()]  # every stdout line is JSON
     finals = [m for m in lines if m.get("done")]
     # one final line per non-empty request line, in arrival order
-    assert [m["id"] for m in finals] == [1, None, "two", 3, 4, 5, None, 6, 7, 8, 9]
+    assert [m["id"] for m in finals] == [1, None, "two", 3, 4, 5, None, 6, 7, 8, 9, 10]
 
     def expect(rid, *args, **kw):
         got = next(m for m in finals if m["id"] == rid)
@@ -69,6 +70,7 @@ def test_stdio_serves_valid_malformed_and_queued_requests(artifact, ort):
     expect(6, [{"role": "user", "content": "hi"}], chat=True, max_new_tokens=6, eos=-1)
     expect(7, [1, 4], mode="ar", max_new_tokens=10, temperature=1.0, seed=3, eos=-1)
     expect(9, PROMPTS[2][:10], max_new_tokens=7, eos=-1)
+    expect(10, [5, 9, 11, 20, 7], mode="quadratic-spec", max_new_tokens=12, eos=-1)
 
     events = [m for m in lines if m.get("event") == "tokens"]
     assert events and all(m["id"] == "two" for m in events)
@@ -166,7 +168,7 @@ def test_http_binds_loopback_and_reports_health_and_models(server, client):
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny"]
 
 
-@pytest.mark.parametrize("mode", ["ar", "diffusion", "linear-spec"])
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "linear-spec", "quadratic-spec"])
 def test_http_completions_match_the_runtime(mode, client, ort):
     body = {"model": "tiny", "prompt": "def f(x):", "max_tokens": 11, "mode": mode, "eos": -1}
     r = client.post("/v1/completions", json=body)
