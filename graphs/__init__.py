@@ -17,12 +17,15 @@ MODES = {m.MODE: m for m in (ar, diffusion, linear_spec, quadratic_spec)}
 
 
 def plan(modes: list[str], *, block_length: int, prefill_length: int, has_lora: bool,
-         logits: bool = True) -> list[tuple[StepSpec | Fuse, list[str]]]:
+         logits: bool = True, mode_options: dict[str, dict] | None = None) -> list[tuple[StepSpec | Fuse, list[str]]]:
     """The graphs of ``modes``, each once, with the modes that use it, in mode order.
-    ``logits=False``: no graph returns vocabulary-sized logits (a greedy-only artifact)."""
+    ``logits=False``: no graph returns vocabulary-sized logits (a greedy-only artifact).
+    ``mode_options``: extra keyword arguments of a mode's ``steps`` (quadratic-spec: draft_groups)."""
     graphs: dict[StepSpec | Fuse, list[str]] = {}
     for mode in modes:
-        for spec in MODES[mode].steps(block_length=block_length, prefill_length=prefill_length, has_lora=has_lora):
+        options = (mode_options or {}).get(mode, {})
+        for spec in MODES[mode].steps(block_length=block_length, prefill_length=prefill_length, has_lora=has_lora,
+                                      **options):
             if isinstance(spec, StepSpec) and not logits:
                 spec = dataclasses.replace(spec, logits=False)
             graphs.setdefault(spec, []).append(mode)

@@ -65,6 +65,7 @@ def export_artifact(
     overwrite: bool = False,
     dump_after: str | None = None,
     logits: bool = True,
+    draft_groups: int | None = None,
 ) -> Manifest:
     """Export the graphs of ``modes`` ("all" or a list of ar, diffusion,
     linear-spec, quadratic-spec) and return the manifest written to ``out_dir``.
@@ -78,7 +79,9 @@ def export_artifact(
     the prompt chunk; ``max_seq_len`` the cache capacity C; ``batch_size`` the
     static batch. ``logits=False`` makes a greedy-only artifact: no graph returns
     vocabulary-sized logits (token ids and confidences only; sampling then
-    needs another export). ``progress``: True prints to stderr, or a callable(str).
+    needs another export). ``draft_groups`` G: quadratic-spec's fused step drafts for
+    the first G acceptance points only (default: all B). ``progress``: True prints
+    to stderr, or a callable(str).
     """
     say = _progress(progress)
     # Everything that can be checked before loading a (possibly large) checkpoint is.
@@ -101,8 +104,12 @@ def export_artifact(
     _check_lengths(modes, block_length, prefill_length, max_seq_len, batch_size, cfg.max_position_embeddings)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
 
+    if draft_groups is not None and (isinstance(draft_groups, bool) or not isinstance(draft_groups, int)
+                                     or not 1 <= draft_groups <= block_length or "quadratic-spec" not in modes):
+        raise ExportError(f"draft_groups must be an integer from 1 to the block length {block_length} and needs "
+                          f"the quadratic-spec mode, got {draft_groups!r}")
     planned = plan(modes, block_length=block_length, prefill_length=prefill_length, has_lora=model.has_lora,
-                   logits=logits)
+                   logits=logits, mode_options={"quadratic-spec": {"draft_groups": draft_groups}})
     # the description passes (fusion) run on the whole plan before anything is lowered
     graphs = list(zip(run_description_pipeline([s for s, _ in planned]), [used for _, used in planned]))
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))

@@ -11,8 +11,9 @@ and a draft of B masks:
   for each ``j``, B masks that see ``d_0..d_j``: the next draft for an
   acceptance of ``j + 1`` tokens.
 
-The drafter LoRA stays off, as in the reference (``lora_on_masks`` turns it on
-for the mask rows only: an experiment, never the default).
+The drafter LoRA stays off, as in the reference. ``draft_groups`` G < B
+drafts only after the first G spine tokens (B + G x B tokens per forward
+instead of B x (B+1)); the scheduler then accepts at most G tokens per cycle.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ MODE = "quadratic-spec"
 
 
 def steps(*, block_length: int, prefill_length: int, has_lora: bool,
-          lora_on_masks: bool = False) -> list[StepSpec | Fuse]:
+          draft_groups: int | None = None) -> list[StepSpec | Fuse]:
     prefill = StepSpec.causal("prefill", prefill_length)  # earlier chunks of a long prompt
-    masks = StepSpec.bidirectional("draft_masks", block_length, lora=has_lora and lora_on_masks, source="mask")
+    masks = StepSpec.bidirectional("draft_masks", block_length, source="mask")  # B masks, LoRA off
     return [
         prefill,
         Fuse("prefill_draft", prefill, masks, anchors="last"),  # last prompt chunk + the first draft
-        Fuse("verify_draft", StepSpec.causal("verify", block_length), masks, anchors="each"),  # B x (B+1) tokens
+        # B x (B+1) tokens (B + G x B with draft_groups G)
+        Fuse("verify_draft", StepSpec.causal("verify", block_length), masks, anchors="each", groups=draft_groups),
     ]

@@ -83,6 +83,7 @@ class Fuse:
     causal: StepSpec
     draft: StepSpec
     anchors: str  # "each" | "last"
+    groups: int | None = None  # "each": only the first ``groups`` spine tokens get a draft (None: all)
 
 
 class StepModule(nn.Module):

@@ -307,8 +307,9 @@ def generation_parity(artifact_dir: str | Path, model: TriModeModel, prompts: Se
             for p in prompts:
                 ours = runtime.generate(p, mode=mode, max_new_tokens=max_new_tokens, block_length=block,
                                         temperature=0.0)
+                groups = runtime.draft_groups.get(block) if mode == "quadratic-spec" else None
                 ref = generate(model, p, mode=mode, max_new_tokens=max_new_tokens, block_length=block,
-                               temperature=0.0)
+                               temperature=0.0, draft_groups=groups)
                 if isinstance(ref, list):  # a batch of prompts: one result per row
                     pairs += [(list(o.tokens), list(r.tokens)) for o, r in zip(ours, ref)]
                 else:

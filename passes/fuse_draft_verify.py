@@ -48,7 +48,10 @@ def _fuse(request: Fuse) -> StepSpec:
         raise PassError(f"{request.step}: cannot fuse: {request.draft.step} must be all masks at the block's "
                         "start (a draft conditioned only on its prefix)")
     if request.anchors == "each":
-        anchors = range(verify.spine)
+        groups = verify.spine if request.groups is None else request.groups
+        if not 1 <= groups <= verify.spine:
+            raise PassError(f"{request.step}: groups must be 1..{verify.spine}, got {groups}")
+        anchors = range(groups)
     elif request.anchors == "last":
         anchors = [verify.spine - 1]
     else:

@@ -90,6 +90,9 @@ class Runtime:
             backend.open(graph, io, self.cache)
         self.sampling = manifest.sampling
         self.block_lengths = sorted({L for m in self.modes for L in manifest.block_lengths(m)})  # every mode's
+        # quadratic-spec: branches of each fused step (its block length, unless exported with --draft-groups)
+        self.draft_groups = {g.block_length: len(g.layout["branches"]) for g in manifest.graphs
+                             if g.step == "verify_draft"}
         self.prefill_length = manifest.graph("prefill").block_length
         # host scratch for the candidates of a block's masked positions, touched once here so
         # denoising never allocates (a fresh multi-100 KB array per step costs page faults)

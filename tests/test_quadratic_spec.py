@@ -269,3 +269,40 @@ def test_runtime_writes_b_rows_per_fused_step_and_crops_to_before_plus_cnt(artif
     assert [c[1][2] - c[0][1] for c in cycles] == r.stats.acceptance_lengths  # crop to before + cnt
     assert all(w[2] == B for w, _ in cycles)  # exactly B rows written per fused step
     assert len(cycles) == r.stats.forwards - 1
+
+
+# ---- the cost knob: fewer draft groups ---------------------------------------------------
+def test_draft_groups_cap_acceptance_and_take_the_next_draft_from_the_last_group():
+    ar = PROMPT + list(range(20, 40))
+    drafts = {(2, t): ar[t] for t in range(3, 8)}  # a perfect first draft
+    drafts.update({(3, t): ar[t] for t in range(4, 12)})  # group 0 (anchor position 3) drafts right too
+    m = ScriptedStepModel(ar, drafts)
+    r = nemocompile.generate(m, PROMPT, mode="quadratic-spec", max_new_tokens=5, block_length=4, draft_groups=1)
+    # G = 1: every cycle accepts at most 1 (just the bonus), and drafts from group 0 only
+    assert r.tokens == ar[3:8] and r.stats.acceptance_lengths == [1, 1, 1, 1]
+    assert [c[2] for c in m.calls[1:]] == [4 + 1 * 4] * 4  # B + G x B tokens per fused forward
+    with pytest.raises(GenerationError, match="draft_groups must be an integer from 1 to the block length 4"):
+        nemocompile.generate(m, PROMPT, mode="quadratic-spec", block_length=4, draft_groups=5)
+    with pytest.raises(GenerationError, match="quadratic-spec knob"):
+        nemocompile.generate(make_model(), [5], mode="linear-spec", draft_groups=2)
+
+
+def test_draft_groups_artifact_is_lossless_and_matches_eager(tmp_path):
+    model = make_model(seed=2, scale=0.3)
+    art = tmp_path / "g2"
+    export_artifact(model, art, modes=["quadratic-spec"], block_length=8, max_seq_len=96, prefill_length=8,
+                    draft_groups=2)
+    fused = Manifest.load(art).graph("verify_draft")
+    assert len(fused.layout["branches"]) == 2 and fused.output("candidate").shape == [1, 8 + 2 * 8]
+    with Runtime.load(art, threads=1) as rt:
+        assert rt.draft_groups == {8: 2}
+        for p in _prompts(5, seed=9):
+            ar = nemocompile.generate(model, p, mode="ar", max_new_tokens=30, eos_token_id=-1)
+            eager = nemocompile.generate(model, p, mode="quadratic-spec", max_new_tokens=30, block_length=8,
+                                         eos_token_id=-1, draft_groups=2)
+            ours = rt.generate(p, mode="quadratic-spec", max_new_tokens=30, eos=-1)
+            assert ours.tokens == eager.tokens == ar.tokens
+            assert ours.stats.acceptance_lengths == eager.stats.acceptance_lengths
+            assert max(eager.stats.acceptance_lengths) <= 2
+    with pytest.raises(Exception, match="draft_groups must be an integer from 1 to the block length 8"):
+        export_artifact(model, tmp_path / "bad", modes=["quadratic-spec"], block_length=8, draft_groups=9)

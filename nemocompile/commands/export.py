@@ -28,6 +28,9 @@ def add_parser(sub) -> None:
     p.add_argument("--greedy-only", action="store_true",
                    help="no graph returns vocabulary-sized logits (token ids and confidences only): smaller "
                         "outputs for real vocabularies; temperature > 0 then needs another export")
+    p.add_argument("--draft-groups", type=int, default=None, metavar="G",
+                   help="quadratic-spec: draft for the first G acceptance points only (B + G*B tokens per fused "
+                        "forward instead of B*(B+1); at most G tokens accepted per cycle; default: all B)")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=run)
 
@@ -42,6 +45,7 @@ def run(args) -> int:
         batch_size=args.batch_size, dtype=args.dtype, prefill_length=args.prefill_length, progress=True,
         opset=args.opset, optimize=not args.no_optimize, share_weights=not args.no_share_weights,
         overwrite=args.force, dump_after=args.dump_after, logits=not args.greedy_only,
+        draft_groups=args.draft_groups,
     )
     report = lint_artifact(args.out)
     if args.json:

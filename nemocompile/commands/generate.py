@@ -12,6 +12,8 @@ def add_parser(sub) -> None:
     add_model_arg(p)
     add_decode_args(p)
     p.add_argument("--dtype", default=None, help="fp32 (default), fp16 or bf16")
+    p.add_argument("--draft-groups", type=int, default=None, metavar="G",
+                   help="quadratic-spec: draft for the first G acceptance points only (default: all)")
     p.set_defaults(func=run)
 
 
@@ -22,7 +24,8 @@ def run(args) -> int:
     model = load(args.model, dtype=args.dtype)
     result = generate(model, args.prompt, mode=args.mode, max_new_tokens=args.max_new_tokens,
                       block_length=args.block_length, threshold=args.threshold,
-                      temperature=args.temperature, seed=args.seed, chat=args.chat)
+                      temperature=args.temperature, seed=args.seed, chat=args.chat,
+                      draft_groups=args.draft_groups)
     if args.json:
         print(json.dumps({"text": result.text, "tokens": result.tokens, "stats": result.stats.to_dict()}))
     else:

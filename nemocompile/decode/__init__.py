@@ -34,12 +34,14 @@ def generate(
     eos_token_id: int | None = None,
     steps: int | None = None,
     chat: bool = False,
+    draft_groups: int | None = None,
 ) -> GenerationResult | list[GenerationResult]:
     """Generate with the eager model. A single prompt (text or ids) returns one
-    result; a list of prompts returns a list (ar and diffusion batch them)."""
+    result; a list of prompts returns a list (ar and diffusion batch them).
+    ``draft_groups`` (quadratic-spec): acceptance points drafted per fused step (default: all)."""
     prompts, batched = encode_prompts(model, prompt_or_ids, chat)
     args = validate_args(model, DecodeArgs(mode, max_new_tokens, block_length, threshold, steps, temperature,
-                                           seed, eos_token_id), len(prompts))
+                                           seed, eos_token_id, draft_groups), len(prompts))
     outs, stats = _DECODERS[args.mode](model, prompts, args)
     results = []
     for tokens in outs:

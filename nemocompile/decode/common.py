@@ -66,6 +66,7 @@ class DecodeArgs:
     temperature: float = 0.0
     seed: int | None = None
     eos_token_id: int | None = None  # default: the config's; -1 disables EOS stopping
+    draft_groups: int | None = None  # quadratic-spec: branches per fused step (None: all B, the spec)
 
 
 class Sampler:
@@ -124,9 +125,12 @@ def validate_args(model: TriModeModel, args: DecodeArgs, batch: int) -> DecodeAr
         raise GenerationError(f"{args.mode} decodes one sequence at a time (batch 1); use ar or diffusion for batches")
     if args.mode == "quadratic-spec":
         threshold = check_quadratic(args.threshold, args.temperature)
+        check_draft_groups(args.draft_groups, block)
+    elif args.draft_groups is not None:
+        raise GenerationError("draft_groups is a quadratic-spec knob; leave it unset for other modes")
     eos = model.config.eos_token_id if args.eos_token_id is None else args.eos_token_id
     return DecodeArgs(args.mode, args.max_new_tokens, block, threshold, args.steps, args.temperature,
-                      args.seed, eos)
+                      args.seed, eos, args.draft_groups)
 
 
 DEFAULT = object()
@@ -141,6 +145,11 @@ def check_quadratic(threshold, temperature: float) -> None:
         raise GenerationError("quadratic-spec drafts every block in one forward and takes no threshold; "
                               "leave threshold unset (or use linear-spec for iterative drafting)")
     return None
+
+
+def check_draft_groups(groups, block: int) -> None:
+    if groups is not None and (isinstance(groups, bool) or not isinstance(groups, int) or not 1 <= groups <= block):
+        raise GenerationError(f"draft_groups must be an integer from 1 to the block length {block}, got {groups!r}")
 
 
 def parse_threshold(value: float | str | None):

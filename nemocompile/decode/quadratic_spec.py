@@ -10,6 +10,9 @@ Glossary:
 - acceptance length: ``cnt`` (accepted drafts + the bonus), per fused step.
 - next draft: ``[a[cnt-1], q[cnt-1][2..B]]`` from the branch conditioned on exactly
   the accepted prefix; the bonus replaces the branch's own guess for its first slot.
+- draft groups G (a cost knob, default B = the spec): only the first G acceptance
+  points get a branch (B + G x B tokens per forward instead of B x (B+1)), and a
+  cycle accepts at most G tokens; still lossless, since every emitted token was verified.
 - rollback: crop the cache to its length before the step plus ``cnt`` (it keeps
   ``d_0..d_{cnt-1}``).
 Each cycle is one forward; the prefill and the first draft are one forward too.
@@ -30,15 +33,18 @@ def prefill_draft_layout(prompt: int, block: int) -> Layout:
     return Layout(prompt, (Branch(block, prompt, prompt - 1, "mask"),))
 
 
-def verify_draft_layout(block: int) -> Layout:
-    """The draft (causal verify, written) and after each of its tokens j, B masks seeing d_0..d_j."""
-    return Layout(block, tuple(Branch(block, j + 1, j, "mask") for j in range(block)))
+def verify_draft_layout(block: int, groups: int | None = None) -> Layout:
+    """The draft (causal verify, written) and after each of its first ``groups`` (default:
+    all) tokens j, B masks seeing d_0..d_j."""
+    return Layout(block, tuple(Branch(block, j + 1, j, "mask") for j in range(groups or block)))
 
 
-def accept(d: list[int], a: list[int]) -> int:
-    """cnt: 1 + the leading drafts d[1..] matched by the verifier's a[0..]."""
+def accept(d: list[int], a: list[int], groups: int | None = None) -> int:
+    """cnt: 1 + the leading drafts d[1..] matched by the verifier's a[0..], at most ``groups``
+    (a next draft exists only for the acceptance points that have a branch)."""
+    limit = min(len(d), groups or len(d))
     cnt = 1
-    while cnt < len(d) and a[cnt - 1] == d[cnt]:
+    while cnt < limit and a[cnt - 1] == d[cnt]:
         cnt += 1
     return cnt
 
@@ -51,7 +57,7 @@ def next_draft(bonus: int, branch: list[int]) -> list[int]:
 @torch.no_grad()
 def decode_quadratic_spec(model: TriModeModel, prompts: list[list[int]], args: DecodeArgs):
     stats = GenerationStats(mode="quadratic-spec", block_length=args.block_length)
-    B, eos, prompt = args.block_length, args.eos_token_id, prompts[0]
+    B, eos, prompt, groups = args.block_length, args.eos_token_id, prompts[0], args.draft_groups
     cache = model.new_cache(1, len(prompt) + args.max_new_tokens + B)
     ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
 
@@ -62,10 +68,10 @@ def decode_quadratic_spec(model: TriModeModel, prompts: list[list[int]], args: D
     out = [a]
     while eos not in out and len(out) < args.max_new_tokens:
         before = cache.length
-        tokens = forward(model, cache, torch.tensor([d], device=model.device), verify_draft_layout(B))
+        tokens = forward(model, cache, torch.tensor([d], device=model.device), verify_draft_layout(B, groups))
         stats.forwards += 1
         a = tokens[:B]  # the verifier's choice after each draft token
-        cnt = accept(d, a)
+        cnt = accept(d, a, groups)
         cache.crop(before + cnt)
         stats.acceptance_lengths.append(cnt)
         out += d[1:cnt] + [a[cnt - 1]]

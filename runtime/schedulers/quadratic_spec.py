@@ -11,6 +11,8 @@ Glossary:
 - next draft: ``[a[cnt-1]] + branch[cnt-1][1:]``, the branch conditioned on exactly
   the accepted prefix, with the bonus in its first slot.
 - rollback: the cache keeps ``d_0..d_{cnt-1}`` (crop to before + cnt), by moving its length.
+- draft groups: an artifact exported with ``--draft-groups G`` has branches after the
+  first G spine tokens only, and a cycle accepts at most G tokens.
 The first draft comes with the prompt: the last prefill chunk runs as
 ``prefill_draft`` (prompt + B masks), one forward. Greedy only; lossless.
 """
@@ -22,6 +24,7 @@ from nemocompile.decode.quadratic_spec import accept, next_draft
 
 def decode_quadratic_spec(d):
     B = d.request.block_length
+    groups = d.rt.draft_groups[B]
     x = d.io("verify_draft", B).input_ids  # [batch, B]: row 0 holds the draft
     tokens, last = prefill_and_draft(d)
     d.emit(0, tokens[last:last + 1])
@@ -30,8 +33,8 @@ def decode_quadratic_spec(d):
     while not d.done[0]:
         before = d.cache.length
         x[0] = draft
-        a, branches = verify_and_draft(d, B)
-        cnt = accept(draft, a)
+        a, branches = verify_and_draft(d, B, groups)
+        cnt = accept(draft, a, groups)
         d.cache.crop(before + cnt)
         d.stats.acceptance_lengths.append(cnt)
         d.emit(0, draft[1:cnt] + [a[cnt - 1]])
@@ -46,10 +49,10 @@ def prefill_and_draft(d) -> tuple[list[int], int]:
     return io.candidate[0].tolist(), last
 
 
-def verify_and_draft(d, B: int) -> tuple[list[int], list[list[int]]]:
+def verify_and_draft(d, B: int, groups: int) -> tuple[list[int], list[list[int]]]:
     """The fused forward (writes the spine's B rows): the verifier's tokens a [B] and
     each branch's B guesses."""
     io = d.run("verify_draft", B)
     d.cache.write(io.present_k, io.present_v)
     row = io.candidate[0].tolist()
-    return row[:B], [row[B + j * B: B + (j + 1) * B] for j in range(B)]
+    return row[:B], [row[B + j * B: B + (j + 1) * B] for j in range(groups)]
