@@ -144,9 +144,11 @@ def _tokens(graph) -> int:
 def run_bench(artifacts: Sequence[str | Path], prompts: list, backends: Sequence[str] = ("onnxruntime", "torch"),
               max_new_tokens: int = 64, diffusion_thresholds: Sequence = DEFAULT_DIFFUSION_THRESHOLDS,
               linear_spec_thresholds: Sequence = DEFAULT_LINEAR_SPEC_THRESHOLDS, model=None,
-              threads: int | None = None, eos: int | None = None,
+              threads: int | None = None, eos: int | None = None, thinking: dict | None = None,
               progress: Callable[[str], None] | None = None) -> dict:
-    """Benchmark every configuration; returns {"results": [row dicts], "summary": {...}}."""
+    """Benchmark every configuration; returns {"results": [row dicts], "summary": {...}}.
+    ``thinking``: the thinking budget of every request (max_thinking_tokens, end_think_token_id)."""
+    thinking = thinking or {}
     say = progress or (lambda msg: None)
     rows: list[dict] = []
     step_rows: list[dict] = []
@@ -162,13 +164,14 @@ def run_bench(artifacts: Sequence[str | Path], prompts: list, backends: Sequence
         encoded = [_fit(first, p, max_new_tokens) for p in prompts]
         for rt in runtimes.values():  # warm-up: first runs pay for allocations and thread pools
             for mode, L, t in grid(first, diffusion_thresholds, linear_spec_thresholds):
-                rt.generate(encoded[0], mode=mode, block_length=L, threshold=t, max_new_tokens=8, eos=eos)
+                rt.generate(encoded[0], mode=mode, block_length=L, threshold=t, max_new_tokens=8, eos=eos,
+                            **thinking)
         for mode, L, t in grid(first, diffusion_thresholds, linear_spec_thresholds):
             acc = {b: Row(b, mode, L, t, str(artifact), first.manifest.config_hash) for b in backends}
             for ids in encoded:
                 for b in backends:  # alternate backends prompt by prompt: same machine load for both
                     acc[b].add(runtimes[b].generate(ids, mode=mode, block_length=L, threshold=t,
-                                                    max_new_tokens=max_new_tokens, eos=eos))
+                                                    max_new_tokens=max_new_tokens, eos=eos, **thinking))
             for b in backends:
                 row = acc[b].to_dict()
                 row["tokens_equal_eager"] = acc[b].tokens == acc["torch"].tokens if "torch" in acc else None

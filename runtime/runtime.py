@@ -19,7 +19,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from nemocompile.decode.common import DEFAULT, MODES, SPECULATIVE, check_quadratic, parse_threshold
+from nemocompile.decode.common import (DEFAULT, MODES, SPECULATIVE, ThinkingBudget, budgeted, check_quadratic,
+                                       parse_threshold, thinking_budget)
 from nemocompile.errors import GenerationError, NemocompileError
 from nemocompile.manifest import Manifest, ManifestError
 from nemocompile.tokenizer import encode_prompts
@@ -43,6 +44,7 @@ class Request:
     seed: int | None
     eos: int  # -1: never stop on EOS
     batched: bool  # the caller passed a list of prompts
+    budget: ThinkingBudget | None = None  # spec 3.5: max_thinking_tokens and end_think_token_id
 
 
 @dataclass
@@ -168,7 +170,8 @@ class Runtime:
 
     def validate(self, prompts: list[list[int]], batched: bool, mode: str = "ar", max_new_tokens: int = 64,
                  block_length: int | None = None, threshold=None, temperature: float = 0.0,
-                 seed: int | None = None, eos: int | None = None, steps: int | None = None) -> Request:
+                 seed: int | None = None, eos: int | None = None, steps: int | None = None,
+                 max_thinking_tokens: int | None = None, end_think_token_id: int | None = None) -> Request:
         """Fill defaults and reject what cannot run, before any step does (spec defaults:
         diffusion threshold 0.9, linear-spec threshold 0; block length: the artifact's)."""
         if mode not in MODES:
@@ -228,11 +231,14 @@ class Runtime:
                     + (f" + one block ({block})" if block else "") + f" = {need} tokens exceed")
             raise GenerationError(f"{what} the artifact's KV cache capacity of {self.capacity}; shorten the prompt, "
                                   f"lower max_new_tokens, or re-export with a larger --max-seq-len")
-        return Request(prompts, mode, max_new_tokens, block, thr, steps, float(temperature), seed, eos, batched)
+        budget = thinking_budget(max_thinking_tokens, end_think_token_id, self.tokenizer, self.vocab_size)
+        return Request(prompts, mode, max_new_tokens, block, thr, steps, float(temperature), seed, eos, batched,
+                       budget)
 
     def generate(self, prompt_or_ids, mode: str = "ar", max_new_tokens: int = 64, block_length: int | None = None,
                  threshold=None, temperature: float = 0.0, seed: int | None = None, eos: int | None = None,
-                 stream: bool = False, steps: int | None = None, chat: bool = False):
+                 stream: bool = False, steps: int | None = None, chat: bool = False,
+                 max_thinking_tokens: int | None = None, end_think_token_id: int | None = None):
         """Generate for one prompt (text or ids) -> :class:`RuntimeResult`, or a list of
         prompts -> a list (ar and diffusion decode them as one batch).
 
@@ -241,7 +247,7 @@ class Runtime:
         """
         prompts, batched = self.encode(prompt_or_ids, chat)
         request = self.validate(prompts, batched, mode, max_new_tokens, block_length, threshold, temperature,
-                                seed, eos, steps)
+                                seed, eos, steps, max_thinking_tokens, end_think_token_id)
         if stream:
             if batched:
                 raise GenerationError("stream=True takes a single prompt; call generate once per prompt")
@@ -398,9 +404,15 @@ class Decode:
         self.timer.mark_first_token()
 
     def emit_rows(self, tokens: np.ndarray) -> None:
-        """One token per unfinished row ([B])."""
+        """One token per unfinished row ([B]), the thinking budget applied in place (so the
+        next step runs the token that was emitted)."""
         for b in self.unfinished():
+            tokens[b] = self.budgeted(b, [int(tokens[b])])[0]
             self.emit(b, (tokens[b],))
+
+    def budgeted(self, row: int, new: list[int]) -> list[int]:
+        """``new`` tokens about to be emitted on ``row``, with the request's thinking budget applied."""
+        return budgeted(self.request.budget, self.out[row], new)
 
     def unfinished(self) -> list[int]:
         return [b for b, done in enumerate(self.done) if not done]

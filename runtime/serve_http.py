@@ -4,7 +4,9 @@ Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
 ``"stream": true`` as server-sent events), ``GET /v1/models``, ``GET /health``.
 
 The decode mode and its knobs are extra body fields: ``mode`` ("ar",
-"diffusion", "linear-spec"), ``block_length``, ``threshold``, ``steps``, ``eos``.
+"diffusion", "linear-spec", "quadratic-spec"), ``block_length``, ``threshold``,
+``steps``, ``eos``, and the thinking budget ``max_thinking_tokens`` /
+``end_think_token_id``.
 ``temperature`` defaults to 0 (greedy) and ``max_tokens`` to 64. ``usage``
 also reports ``forwards``, ``tokens_per_forward``, ``acceptance_length``,
 ``time_to_first_token_s`` and ``tokens_per_second``. Requests are executed one at
@@ -33,7 +35,8 @@ NEUTRAL = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (None, Fals
            "stop": (None, [], ""), "suffix": (None,), "top_p": (1, 1.0), "presence_penalty": (0, 0.0),
            "frequency_penalty": (0, 0.0), "logit_bias": (None, {}), "user": None, "stream_options": None,
            "parallel_tool_calls": None, "response_format": (None, {"type": "text"})}
-KNOBS = ("mode", "block_length", "threshold", "steps", "eos", "temperature", "seed")
+KNOBS = ("mode", "block_length", "threshold", "steps", "eos", "temperature", "seed", "max_thinking_tokens",
+         "end_think_token_id")
 COMMON = {"model", "stream", "max_tokens", *KNOBS, *NEUTRAL}
 COMPLETION_FIELDS = COMMON | {"prompt"}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens"}

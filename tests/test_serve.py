@@ -49,6 +49,8 @@ def test_stdio_serves_valid_malformed_and_queued_requests(artifact, ort):
         '',
         '{"id": 9, "prompt": [60, 61, 62, 63, 64, 65, 66, 67, 68, 69], "max_new_tokens": 7, "eos": -1}',
         '{"id": 10, "prompt": [5, 9, 11, 20, 7], "mode": "quadratic-spec", "max_new_tokens": 12, "eos": -1}',
+        '{"id": 11, "prompt": [5, 9], "mode": "linear-spec", "max_new_tokens": 9, "eos": -1, '
+        '"max_thinking_tokens": 3, "end_think_token_id": 4}',
     ]
     proc = subprocess.run(SERVE + ["--stdio", "--artifact", str(artifact), "--threads", "1"],
                           input="\n".join(requests) + "\n", capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -56,7 +58,7 @@ def test_stdio_serves_valid_malformed_and_queued_requests(artifact, ort):
     lines = [json.loads(line) for line in proc.stdout.splitlines()]  # every stdout line is JSON
     finals = [m for m in lines if m.get("done")]
     # one final line per non-empty request line, in arrival order
-    assert [m["id"] for m in finals] == [1, None, "two", 3, 4, 5, None, 6, 7, 8, 9, 10]
+    assert [m["id"] for m in finals] == [1, None, "two", 3, 4, 5, None, 6, 7, 8, 9, 10, 11]
 
     def expect(rid, *args, **kw):
         got = next(m for m in finals if m["id"] == rid)
@@ -71,6 +73,7 @@ def test_stdio_serves_valid_malformed_and_queued_requests(artifact, ort):
     expect(7, [1, 4], mode="ar", max_new_tokens=10, temperature=1.0, seed=3, eos=-1)
     expect(9, PROMPTS[2][:10], max_new_tokens=7, eos=-1)
     expect(10, [5, 9, 11, 20, 7], mode="quadratic-spec", max_new_tokens=12, eos=-1)
+    expect(11, [5, 9], mode="linear-spec", max_new_tokens=9, eos=-1, max_thinking_tokens=3, end_think_token_id=4)
 
     events = [m for m in lines if m.get("event") == "tokens"]
     assert events and all(m["id"] == "two" for m in events)

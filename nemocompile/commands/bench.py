@@ -20,6 +20,10 @@ def add_parser(sub) -> None:
                    help="intra-op threads, the same for every backend (default 1: tiny models gain nothing from "
                         "more, and thread pools stall on a busy machine)")
     p.add_argument("--eos", type=int, default=None, help="EOS id (-1: never stop early; default: the config's)")
+    p.add_argument("--max-thinking-tokens", type=int, default=None, metavar="N",
+                   help="thinking budget of every request (spec 3.5)")
+    p.add_argument("--end-think-token-id", type=int, default=None, metavar="ID",
+                   help="the token that ends thinking (default: the tokenizer's </think>)")
     p.add_argument("--json", default=None, metavar="FILE", help='write {"results": [...], "summary": {...}}')
     p.add_argument("--plot", default=None, metavar="FILE.png", help="draw tokens/s and tokens per forward by mode")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -38,7 +42,8 @@ def run(args) -> int:
         args.artifact, prompts, backends=[b.strip() for b in args.backends.split(",") if b.strip()],
         max_new_tokens=args.max_new_tokens, diffusion_thresholds=_thresholds(args.diffusion_thresholds),
         linear_spec_thresholds=_thresholds(args.linear_spec_thresholds), model=args.model, threads=args.threads,
-        eos=args.eos, progress=None if args.quiet else bench.stderr_progress)
+        eos=args.eos, progress=None if args.quiet else bench.stderr_progress,
+        thinking={"max_thinking_tokens": args.max_thinking_tokens, "end_think_token_id": args.end_think_token_id})
     if args.json:
         bench.write_json(report, args.json)
     print(bench.format_table(report))

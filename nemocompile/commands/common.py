@@ -23,4 +23,9 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
                    help="confidence threshold in [0, 1] or 'none' (diffusion default 0.9, linear-spec 0)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-thinking-tokens", type=int, default=None, metavar="N",
+                   help="thinking budget: the token at output index N becomes --end-think-token-id unless it "
+                        "was already emitted (every mode)")
+    p.add_argument("--end-think-token-id", type=int, default=None, metavar="ID",
+                   help="the token that ends thinking (default: the tokenizer's </think>)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")

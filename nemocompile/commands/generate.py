@@ -25,7 +25,8 @@ def run(args) -> int:
     result = generate(model, args.prompt, mode=args.mode, max_new_tokens=args.max_new_tokens,
                       block_length=args.block_length, threshold=args.threshold,
                       temperature=args.temperature, seed=args.seed, chat=args.chat,
-                      draft_groups=args.draft_groups)
+                      draft_groups=args.draft_groups, max_thinking_tokens=args.max_thinking_tokens,
+                      end_think_token_id=args.end_think_token_id)
     if args.json:
         print(json.dumps({"text": result.text, "tokens": result.tokens, "stats": result.stats.to_dict()}))
     else:

@@ -8,7 +8,7 @@ from typing import Sequence
 from ..model import TriModeModel
 from ..tokenizer import encode_prompts as _encode_prompts
 from .ar import decode_ar
-from .common import MODES, DecodeArgs, GenerationResult, GenerationStats, validate_args
+from .common import MODES, DecodeArgs, GenerationResult, GenerationStats, thinking_budget, validate_args
 from .diffusion import decode_diffusion
 from .linear_spec import accept, decode_linear_spec
 from .quadratic_spec import decode_quadratic_spec
@@ -35,13 +35,19 @@ def generate(
     steps: int | None = None,
     chat: bool = False,
     draft_groups: int | None = None,
+    max_thinking_tokens: int | None = None,
+    end_think_token_id: int | None = None,
 ) -> GenerationResult | list[GenerationResult]:
     """Generate with the eager model. A single prompt (text or ids) returns one
     result; a list of prompts returns a list (ar and diffusion batch them).
-    ``draft_groups`` (quadratic-spec): acceptance points drafted per fused step (default: all)."""
+    ``draft_groups`` (quadratic-spec): acceptance points drafted per fused step (default: all).
+    ``max_thinking_tokens`` N / ``end_think_token_id`` E (default: the tokenizer's ``</think>``):
+    the thinking budget of spec 3.5, in every mode."""
     prompts, batched = encode_prompts(model, prompt_or_ids, chat)
     args = validate_args(model, DecodeArgs(mode, max_new_tokens, block_length, threshold, steps, temperature,
-                                           seed, eos_token_id, draft_groups), len(prompts))
+                                           seed, eos_token_id, draft_groups,
+                                           thinking_budget(max_thinking_tokens, end_think_token_id,
+                                                           model.tokenizer, model.config.vocab_size)), len(prompts))
     outs, stats = _DECODERS[args.mode](model, prompts, args)
     results = []
     for tokens in outs:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..model import TriModeModel
-from .common import DecodeArgs, GenerationStats, Sampler, first_eos_trim, prefill
+from .common import DecodeArgs, GenerationStats, Sampler, budgeted, first_eos_trim, prefill
 
 
 @torch.no_grad()
@@ -21,6 +21,7 @@ def decode_ar(model: TriModeModel, prompts: list[list[int]], args: DecodeArgs) -
         token = sampler.sample(logits)  # [B]
         for b in range(B):
             if not done[b]:
+                token[b] = budgeted(args.budget, out[b], [int(token[b])])[0]  # the next step runs it too
                 out[b].append(int(token[b]))
                 done[b] = out[b][-1] == args.eos_token_id or len(out[b]) >= args.max_new_tokens
         if all(done):

@@ -67,6 +67,31 @@ class DecodeArgs:
     seed: int | None = None
     eos_token_id: int | None = None  # default: the config's; -1 disables EOS stopping
     draft_groups: int | None = None  # quadratic-spec: branches per fused step (None: all B, the spec)
+    budget: "ThinkingBudget | None" = None  # spec 3.5 (None: no thinking budget)
+
+
+@dataclass(frozen=True)
+class ThinkingBudget:
+    """Spec 3.5: the token at output index ``limit`` (max_thinking_tokens N) is forced to
+    ``end`` (end_think_token_id E) unless E is already among the first N tokens. Every mode
+    applies it to what it is about to emit, so output and cache agree."""
+
+    limit: int  # N
+    end: int  # E
+
+    def force(self, emitted: Sequence[int], new: list[int]) -> list[int]:
+        """``new`` tokens about to follow ``emitted``: cut after index N, which becomes E
+        (self-speculation then accepts drafts up to index N-1 and emits E as the bonus)."""
+        m, N = len(emitted), self.limit
+        if not m <= N < m + len(new) or self.end in emitted or self.end in new[:N - m]:
+            return new
+        return list(new[:N - m]) + [self.end]
+
+    def forced_at(self, emitted: Sequence[int], length: int) -> int | None:
+        """Block diffusion: the position in a block of ``length`` tokens after ``emitted`` that
+        is committed to E before denoising, if any."""
+        m = len(emitted)
+        return self.limit - m if m <= self.limit < m + length and self.end not in emitted else None
 
 
 class Sampler:
@@ -130,7 +155,27 @@ def validate_args(model: TriModeModel, args: DecodeArgs, batch: int) -> DecodeAr
         raise GenerationError("draft_groups is a quadratic-spec knob; leave it unset for other modes")
     eos = model.config.eos_token_id if args.eos_token_id is None else args.eos_token_id
     return DecodeArgs(args.mode, args.max_new_tokens, block, threshold, args.steps, args.temperature,
-                      args.seed, eos, args.draft_groups)
+                      args.seed, eos, args.draft_groups, args.budget)
+
+
+def thinking_budget(max_thinking_tokens, end_think_token_id, tokenizer, vocab_size: int) -> ThinkingBudget | None:
+    """The budget of a request (None without max_thinking_tokens); E defaults to the
+    tokenizer's ``</think>`` id."""
+    if max_thinking_tokens is None:
+        if end_think_token_id is not None:
+            raise GenerationError("end_think_token_id needs max_thinking_tokens (the budget it ends)")
+        return None
+    if isinstance(max_thinking_tokens, bool) or not isinstance(max_thinking_tokens, int) or max_thinking_tokens < 0:
+        raise GenerationError(f"max_thinking_tokens must be an integer >= 0, got {max_thinking_tokens!r}")
+    if end_think_token_id is None:
+        end_think_token_id = tokenizer.token_to_id("</think>") if tokenizer is not None else None
+        if end_think_token_id is None:
+            raise GenerationError("max_thinking_tokens needs end_think_token_id: this tokenizer has no </think> "
+                                  "token; pass the id that ends thinking")
+    if isinstance(end_think_token_id, bool) or not isinstance(end_think_token_id, int) or \
+            not 0 <= end_think_token_id < vocab_size:
+        raise GenerationError(f"end_think_token_id must be a token id in [0, {vocab_size}), got {end_think_token_id!r}")
+    return ThinkingBudget(max_thinking_tokens, end_think_token_id)
 
 
 DEFAULT = object()
@@ -166,6 +211,11 @@ def parse_threshold(value: float | str | None):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
         raise GenerationError(f"threshold must be a number in [0, 1] or 'none', got {value!r}")
     return float(value)
+
+
+def budgeted(budget: ThinkingBudget | None, emitted: Sequence[int], new: list[int]) -> list[int]:
+    """``new`` with the thinking budget applied (unchanged without one)."""
+    return new if budget is None else budget.force(emitted, new)
 
 
 def split_evenly(total: int, steps: int) -> list[int]:

@@ -64,6 +64,11 @@ def decode_diffusion(model: TriModeModel, prompts: list[list[int]], args: Decode
         masked[:, 0] = False
         need = min(L, args.max_new_tokens - min(len(o) for o, d in zip(out, done) if not d))
         masked[done] = False  # finished rows ride along without deciding anything
+        if args.budget is not None:  # spec 3.5: the budget's position is committed to E up front
+            for b in range(B):
+                pos = args.budget.forced_at(out[b], L)
+                if pos is not None and not done[b]:
+                    x[b, pos], masked[b, pos] = args.budget.end, False
         step = 0
         while not block_finished(x, masked, eos, need).all():
             k = schedule[step] if step < len(schedule) else L

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..model import TriModeModel
-from .common import DecodeArgs, GenerationStats, Sampler, first_eos_trim, prefill
+from .common import DecodeArgs, GenerationStats, Sampler, budgeted, first_eos_trim, prefill
 from .diffusion import denoise_step
 
 
@@ -38,7 +38,7 @@ def decode_linear_spec(model: TriModeModel, prompts: list[list[int]], args: Deco
     L, eos = args.block_length, args.eos_token_id
     cache, logits = prefill(model, prompts, len(prompts[0]) + args.max_new_tokens + L)
     stats.forwards = 1
-    p = int(sampler.sample(logits)[0])
+    p = budgeted(args.budget, [], [int(sampler.sample(logits)[0])])[0]
     out = [p]
     while p != eos and len(out) < args.max_new_tokens:
         x = draft(model, p, cache, sampler, args.threshold, L, stats)
@@ -46,12 +46,13 @@ def decode_linear_spec(model: TriModeModel, prompts: list[list[int]], args: Deco
         verify_logits = model(x, pattern="causal", cache=cache)[0].float()  # writes all L rows
         stats.forwards += 1
         a = sampler.sample(verify_logits).tolist()
-        n = accept(x[0].tolist(), a)
+        new = budgeted(args.budget, out, a[:accept(x[0].tolist(), a)])  # drafts accepted + the bonus
+        n = len(new)
         stats.acceptance_lengths.append(n)
         cache.crop(before + n)
-        out.extend(a[:n])
-        p = a[n - 1]
-        if eos in a[:n]:
+        out.extend(new)
+        p = new[-1]
+        if eos in new:
             break
     out = first_eos_trim(out, eos)[: args.max_new_tokens]
     return [out], stats

@@ -25,7 +25,7 @@ import torch
 
 from ..model import TriModeModel
 from ..model.layout import Branch, Layout
-from .common import DecodeArgs, GenerationStats, first_eos_trim
+from .common import DecodeArgs, GenerationStats, budgeted, first_eos_trim
 
 
 def prefill_draft_layout(prompt: int, block: int) -> Layout:
@@ -63,7 +63,7 @@ def decode_quadratic_spec(model: TriModeModel, prompts: list[list[int]], args: D
 
     tokens = forward(model, cache, ids, prefill_draft_layout(len(prompt), B))  # prefill + first draft
     stats.forwards = 1
-    a, branch = tokens[len(prompt) - 1], tokens[len(prompt):]
+    a, branch = budgeted(args.budget, [], [tokens[len(prompt) - 1]])[0], tokens[len(prompt):]
     d = next_draft(a, branch)
     out = [a]
     while eos not in out and len(out) < args.max_new_tokens:
@@ -72,11 +72,13 @@ def decode_quadratic_spec(model: TriModeModel, prompts: list[list[int]], args: D
         stats.forwards += 1
         a = tokens[:B]  # the verifier's choice after each draft token
         cnt = accept(d, a, groups)
+        new = budgeted(args.budget, out, d[1:cnt] + [a[cnt - 1]])  # accepted drafts + the bonus
+        cnt = len(new)
         cache.crop(before + cnt)
         stats.acceptance_lengths.append(cnt)
-        out += d[1:cnt] + [a[cnt - 1]]
+        out += new
         j = cnt - 1  # the branch conditioned on exactly the accepted prefix
-        d = next_draft(a[j], tokens[B + j * B: B + (j + 1) * B])
+        d = next_draft(new[-1], tokens[B + j * B: B + (j + 1) * B])
     return [first_eos_trim(out, eos)[: args.max_new_tokens]], stats
 
 

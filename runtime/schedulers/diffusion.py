@@ -22,6 +22,11 @@ def decode_diffusion(d):
     seed = d.prefill_tokens()  # [B]
     while True:
         block = Block(x, seed, d.unfinished(), d.mask_token_id)  # finished rows ride along, deciding nothing
+        if req.budget is not None:  # spec 3.5: the budget's position is committed to E up front
+            for b in d.unfinished():
+                pos = req.budget.forced_at(d.out[b], L)
+                if pos is not None:
+                    block.commit_to(b, pos, req.budget.end)
         need = min(L, req.max_new_tokens - min(len(d.out[b]) for b in d.unfinished()))
         step = 0
         while not block.finished(eos, need):
@@ -66,6 +71,13 @@ class Block:
             tokens[pos[j]] = v
         drop = set(picked)
         self.masked[b] = [p for j, p in enumerate(pos) if j not in drop]
+
+    def commit_to(self, b: int, pos: int, token: int) -> None:
+        """Decide position ``pos`` of row b before any denoising (the seed too, at 0)."""
+        if pos == 0:
+            self.x[b, 0] = self.tokens[b][0] = token
+        else:
+            self.fill(b, [self.masked[b].index(pos)], [token])
 
     def decided_prefix(self, b: int) -> list[int]:
         """Row b's tokens up to its first still-masked position."""

@@ -27,19 +27,20 @@ def decode_linear_spec(d):
     L = req.block_length
     x = d.io("draft", L).input_ids  # [B, L]: row 0 is the block, other rows ride along; verify reads it too
     threshold = as_float32(req.threshold)
-    p = int(d.prefill_tokens()[0])
+    p = d.budgeted(0, [int(d.prefill_tokens()[0])])[0]
     d.emit(0, (p,))
     yield
     while not d.done[0]:
         drafted = draft(d, x, p, threshold)
         before = d.cache.length
         a = verify(d, L)
-        n = accept(drafted, a)
+        new = d.budgeted(0, a[:accept(drafted, a)])  # accepted drafts + the bonus
+        n = len(new)
         d.cache.crop(before + n)
         d.stats.acceptance_lengths.append(n)
-        d.emit(0, a[:n])
+        d.emit(0, new)
         yield
-        p = a[n - 1]
+        p = new[-1]
 
 
 def draft(d, x, p: int, threshold: float) -> list[int]:

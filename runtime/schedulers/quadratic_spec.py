@@ -27,19 +27,22 @@ def decode_quadratic_spec(d):
     groups = d.rt.draft_groups[B]
     x = d.io("verify_draft", B).input_ids  # [batch, B]: row 0 holds the draft
     tokens, last = prefill_and_draft(d)
-    d.emit(0, tokens[last:last + 1])
-    draft = next_draft(tokens[last], tokens[last + 1:])
+    first = d.budgeted(0, [tokens[last]])
+    d.emit(0, first)
+    draft = next_draft(first[0], tokens[last + 1:])
     yield
     while not d.done[0]:
         before = d.cache.length
         x[0] = draft
         a, branches = verify_and_draft(d, B, groups)
         cnt = accept(draft, a, groups)
+        new = d.budgeted(0, draft[1:cnt] + [a[cnt - 1]])  # accepted drafts + the bonus
+        cnt = len(new)
         d.cache.crop(before + cnt)
         d.stats.acceptance_lengths.append(cnt)
-        d.emit(0, draft[1:cnt] + [a[cnt - 1]])
+        d.emit(0, new)
         yield
-        draft = next_draft(a[cnt - 1], branches[cnt - 1])
+        draft = next_draft(new[-1], branches[cnt - 1])
 
 
 def prefill_and_draft(d) -> tuple[list[int], int]:
