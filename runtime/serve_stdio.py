@@ -5,7 +5,8 @@ Protocol (one JSON object per line, UTF-8):
 request   {"id": 7, "prompt": "def f(", "mode": "linear-spec", "max_new_tokens": 64}
           ``prompt`` is text or a list of token ids (or ``messages``: a chat, rendered with
           the checkpoint's template). Optional: mode, max_new_tokens, block_length,
-          threshold, temperature, seed, eos, steps, chat, stream. ``id`` is any JSON
+          threshold, temperature, seed, eos, steps, chat, chat_template_kwargs (with a chat:
+          template variables such as {"enable_thinking": false}), stream. ``id`` is any JSON
           value, echoed back.
 events    {"id": 7, "event": "tokens", "tokens": [..], "text": "..."}  only with "stream": true,
           one per commit; ``text`` is the new text since the previous event.
@@ -27,8 +28,9 @@ from typing import Any, Callable, TextIO
 from nemocompile.errors import NemocompileError
 
 FIELDS = {"id", "prompt", "messages", "mode", "max_new_tokens", "block_length", "threshold", "temperature",
-          "seed", "eos", "steps", "chat", "stream"}
-KNOBS = ("mode", "max_new_tokens", "block_length", "threshold", "temperature", "seed", "eos", "steps")
+          "seed", "eos", "steps", "chat", "chat_template_kwargs", "stream"}
+KNOBS = ("mode", "max_new_tokens", "block_length", "threshold", "temperature", "seed", "eos", "steps",
+         "chat_template_kwargs")
 
 
 class RequestError(NemocompileError):

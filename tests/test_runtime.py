@@ -29,7 +29,8 @@ BLOCK, CAPACITY, PREFILL = 4, 96, 8
 # the third prompt is longer than PREFILL: its prefill runs in two chunks
 PROMPTS = [[5, 9, 11, 20, 7], [1, 4], [60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70, 71]]
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+                 "{% if add_generation_prompt %}<assistant>"
+                 "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}{% endif %}")
 
 _ARTIFACTS: dict[str, Path] = {}
 

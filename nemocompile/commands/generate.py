@@ -11,18 +11,19 @@ def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate with the eager PyTorch model (the reference)")
     add_model_arg(p)
     add_decode_args(p)
-    p.add_argument("--dtype", default=None, help="fp32 (default), fp16 or bf16")
+    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: the checkpoint's torch_dtype, else fp32)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..decode import generate
     from ..loader import load
+    from .common import chat_options
 
     model = load(args.model, dtype=args.dtype)
     result = generate(model, args.prompt, mode=args.mode, max_new_tokens=args.max_new_tokens,
                       block_length=args.block_length, threshold=args.threshold,
-                      temperature=args.temperature, seed=args.seed, chat=args.chat)
+                      temperature=args.temperature, seed=args.seed, **chat_options(args))
     if args.json:
         print(json.dumps({"text": result.text, "tokens": result.tokens, "stats": result.stats.to_dict()}))
     else:

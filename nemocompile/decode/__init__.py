@@ -15,9 +15,11 @@ from .linear_spec import accept, decode_linear_spec
 _DECODERS = {"ar": decode_ar, "diffusion": decode_diffusion, "linear-spec": decode_linear_spec}
 
 
-def encode_prompts(model: TriModeModel, prompt, chat: bool = False) -> tuple[list[list[int]], bool]:
+def encode_prompts(model: TriModeModel, prompt, chat: bool = False,
+                   chat_template_kwargs: dict | None = None) -> tuple[list[list[int]], bool]:
     """Token lists for the prompt(s), and whether they were a batch."""
-    return _encode_prompts(model.tokenizer, model.config.vocab_size, prompt, chat)
+    return _encode_prompts(model.tokenizer, model.config.vocab_size, prompt, chat,
+                           template_kwargs=chat_template_kwargs)
 
 
 def generate(
@@ -29,13 +31,16 @@ def generate(
     threshold: float | str | None = None,
     temperature: float = 0.0,
     seed: int | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     steps: int | None = None,
     chat: bool = False,
+    chat_template_kwargs: dict | None = None,
 ) -> GenerationResult | list[GenerationResult]:
     """Generate with the eager model. A single prompt (text or ids) returns one
-    result; a list of prompts returns a list (ar and diffusion batch them)."""
-    prompts, batched = encode_prompts(model, prompt_or_ids, chat)
+    result; a list of prompts returns a list (ar and diffusion batch them).
+    ``eos_token_id``: one id, a list (any stops) or -1 (none); default the config's.
+    ``chat_template_kwargs`` reach the chat template (e.g. ``{"enable_thinking": False}``)."""
+    prompts, batched = encode_prompts(model, prompt_or_ids, chat, chat_template_kwargs)
     args = validate_args(model, DecodeArgs(mode, max_new_tokens, block_length, threshold, steps, temperature,
                                            seed, eos_token_id), len(prompts))
     outs, stats = _DECODERS[args.mode](model, prompts, args)
