@@ -135,6 +135,12 @@ def test_eos_stops_like_eager(mode, model, ort):
     assert_same(ref, got, f"{mode} eos={eos}")
     assert got.tokens[-1] == eos and got.finish_reason == "stop"
     assert len(got.tokens) < len(free.tokens)
+    # a list of EOS ids: whichever comes first stops, eager and compiled alike
+    late = next(t for t in free.tokens[free.tokens.index(eos) + 1:] if t not in free.tokens[:6])
+    ref_list = eager(model, PROMPTS[0], mode=mode, max_new_tokens=24, block_length=BLOCK, eos_token_id=[late, eos])
+    got_list = ort.generate(PROMPTS[0], mode=mode, max_new_tokens=24, eos=[late, eos])
+    assert_same(ref_list, got_list, f"{mode} eos=[{late}, {eos}]")
+    assert got_list.tokens == got.tokens and got_list.finish_reason == "stop"
 
 
 @pytest.mark.parametrize("threshold,steps", [(0.3, None), ("none", None), ("none", 2), (1.0, None)])
