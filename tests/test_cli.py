@@ -21,7 +21,7 @@ def test_info_on_a_checkpoint(tiny_checkpoint):
     assert out["config"]["num_hidden_layers"] == 2
     assert out["lora_parameters"] > 0
     text = cli("info", "--model", str(tiny_checkpoint)).stdout
-    assert "parameters" in text and "drafter LoRA" in text
+    assert "parameters" in text and "drafter LoRA" in text and "per sequence of 512 tokens" in text
 
 
 def test_bad_model_dir_is_one_line_error(tmp_path):

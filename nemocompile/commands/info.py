@@ -16,9 +16,11 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("info", help="show a checkpoint's config, parameters, memory and KV-cache sizes")
     add_model_arg(p)
-    p.add_argument("--max-seq-len", type=int, default=512,
-                   help="KV-cache capacity per sequence to size (default: 512, export's default)")
-    p.add_argument("--batch-size", type=int, default=1, help="sequences in the cache (default: 1)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="KV-cache capacity per sequence to size (default: the artifact's, else 512 as export)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences in the cache (default: the artifact's, else 1)")
+    p.add_argument("--artifact", default=None, metavar="DIR",
+                   help="size the KV cache at this exported artifact's capacity and batch")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
@@ -97,7 +99,14 @@ def _size(n: int) -> str:
 
 
 def run(args) -> int:
-    info = checkpoint_info(args.model, args.max_seq_len, args.batch_size)
+    seq, batch = args.max_seq_len, args.batch_size
+    if args.artifact is not None:
+        from ..manifest import Manifest
+
+        manifest = Manifest.load(args.artifact)
+        seq = seq or manifest.cache_capacity
+        batch = batch or manifest.batch_size
+    info = checkpoint_info(args.model, seq or 512, batch or 1)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
