@@ -11,7 +11,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate with the eager PyTorch model (the reference)")
     add_model_arg(p)
     add_decode_args(p)
-    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: the checkpoint's torch_dtype, else fp32)")
+    p.add_argument("--dtype", default=None,
+                   help="fp32, fp16 or bf16 (default: the checkpoint's torch_dtype, else fp32)")
     p.set_defaults(func=run)
 
 

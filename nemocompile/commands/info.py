@@ -18,7 +18,8 @@ def add_parser(sub) -> None:
     add_model_arg(p)
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="KV-cache capacity per sequence to size (default: the artifact's, else 512 as export)")
-    p.add_argument("--batch-size", type=int, default=None, help="sequences in the cache (default: the artifact's, else 1)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="sequences in the cache (default: the artifact's, else 1)")
     p.add_argument("--artifact", default=None, metavar="DIR",
                    help="size the KV cache at this exported artifact's capacity and batch")
     p.add_argument("--json", action="store_true")
