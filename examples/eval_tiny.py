@@ -240,8 +240,9 @@ def main() -> None:
         ap.error("--draft-thresholds needs --impl project (the own reference loops draft in one forward only)")
     n = args.max_new_tokens
     if use_project:
-        model = nemocompile.load(args.checkpoint)  # with the drafter LoRA when the checkpoint has one
-        model_base = nemocompile.load(args.checkpoint, lora=False)
+        # fp32 as the recorded figures were measured (load's default is now the checkpoint's bf16)
+        model = nemocompile.load(args.checkpoint, dtype="fp32")  # with the drafter LoRA when it has one
+        model_base = nemocompile.load(args.checkpoint, dtype="fp32", lora=False)
         tok = model.tokenizer
 
         def run(m, mode: str, prompt: list[int], **kw) -> dict:

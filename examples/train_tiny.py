@@ -205,7 +205,7 @@ def make_config(args: argparse.Namespace, vocab_size: int) -> ModelConfig:
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
         head_dim=args.head_dim, max_position_embeddings=65536, block_size=32,
         mask_token_id=MASK_ID, eos_token_id=EOS_ID,
-        rope=RopeConfig(original_max_position_embeddings=4096),
+        rope=RopeConfig(original_max_position_embeddings=4096, llama_4_scaling_beta=0.1),
     )
 
 

@@ -53,13 +53,15 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype | None = None,
          device: str | torch.device = "cpu", lora: bool = True) -> TriModeModel:
     """Load a checkpoint directory (default: the embedded tiny model) as an eval-mode model.
 
-    ``dtype`` defaults to fp32. ``lora=False`` skips the optional drafter adapter.
+    ``dtype`` defaults to the checkpoint's ``torch_dtype`` (bf16 for published
+    checkpoints; fp32 when config.json does not say). ``lora=False`` skips the
+    optional drafter adapter, which is always held in fp32 (as PEFT runs it).
     """
     directory = Path(path) if path is not None else embedded_model_dir()
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory; pass a Hugging Face style checkpoint directory")
-    torch_dtype = resolve_dtype(dtype)
     config = ModelConfig.from_file(directory / "config.json")
+    torch_dtype = resolve_dtype(dtype if dtype is not None else config.torch_dtype)
 
     with torch.device("meta"):
         model = TriModeModel(config)
@@ -84,7 +86,7 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype | None = None,
     model.inv_freq = yarn_inv_freq(config.rope, config.head_dim)[0].to(device)
 
     if lora and (directory / LORA_DIR).is_dir():
-        _attach_lora(model, directory / LORA_DIR, torch_dtype, device)
+        _attach_lora(model, directory / LORA_DIR, device)
     model.tokenizer = Tokenizer(directory) if (directory / "tokenizer.json").is_file() else None
     model.source = str(directory)
     return model.eval().requires_grad_(False)
@@ -93,6 +95,38 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype | None = None,
 def _iter_weights(directory: Path) -> Iterator[tuple[str, Path, torch.Tensor]]:
     from safetensors import SafetensorError, safe_open
 
+    for f in _weight_files(directory):
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                for name in handle.keys():
+                    yield name, f, handle.get_tensor(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def weight_shapes(directory: str | Path, filename: str | None = None) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Every stored tensor's shape and bytes per element, from the safetensors headers
+    only (no weight is read): ``filename`` in ``directory``, else the checkpoint's weights."""
+    from safetensors import SafetensorError, safe_open
+
+    directory = Path(directory)
+    out = {}
+    for f in [directory / filename] if filename else _weight_files(directory):
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                for name in handle.keys():
+                    part = handle.get_slice(name)
+                    out[name] = (tuple(part.get_shape()), _DTYPE_BYTES.get(part.get_dtype(), 4))
+        except SafetensorError as e:
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+    return out
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    """The checkpoint's safetensors files: model.safetensors or the index's shards."""
     single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
     if single.is_file():
         files = [single]
@@ -113,16 +147,10 @@ def _iter_weights(directory: Path) -> Iterator[tuple[str, Path, torch.Tensor]]:
                     "convert them to model.safetensors"
                 )
         raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as handle:
-                for name in handle.keys():
-                    yield name, f, handle.get_tensor(name)
-        except SafetensorError as e:
-            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+    return files
 
 
-def _attach_lora(model: TriModeModel, lora_dir: Path, dtype: torch.dtype, device) -> None:
+def _attach_lora(model: TriModeModel, lora_dir: Path, device) -> None:
     from safetensors.torch import load_file
 
     cfg_path, weights_path = lora_dir / "adapter_config.json", lora_dir / "adapter_model.safetensors"
@@ -159,7 +187,9 @@ def _attach_lora(model: TriModeModel, lora_dir: Path, dtype: torch.dtype, device
             )
         with torch.device("meta"):
             lora = LoRA(in_f, out_f, r, scale)
-        lora.load_state_dict({"lora_A.weight": a.to(device, dtype), "lora_B.weight": b.to(device, dtype)}, assign=True)
+        # fp32 whatever the model's dtype: PEFT upcasts bf16/fp16 adapters and adds the delta in fp32
+        lora.load_state_dict({"lora_A.weight": a.to(device, torch.float32),
+                              "lora_B.weight": b.to(device, torch.float32)}, assign=True)
         adapters.append(lora)
     if tensors:
         raise CheckpointError(f"{weights_path}: unexpected tensors {sorted(tensors)[:3]}")
@@ -168,12 +198,14 @@ def _attach_lora(model: TriModeModel, lora_dir: Path, dtype: torch.dtype, device
 
 
 def save(model: TriModeModel, directory: str | Path, dtype: torch.dtype | None = None) -> None:
-    """Write ``model`` in the checkpoint layout (config.json, model.safetensors, adapter)."""
+    """Write ``model`` in the checkpoint layout (config.json, model.safetensors, an fp32 adapter);
+    ``dtype`` converts the base weights (and is recorded as the config's torch_dtype)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    config = {**model.config.to_dict(), "torch_dtype": str(dtype or model.dtype).removeprefix("torch.")}
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
     state = {k: cast(v).contiguous() for k, v in model.state_dict().items() if ".o_lora." not in k}
     save_file(state, str(directory / "model.safetensors"))
@@ -185,8 +217,8 @@ def save(model: TriModeModel, directory: str | Path, dtype: torch.dtype | None =
         tensors = {}
         for i, layer in enumerate(model.encoder.layers):
             base = f"{_PEFT_PREFIX}encoder.layers.{i}.self_attn.o_proj"
-            tensors[f"{base}.lora_A.weight"] = cast(layer.self_attn.o_lora.lora_A.weight).contiguous()
-            tensors[f"{base}.lora_B.weight"] = cast(layer.self_attn.o_lora.lora_B.weight).contiguous()
+            tensors[f"{base}.lora_A.weight"] = layer.self_attn.o_lora.lora_A.weight.float().contiguous()
+            tensors[f"{base}.lora_B.weight"] = layer.self_attn.o_lora.lora_B.weight.float().contiguous()
         save_file(tensors, str(lora_dir / "adapter_model.safetensors"))
         (lora_dir / "adapter_config.json").write_text(json.dumps({
             "peft_type": "LORA", "r": r, "lora_alpha": first.scale * r, "target_modules": ["o_proj"],

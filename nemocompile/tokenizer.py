@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from .chat_template import find_templates, pick_template, render, special_tokens, template_kwargs_from
 from .errors import CheckpointError, GenerationError
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
 class Tokenizer:
@@ -33,7 +34,8 @@ class Tokenizer:
                 self.config = json.loads(cfg_path.read_text())
             except json.JSONDecodeError as e:
                 raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
-        self.chat_template: str | None = self.config.get("chat_template")
+        self.chat_templates: dict[str, str] = find_templates(directory, self.config)  # by name
+        self.chat_template: str | None = self.chat_templates.get("default")
 
     @property
     def vocab_size(self) -> int:
@@ -48,27 +50,36 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, str]] | str, add_generation_prompt: bool = True) -> str:
-        """Render messages (or a single user message) with the template of tokenizer_config.json."""
-        if self.chat_template is None:
-            raise CheckpointError(
-                f"{self.directory / 'tokenizer_config.json'}: no 'chat_template'; run without --chat"
-            )
-        import jinja2
-
+    def apply_chat_template(self, messages: list[dict] | str, tools: list[dict] | None = None,
+                            add_generation_prompt: bool = True, tokenize: bool = False,
+                            chat_template: str | None = None, documents: list[dict] | None = None,
+                            **template_kwargs) -> str | list[int]:
+        """Render a conversation (or one user message) as transformers' ``apply_chat_template``
+        does (see :mod:`nemocompile.chat_template`); ``template_kwargs`` reach the template
+        (``enable_thinking=False``...). ``tokenize=True`` returns the token ids."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
-        env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-        special = {k: v for k, v in self.config.items() if k.endswith("_token") and isinstance(v, str)}
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **special
-        )
+        template = pick_template(self.chat_templates, chat_template, tools, str(self.directory))
+        text = render(template, messages, tools=tools, documents=documents,
+                      add_generation_prompt=add_generation_prompt, special=special_tokens(self.config),
+                      **template_kwargs)
+        return self.encode(text) if tokenize else text
+
+    @property
+    def thinking_tokens(self) -> dict[str, int]:
+        """The ids of ``<think>`` and ``</think>`` when the vocabulary has them as single tokens."""
+        ids = {t: self.token_to_id(t) for t in ("<think>", "</think>")}
+        return {t: i for t, i in ids.items() if i is not None}
 
 
 def encode_prompts(tokenizer: Tokenizer | None, vocab_size: int, prompt, chat: bool = False,
-                   owner: str = "checkpoint") -> tuple[list[list[int]], bool]:
+                   owner: str = "checkpoint", template_kwargs: dict | None = None) -> tuple[list[list[int]], bool]:
     """Token lists for a str, a list of str, token ids, a list of id lists, or (with
-    ``chat``) one conversation of {"role", "content"} messages; and whether it was a batch."""
+    ``chat``) one conversation of {"role", "content"} messages; and whether it was a batch.
+    ``template_kwargs`` (e.g. ``{"enable_thinking": False}``) reach the chat template."""
+    template_kwargs = template_kwargs_from(template_kwargs)
+    if template_kwargs and not chat:
+        raise GenerationError("chat template keywords only apply to chats: pass chat=True (--chat) as well")
     def need_tokenizer() -> Tokenizer:
         if tokenizer is None:
             raise GenerationError(f"this {owner} has no tokenizer.json: pass token ids instead of text")
@@ -77,7 +88,7 @@ def encode_prompts(tokenizer: Tokenizer | None, vocab_size: int, prompt, chat: b
     def one(p) -> list[int]:
         if isinstance(p, str):
             tok = need_tokenizer()
-            return tok.encode(tok.apply_chat_template(p) if chat else p)
+            return tok.encode(tok.apply_chat_template(p, **template_kwargs) if chat else p)
         if isinstance(p, dict):
             raise GenerationError("pass chat messages as a list of {'role', 'content'} objects with chat=True")
         try:
@@ -96,7 +107,7 @@ def encode_prompts(tokenizer: Tokenizer | None, vocab_size: int, prompt, chat: b
     prompt = list(prompt)
     if chat and prompt and all(isinstance(m, dict) for m in prompt):  # one conversation
         tok = need_tokenizer()
-        return [tok.encode(tok.apply_chat_template(prompt))], False
+        return [tok.encode(tok.apply_chat_template(prompt, **template_kwargs))], False
     if prompt and all(isinstance(p, (str, list, tuple)) for p in prompt):
         return [one(p) for p in prompt], True
     return [one(prompt)], False

@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from nemocompile.decode.common import (DEFAULT, MODES, SPECULATIVE, ThinkingBudget, budgeted, check_quadratic,
-                                       parse_threshold, thinking_budget)
+                                       eos_id_set, parse_threshold, thinking_budget)
 from nemocompile.errors import GenerationError, NemocompileError
 from nemocompile.manifest import Manifest, ManifestError
 from nemocompile.tokenizer import encode_prompts
@@ -42,7 +42,7 @@ class Request:
     steps: int | None  # diffusion without threshold: denoising steps per block (default: block length)
     temperature: float
     seed: int | None
-    eos: int  # -1: never stop on EOS
+    eos: frozenset[int]  # the ids that stop generation; empty: never stop on EOS
     batched: bool  # the caller passed a list of prompts
     budget: ThinkingBudget | None = None  # spec 3.5: max_thinking_tokens and end_think_token_id
 
@@ -70,6 +70,7 @@ class Runtime:
         self.vocab_size = int(cfg["vocab_size"])
         self.mask_token_id = int(cfg["mask_token_id"])
         self.eos_token_id = int(cfg["eos_token_id"])
+        self.eos_token_ids = tuple(cfg.get("eos_token_ids") or [self.eos_token_id])  # any of them stops
         self.batch_size = manifest.batch_size
         self.modes = manifest.modes
         self.tokenizer = _tokenizer(artifact_dir, manifest)
@@ -164,9 +165,11 @@ class Runtime:
         width = max(map(len, prompts))
         return max(width, self.prefill_length) if mode == "quadratic-spec" else width
 
-    def encode(self, prompt, chat: bool = False) -> tuple[list[list[int]], bool]:
+    def encode(self, prompt, chat: bool = False, chat_template_kwargs: dict | None = None
+               ) -> tuple[list[list[int]], bool]:
         """Token lists for the prompt(s) (text, ids, a batch, or one chat), and whether they were a batch."""
-        return encode_prompts(self.tokenizer, self.vocab_size, prompt, chat, owner="artifact")
+        return encode_prompts(self.tokenizer, self.vocab_size, prompt, chat, owner="artifact",
+                              template_kwargs=chat_template_kwargs)
 
     def validate(self, prompts: list[list[int]], batched: bool, mode: str = "ar", max_new_tokens: int = 64,
                  block_length: int | None = None, threshold=None, temperature: float = 0.0,
@@ -187,10 +190,7 @@ class Runtime:
             raise GenerationError(f"seed must be a non-negative integer, got {seed!r}")
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
             raise GenerationError(f"steps must be an integer >= 1, got {steps!r}")
-        if eos is None:
-            eos = self.eos_token_id
-        elif isinstance(eos, bool) or not isinstance(eos, int) or not -1 <= eos < self.vocab_size:
-            raise GenerationError(f"eos must be a token id or -1 (no EOS stop), got {eos!r}")
+        eos = eos_id_set(self.eos_token_ids if eos is None else eos, self.vocab_size)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise GenerationError("empty prompt: give at least one token")
         if temperature > 0 and not self.sampling:
@@ -238,14 +238,15 @@ class Runtime:
     def generate(self, prompt_or_ids, mode: str = "ar", max_new_tokens: int = 64, block_length: int | None = None,
                  threshold=None, temperature: float = 0.0, seed: int | None = None, eos: int | None = None,
                  stream: bool = False, steps: int | None = None, chat: bool = False,
-                 max_thinking_tokens: int | None = None, end_think_token_id: int | None = None):
+                 chat_template_kwargs: dict | None = None, max_thinking_tokens: int | None = None,
+                 end_think_token_id: int | None = None):
         """Generate for one prompt (text or ids) -> :class:`RuntimeResult`, or a list of
         prompts -> a list (ar and diffusion decode them as one batch).
 
         ``stream=True`` (one prompt) returns a :class:`TokenStream` that yields the
         token ids of each commit as it happens; its ``result`` is set at the end.
         """
-        prompts, batched = self.encode(prompt_or_ids, chat)
+        prompts, batched = self.encode(prompt_or_ids, chat, chat_template_kwargs)
         request = self.validate(prompts, batched, mode, max_new_tokens, block_length, threshold, temperature,
                                 seed, eos, steps, max_thinking_tokens, end_think_token_id)
         if stream:
@@ -336,7 +337,7 @@ class Decode:
             tokens = self.out[b]
             stats = dataclasses.replace(self.stats, acceptance_lengths=list(self.stats.acceptance_lengths))
             text = rt.tokenizer.decode(tokens) if rt.tokenizer is not None else None
-            reason = "stop" if eos >= 0 and tokens and tokens[-1] == eos else "length"
+            reason = "stop" if tokens and tokens[-1] in eos else "length"
             self.results.append(RuntimeResult(tokens, text, stats.finish(len(tokens)), reason))
 
     # ---- what schedulers call ----------------------------------------------------
@@ -398,7 +399,7 @@ class Decode:
         for t in tokens:
             t = int(t)
             out.append(t)
-            if t == eos or len(out) >= limit:
+            if t in eos or len(out) >= limit:
                 self.done[row] = True
                 break
         self.timer.mark_first_token()

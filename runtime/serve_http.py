@@ -6,7 +6,9 @@ Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
 The decode mode and its knobs are extra body fields: ``mode`` ("ar",
 "diffusion", "linear-spec", "quadratic-spec"), ``block_length``, ``threshold``,
 ``steps``, ``eos``, and the thinking budget ``max_thinking_tokens`` /
-``end_think_token_id``.
+``end_think_token_id``; chat requests also take ``chat_template_kwargs``
+(vLLM/SGLang's field, e.g. ``{"enable_thinking": false}``), passed to the
+checkpoint's chat template.
 ``temperature`` defaults to 0 (greedy) and ``max_tokens`` to 64. ``usage``
 also reports ``forwards``, ``tokens_per_forward``, ``acceptance_length``,
 ``time_to_first_token_s`` and ``tokens_per_second``. Requests are executed one at
@@ -39,7 +41,7 @@ KNOBS = ("mode", "block_length", "threshold", "steps", "eos", "temperature", "se
          "end_think_token_id")
 COMMON = {"model", "stream", "max_tokens", *KNOBS, *NEUTRAL}
 COMPLETION_FIELDS = COMMON | {"prompt"}
-CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens"}
+CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "chat_template_kwargs"}  # the vLLM/SGLang field
 
 
 def final_chunks(chunk, usage: dict, finish_reason: str, include_usage: bool) -> list[dict]:
@@ -136,10 +138,11 @@ def create_app(runtime, model_name: str | None = None):
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(f"the request body is not valid JSON ({e})") from None
 
-    def prepare(prompt, kwargs: dict) -> tuple[list[int], dict]:
+    def prepare(prompt, kwargs: dict, template_kwargs: dict | None = None) -> tuple[list[int], dict]:
         """Encode and validate before the request is queued: bad requests never wait."""
         try:
-            prompts, batched = runtime.encode(prompt, chat=kwargs.pop("chat", False))
+            prompts, batched = runtime.encode(prompt, chat=kwargs.pop("chat", False),
+                                              chat_template_kwargs=template_kwargs)
             if batched:
                 raise APIError("send one prompt per request")
             runtime.validate(prompts, False, **kwargs)
@@ -252,7 +255,7 @@ def create_app(runtime, model_name: str | None = None):
         body = await read_json(request)
         kwargs = parse_body(body, CHAT_FIELDS, name)
         messages = _messages(body.get("messages"))
-        ids, kwargs = prepare(messages, {**kwargs, "chat": True})
+        ids, kwargs = prepare(messages, {**kwargs, "chat": True}, body.get("chat_template_kwargs"))
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
 
         def chunk(delta: str, tokens: list[int], finish=None, first=False) -> dict:

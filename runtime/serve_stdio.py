@@ -6,7 +6,8 @@ request   {"id": 7, "prompt": "def f(", "mode": "linear-spec", "max_new_tokens":
           ``prompt`` is text or a list of token ids (or ``messages``: a chat, rendered with
           the checkpoint's template). Optional: mode, max_new_tokens, block_length,
           threshold, temperature, seed, eos, steps, max_thinking_tokens, end_think_token_id,
-          chat, stream. ``id`` is any JSON
+          chat, chat_template_kwargs (with a chat: template variables such as
+          {"enable_thinking": false}), stream. ``id`` is any JSON
           value, echoed back.
 events    {"id": 7, "event": "tokens", "tokens": [..], "text": "..."}  only with "stream": true,
           one per commit; ``text`` is the new text since the previous event.
@@ -28,7 +29,7 @@ from typing import Any, Callable, TextIO
 from nemocompile.errors import NemocompileError
 
 KNOBS = ("mode", "max_new_tokens", "block_length", "threshold", "temperature", "seed", "eos", "steps",
-         "max_thinking_tokens", "end_think_token_id")
+         "chat_template_kwargs", "max_thinking_tokens", "end_think_token_id")
 FIELDS = {"id", "prompt", "messages", "chat", "stream", *KNOBS}
 
 

@@ -19,7 +19,7 @@ def make_config(**overrides) -> ModelConfig:
     base = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=4096,
                 block_size=8, mask_token_id=3, eos_token_id=2,
-                rope=RopeConfig(original_max_position_embeddings=16, factor=4.0))
+                rope=RopeConfig(original_max_position_embeddings=16, factor=4.0, llama_4_scaling_beta=0.1))
     base.update(overrides)
     return ModelConfig(**base)
 

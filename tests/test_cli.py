@@ -21,7 +21,7 @@ def test_info_on_a_checkpoint(tiny_checkpoint):
     assert out["config"]["num_hidden_layers"] == 2
     assert out["lora_parameters"] > 0
     text = cli("info", "--model", str(tiny_checkpoint)).stdout
-    assert "parameters" in text and "drafter LoRA" in text
+    assert "parameters" in text and "drafter LoRA" in text and "per sequence of 512 tokens" in text
 
 
 def test_bad_model_dir_is_one_line_error(tmp_path):
@@ -45,5 +45,8 @@ def test_generate_on_embedded_model(embedded_dir, mode):
 def test_generate_chat_and_text_output(embedded_dir):
     proc = cli("generate", "--prompt", "Write a function.", "--chat", "--max-new-tokens", "8")
     assert "mode=ar" in proc.stdout.splitlines()[-1]
+    # the embedded template ignores enable_thinking: --no-thinking renders the same chat
+    quiet = cli("generate", "--prompt", "Write a function.", "--no-thinking", "--max-new-tokens", "8")
+    assert quiet.stdout == proc.stdout
     bad = cli("generate", "--prompt", "x", "--threshold", "high", "--mode", "diffusion", check=False)
     assert bad.returncode == 2 and "threshold must be a number" in bad.stderr

@@ -235,6 +235,11 @@ def test_cli_export_check_and_parity(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] and [g["mode"] for g in report["generations"]] == ["ar"]
 
+    assert main(["info", "--model", str(ckpt), "--artifact", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kv_capacity"] == {"max_seq_len": 24, "batch_size": 1}
+    assert info["kv_bytes_per_sequence"]["fp32"] == 24 * info["kv_bytes_per_token"]["fp32"]
+
     assert main(["export", "--mode", "beam", "--out", str(tmp_path / "x"), "--model", str(ckpt)]) == 2
     assert "error: unknown mode 'beam'" in capsys.readouterr().err
     assert main(["export", "--model", str(ckpt), "--out", str(out), "--mode", "ar"]) == 2

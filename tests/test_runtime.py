@@ -29,7 +29,8 @@ BLOCK, CAPACITY, PREFILL = 4, 96, 8
 # the third prompt is longer than PREFILL: its prefill runs in two chunks
 PROMPTS = [[5, 9, 11, 20, 7], [1, 4], [60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70, 71]]
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+                 "{% if add_generation_prompt %}<assistant>"
+                 "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}{% endif %}")
 
 _ARTIFACTS: dict[str, Path] = {}
 
@@ -134,6 +135,12 @@ def test_eos_stops_like_eager(mode, model, ort):
     assert_same(ref, got, f"{mode} eos={eos}")
     assert got.tokens[-1] == eos and got.finish_reason == "stop"
     assert len(got.tokens) < len(free.tokens)
+    # a list of EOS ids: whichever comes first stops, eager and compiled alike
+    late = next(t for t in free.tokens[free.tokens.index(eos) + 1:] if t not in free.tokens[:6])
+    ref_list = eager(model, PROMPTS[0], mode=mode, max_new_tokens=24, block_length=BLOCK, eos_token_id=[late, eos])
+    got_list = ort.generate(PROMPTS[0], mode=mode, max_new_tokens=24, eos=[late, eos])
+    assert_same(ref_list, got_list, f"{mode} eos=[{late}, {eos}]")
+    assert got_list.tokens == got.tokens and got_list.finish_reason == "stop"
 
 
 @pytest.mark.parametrize("threshold,steps", [(0.3, None), ("none", None), ("none", 2), (1.0, None)])

@@ -48,8 +48,11 @@ def test_stdio_serves_valid_malformed_and_queued_requests(artifact, ort):
         '{"id": 8, "prompt": [5], "mode": "diffusion", "block_length": 16}',
         '',
         '{"id": 9, "prompt": [60, 61, 62, 63, 64, 65, 66, 67, 68, 69], "max_new_tokens": 7, "eos": -1}',
-        '{"id": 10, "prompt": [5, 9, 11, 20, 7], "mode": "quadratic-spec", "max_new_tokens": 12, "eos": -1}',
-        '{"id": 11, "prompt": [5, 9], "mode": "linear-spec", "max_new_tokens": 9, "eos": -1, '
+        '{"id": 10, "messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 6, "eos": -1, '
+        '"chat_template_kwargs": {"enable_thinking": false}}',
+        '{"id": 11, "prompt": "hi", "chat_template_kwargs": {"enable_thinking": false}}',
+        '{"id": 12, "prompt": [5, 9, 11, 20, 7], "mode": "quadratic-spec", "max_new_tokens": 12, "eos": -1}',
+        '{"id": 13, "prompt": [5, 9], "mode": "linear-spec", "max_new_tokens": 9, "eos": -1, '
         '"max_thinking_tokens": 3, "end_think_token_id": 4}',
     ]
     proc = subprocess.run(SERVE + ["--stdio", "--artifact", str(artifact), "--threads", "1"],
@@ -58,7 +61,7 @@ def test_stdio_serves_valid_malformed_and_queued_requests(artifact, ort):
     lines = [json.loads(line) for line in proc.stdout.splitlines()]  # every stdout line is JSON
     finals = [m for m in lines if m.get("done")]
     # one final line per non-empty request line, in arrival order
-    assert [m["id"] for m in finals] == [1, None, "two", 3, 4, 5, None, 6, 7, 8, 9, 10, 11]
+    assert [m["id"] for m in finals] == [1, None, "two", 3, 4, 5, None, 6, 7, 8, 9, 10, 11, 12, 13]
 
     def expect(rid, *args, **kw):
         got = next(m for m in finals if m["id"] == rid)
@@ -72,8 +75,14 @@ def test_stdio_serves_valid_malformed_and_queued_requests(artifact, ort):
     expect(6, [{"role": "user", "content": "hi"}], chat=True, max_new_tokens=6, eos=-1)
     expect(7, [1, 4], mode="ar", max_new_tokens=10, temperature=1.0, seed=3, eos=-1)
     expect(9, PROMPTS[2][:10], max_new_tokens=7, eos=-1)
-    expect(10, [5, 9, 11, 20, 7], mode="quadratic-spec", max_new_tokens=12, eos=-1)
-    expect(11, [5, 9], mode="linear-spec", max_new_tokens=9, eos=-1, max_thinking_tokens=3, end_think_token_id=4)
+    chat = [{"role": "user", "content": "hi"}]
+    expect(10, chat, chat=True, chat_template_kwargs={"enable_thinking": False}, max_new_tokens=6, eos=-1)
+    no_think = ort.encode(chat, True, {"enable_thinking": False})[0][0]
+    assert no_think[:len(ort.encode(chat, True)[0][0])] == ort.encode(chat, True)[0][0] and len(no_think) == \
+        len(ort.encode(chat, True)[0][0]) + len("<think></think>")  # the template saw the flag
+    assert "only apply to chats" in next(m for m in finals if m["id"] == 11)["error"]["message"]
+    expect(12, [5, 9, 11, 20, 7], mode="quadratic-spec", max_new_tokens=12, eos=-1)
+    expect(13, [5, 9], mode="linear-spec", max_new_tokens=9, eos=-1, max_thinking_tokens=3, end_think_token_id=4)
 
     events = [m for m in lines if m.get("event") == "tokens"]
     assert events and all(m["id"] == "two" for m in events)
@@ -83,7 +92,7 @@ def test_stdio_serves_valid_malformed_and_queued_requests(artifact, ort):
     assert lines.index(events[-1]) < lines.index(final_two)
 
     errors = {m["id"]: m["error"] for m in finals if "error" in m}
-    assert set(errors) == {None, 3, 4, 5, 8}
+    assert set(errors) == {None, 3, 4, 5, 8, 11}
     assert errors[3]["message"].startswith("unknown field(s) ['temprature']")
     assert "max_new_tokens must be an integer" in errors[4]["message"]
     assert "KV cache capacity" in errors[5]["message"]
@@ -218,6 +227,19 @@ def test_http_chat_completions_plain_and_streamed(client, ort):
     assert deltas[0]["role"] == "assistant"
     assert "".join(d.get("content", "") for d in deltas) == ref.text
     assert events[-2]["choices"][0]["finish_reason"] == "length" and events[-2]["usage"]["forwards"] > 0
+
+
+def test_http_chat_passes_chat_template_kwargs(client, ort):
+    messages = [{"role": "user", "content": "hi"}]
+    kwargs = {"enable_thinking": False}
+    ref = ort.generate(messages, chat=True, chat_template_kwargs=kwargs, max_new_tokens=7, eos=-1)
+    body = {"messages": messages, "max_tokens": 7, "eos": -1}
+    plain = client.post("/v1/chat/completions", json=body).json()
+    data = client.post("/v1/chat/completions", json={**body, "chat_template_kwargs": kwargs}).json()
+    assert data["choices"][0]["message"]["content"] == ref.text
+    assert data["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"] + len("<think></think>")
+    bad = client.post("/v1/chat/completions", json={**body, "chat_template_kwargs": ["enable_thinking"]})
+    assert bad.status_code == 400 and "chat_template_kwargs must be an object" in bad.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("path,body,status,fragment", [

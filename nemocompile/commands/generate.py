@@ -11,7 +11,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate with the eager PyTorch model (the reference)")
     add_model_arg(p)
     add_decode_args(p)
-    p.add_argument("--dtype", default=None, help="fp32 (default), fp16 or bf16")
+    p.add_argument("--dtype", default=None,
+                   help="fp32, fp16 or bf16 (default: the checkpoint's torch_dtype, else fp32)")
     p.add_argument("--draft-groups", type=int, default=None, metavar="G",
                    help="quadratic-spec: draft for the first G acceptance points only (default: all)")
     p.set_defaults(func=run)
@@ -20,13 +21,14 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..decode import generate
     from ..loader import load
+    from .common import chat_options
 
     model = load(args.model, dtype=args.dtype)
     result = generate(model, args.prompt, mode=args.mode, max_new_tokens=args.max_new_tokens,
                       block_length=args.block_length, threshold=args.threshold,
-                      temperature=args.temperature, seed=args.seed, chat=args.chat,
-                      draft_groups=args.draft_groups, max_thinking_tokens=args.max_thinking_tokens,
-                      end_think_token_id=args.end_think_token_id)
+                      temperature=args.temperature, seed=args.seed, draft_groups=args.draft_groups,
+                      max_thinking_tokens=args.max_thinking_tokens, end_think_token_id=args.end_think_token_id,
+                      **chat_options(args))
     if args.json:
         print(json.dumps({"text": result.text, "tokens": result.tokens, "stats": result.stats.to_dict()}))
     else:

@@ -39,10 +39,13 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from .common import chat_options
+
     runtime = load_runtime(args)
     kw = dict(mode=args.mode, max_new_tokens=args.max_new_tokens, block_length=args.block_length,
-              threshold=args.threshold, temperature=args.temperature, seed=args.seed, chat=args.chat,
-              max_thinking_tokens=args.max_thinking_tokens, end_think_token_id=args.end_think_token_id)
+              threshold=args.threshold, temperature=args.temperature, seed=args.seed,
+              max_thinking_tokens=args.max_thinking_tokens, end_think_token_id=args.end_think_token_id,
+              **chat_options(args))
     if args.stream:
         stream = runtime.generate(args.prompt, stream=True, **kw)
         tokens: list[int] = []

@@ -17,9 +17,11 @@ _DECODERS = {"ar": decode_ar, "diffusion": decode_diffusion, "linear-spec": deco
              "quadratic-spec": decode_quadratic_spec}
 
 
-def encode_prompts(model: TriModeModel, prompt, chat: bool = False) -> tuple[list[list[int]], bool]:
+def encode_prompts(model: TriModeModel, prompt, chat: bool = False,
+                   chat_template_kwargs: dict | None = None) -> tuple[list[list[int]], bool]:
     """Token lists for the prompt(s), and whether they were a batch."""
-    return _encode_prompts(model.tokenizer, model.config.vocab_size, prompt, chat)
+    return _encode_prompts(model.tokenizer, model.config.vocab_size, prompt, chat,
+                           template_kwargs=chat_template_kwargs)
 
 
 def generate(
@@ -31,23 +33,27 @@ def generate(
     threshold: float | str | None = None,
     temperature: float = 0.0,
     seed: int | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     steps: int | None = None,
     chat: bool = False,
+    chat_template_kwargs: dict | None = None,
     draft_groups: int | None = None,
     max_thinking_tokens: int | None = None,
     end_think_token_id: int | None = None,
 ) -> GenerationResult | list[GenerationResult]:
     """Generate with the eager model. A single prompt (text or ids) returns one
     result; a list of prompts returns a list (ar and diffusion batch them).
+    ``eos_token_id``: one id, a list (any stops) or -1 (none); default the config's.
+    ``chat_template_kwargs`` reach the chat template (e.g. ``{"enable_thinking": False}``).
     ``draft_groups`` (quadratic-spec): acceptance points drafted per fused step (default: all).
     ``max_thinking_tokens`` N / ``end_think_token_id`` E (default: the tokenizer's ``</think>``):
     the thinking budget of spec 3.5, in every mode."""
-    prompts, batched = encode_prompts(model, prompt_or_ids, chat)
+    prompts, batched = encode_prompts(model, prompt_or_ids, chat, chat_template_kwargs)
     args = validate_args(model, DecodeArgs(mode, max_new_tokens, block_length, threshold, steps, temperature,
-                                           seed, eos_token_id, draft_groups,
-                                           thinking_budget(max_thinking_tokens, end_think_token_id,
-                                                           model.tokenizer, model.config.vocab_size)), len(prompts))
+                                           seed, eos_token_id, draft_groups=draft_groups,
+                                           budget=thinking_budget(max_thinking_tokens, end_think_token_id,
+                                                                  model.tokenizer, model.config.vocab_size)),
+                         len(prompts))
     outs, stats = _DECODERS[args.mode](model, prompts, args)
     results = []
     for tokens in outs:

@@ -23,10 +23,10 @@ def decode_ar(model: TriModeModel, prompts: list[list[int]], args: DecodeArgs) -
             if not done[b]:
                 token[b] = budgeted(args.budget, out[b], [int(token[b])])[0]  # the next step runs it too
                 out[b].append(int(token[b]))
-                done[b] = out[b][-1] == args.eos_token_id or len(out[b]) >= args.max_new_tokens
+                done[b] = out[b][-1] in args.eos_ids or len(out[b]) >= args.max_new_tokens
         if all(done):
             break
         logits = model(token[:, None], pattern="causal", cache=cache)[:, -1].float()
         stats.forwards += 1
-    out = [first_eos_trim(t, args.eos_token_id) for t in out]
+    out = [first_eos_trim(t, args.eos_ids) for t in out]
     return out, stats

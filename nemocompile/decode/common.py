@@ -65,7 +65,8 @@ class DecodeArgs:
     steps: int | None = None  # diffusion without threshold: denoising steps per block (default: block length)
     temperature: float = 0.0
     seed: int | None = None
-    eos_token_id: int | None = None  # default: the config's; -1 disables EOS stopping
+    eos_token_id: int | Sequence[int] | None = None  # default: the config's ids; -1 disables EOS stopping
+    eos_ids: frozenset[int] = frozenset()  # filled by validate_args: every id that stops (empty: none)
     draft_groups: int | None = None  # quadratic-spec: branches per fused step (None: all B, the spec)
     budget: "ThinkingBudget | None" = None  # spec 3.5 (None: no thinking budget)
 
@@ -153,9 +154,11 @@ def validate_args(model: TriModeModel, args: DecodeArgs, batch: int) -> DecodeAr
         check_draft_groups(args.draft_groups, block)
     elif args.draft_groups is not None:
         raise GenerationError("draft_groups is a quadratic-spec knob; leave it unset for other modes")
-    eos = model.config.eos_token_id if args.eos_token_id is None else args.eos_token_id
+    eos = model.config.eos_ids if args.eos_token_id is None else args.eos_token_id
+    ids = eos_id_set(eos, model.config.vocab_size)
+    first = eos if isinstance(eos, int) else (list(eos) or [-1])[0]  # single-id callers keep an int
     return DecodeArgs(args.mode, args.max_new_tokens, block, threshold, args.steps, args.temperature,
-                      args.seed, eos, args.draft_groups, args.budget)
+                      args.seed, int(first), ids, args.draft_groups, args.budget)
 
 
 def thinking_budget(max_thinking_tokens, end_think_token_id, tokenizer, vocab_size: int) -> ThinkingBudget | None:
@@ -176,6 +179,25 @@ def thinking_budget(max_thinking_tokens, end_think_token_id, tokenizer, vocab_si
             not 0 <= end_think_token_id < vocab_size:
         raise GenerationError(f"end_think_token_id must be a token id in [0, {vocab_size}), got {end_think_token_id!r}")
     return ThinkingBudget(max_thinking_tokens, end_think_token_id)
+
+
+def eos_id_set(eos, vocab_size: int) -> frozenset[int]:
+    """The ids that stop generation, from one id (-1: none) or a list of ids."""
+    values = [eos] if isinstance(eos, int) and not isinstance(eos, bool) else eos
+    try:
+        ids = [int(v) for v in values if not isinstance(v, bool) and int(v) == v]
+        ok = len(ids) == len(values) and all(-1 <= t < vocab_size for t in ids)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise GenerationError(f"eos must be a token id, a list of token ids or -1 (no EOS stop), got {eos!r}")
+    return frozenset(t for t in ids if t >= 0)
+
+
+def has_eos(tokens: Sequence[int], eos: int | frozenset[int]) -> bool:
+    """Whether any of ``tokens`` is an EOS id (``eos``: one id, -1 for none, or a set)."""
+    eos = {eos} if isinstance(eos, int) else eos
+    return any(int(t) in eos for t in tokens)
 
 
 DEFAULT = object()
@@ -224,10 +246,13 @@ def split_evenly(total: int, steps: int) -> list[int]:
     return [base + (1 if i < rem else 0) for i in range(steps)]
 
 
-def first_eos_trim(tokens: Sequence[int], eos: int) -> list[int]:
+def first_eos_trim(tokens: Sequence[int], eos: int | frozenset[int]) -> list[int]:
+    """``tokens`` up to and including the first EOS (``eos``: one id, -1 for none, or a set)."""
+    eos = {eos} if isinstance(eos, int) else eos
     tokens = list(tokens)
-    if eos >= 0 and eos in tokens:
-        return tokens[: tokens.index(eos) + 1]
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[: i + 1]
     return tokens
 
 

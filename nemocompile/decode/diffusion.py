@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..model import TriModeModel
-from .common import DecodeArgs, GenerationStats, Sampler, first_eos_trim, prefill, split_evenly
+from .common import DecodeArgs, GenerationStats, Sampler, first_eos_trim, has_eos, prefill, split_evenly
 
 
 def denoise_step(
@@ -35,12 +35,12 @@ def denoise_step(
     masked &= ~commit
 
 
-def block_finished(x: torch.Tensor, masked: torch.Tensor, eos: int, need: int) -> torch.Tensor:
+def block_finished(x: torch.Tensor, masked: torch.Tensor, eos: frozenset[int], need: int) -> torch.Tensor:
     """Per row [B]: no mask left, an EOS with no mask to its left, or the first ``need``
     positions (what max_new_tokens still wants) all decided."""
     no_mask = ~masked.any(-1)
     left_clear = torch.cumsum(masked.long(), dim=-1) == 0  # [B, L]: no mask at or before i
-    eos_done = ((x == eos) & left_clear).any(-1)
+    eos_done = (torch.isin(x, torch.tensor(sorted(eos), dtype=x.dtype)) & left_clear).any(-1)
     need_done = ~masked[:, :need].any(-1)
     return no_mask | eos_done | need_done
 
@@ -50,7 +50,7 @@ def decode_diffusion(model: TriModeModel, prompts: list[list[int]], args: Decode
     cfg = model.config
     stats = GenerationStats(mode="diffusion", block_length=args.block_length, threshold=args.threshold)
     sampler = Sampler(args.temperature, args.seed, model.device)
-    B, L, eos = len(prompts), args.block_length, args.eos_token_id
+    B, L, eos = len(prompts), args.block_length, args.eos_ids
     cache, logits = prefill(model, prompts, max(map(len, prompts)) + args.max_new_tokens + L)
     stats.forwards = 1
     seed = sampler.sample(logits)  # [B]
@@ -79,7 +79,7 @@ def decode_diffusion(model: TriModeModel, prompts: list[list[int]], args: Decode
             if not done[b]:
                 row = first_eos_trim(_decided_prefix(x[b], masked[b]), eos)
                 out[b].extend(row[: args.max_new_tokens - len(out[b])])
-                done[b] = (eos in row) or len(out[b]) >= args.max_new_tokens
+                done[b] = has_eos(row, eos) or len(out[b]) >= args.max_new_tokens
         if done.all():
             break
         logits = model(x, pattern="causal", cache=cache)[:, -1].float()  # commit: writes the block

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..model import TriModeModel
-from .common import DecodeArgs, GenerationStats, Sampler, budgeted, first_eos_trim, prefill
+from .common import DecodeArgs, GenerationStats, Sampler, budgeted, first_eos_trim, has_eos, prefill
 from .diffusion import denoise_step
 
 
@@ -35,12 +35,12 @@ def decode_linear_spec(model: TriModeModel, prompts: list[list[int]], args: Deco
     cfg = model.config
     stats = GenerationStats(mode="linear-spec", block_length=args.block_length, threshold=args.threshold)
     sampler = Sampler(args.temperature, args.seed, model.device)
-    L, eos = args.block_length, args.eos_token_id
+    L, eos = args.block_length, args.eos_ids
     cache, logits = prefill(model, prompts, len(prompts[0]) + args.max_new_tokens + L)
     stats.forwards = 1
     p = budgeted(args.budget, [], [int(sampler.sample(logits)[0])])[0]
     out = [p]
-    while p != eos and len(out) < args.max_new_tokens:
+    while p not in eos and len(out) < args.max_new_tokens:
         x = draft(model, p, cache, sampler, args.threshold, L, stats)
         before = cache.length
         verify_logits = model(x, pattern="causal", cache=cache)[0].float()  # writes all L rows
@@ -52,7 +52,7 @@ def decode_linear_spec(model: TriModeModel, prompts: list[list[int]], args: Deco
         cache.crop(before + n)
         out.extend(new)
         p = new[-1]
-        if eos in new:
+        if has_eos(new, eos):
             break
     out = first_eos_trim(out, eos)[: args.max_new_tokens]
     return [out], stats

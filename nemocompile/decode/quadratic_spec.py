@@ -25,7 +25,7 @@ import torch
 
 from ..model import TriModeModel
 from ..model.layout import Branch, Layout
-from .common import DecodeArgs, GenerationStats, budgeted, first_eos_trim
+from .common import DecodeArgs, GenerationStats, budgeted, first_eos_trim, has_eos
 
 
 def prefill_draft_layout(prompt: int, block: int) -> Layout:
@@ -57,7 +57,7 @@ def next_draft(bonus: int, branch: list[int]) -> list[int]:
 @torch.no_grad()
 def decode_quadratic_spec(model: TriModeModel, prompts: list[list[int]], args: DecodeArgs):
     stats = GenerationStats(mode="quadratic-spec", block_length=args.block_length)
-    B, eos, prompt, groups = args.block_length, args.eos_token_id, prompts[0], args.draft_groups
+    B, eos, prompt, groups = args.block_length, args.eos_ids, prompts[0], args.draft_groups
     cache = model.new_cache(1, len(prompt) + args.max_new_tokens + B)
     ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
 
@@ -66,7 +66,7 @@ def decode_quadratic_spec(model: TriModeModel, prompts: list[list[int]], args: D
     a, branch = budgeted(args.budget, [], [tokens[len(prompt) - 1]])[0], tokens[len(prompt):]
     d = next_draft(a, branch)
     out = [a]
-    while eos not in out and len(out) < args.max_new_tokens:
+    while not has_eos(out, eos) and len(out) < args.max_new_tokens:
         before = cache.length
         tokens = forward(model, cache, torch.tensor([d], device=model.device), verify_draft_layout(B, groups))
         stats.forwards += 1

@@ -98,16 +98,39 @@ class RMSNorm(nn.Module):
 
 
 class LoRA(nn.Module):
-    """A PEFT-style low-rank delta ``scale * B(A(x))`` on one projection."""
+    """A PEFT-style low-rank delta ``scale * B(A(x))`` on one projection.
+
+    As PEFT runs it: the weights stay fp32 whatever the model's dtype (PEFT's
+    ``autocast_adapter_dtype``), the input is cast to fp32, and the delta is added
+    to the base output in fp32 before casting the sum back (:meth:`add_to`).
+    """
 
     def __init__(self, in_features: int, out_features: int, rank: int, scale: float):
         super().__init__()
-        self.lora_A = nn.Linear(in_features, rank, bias=False)  # weight [r, in]
-        self.lora_B = nn.Linear(rank, out_features, bias=False)  # weight [out, r]
+        self.lora_A = nn.Linear(in_features, rank, bias=False)  # weight [r, in], fp32
+        self.lora_B = nn.Linear(rank, out_features, bias=False)  # weight [out, r], fp32
         self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lora_B(self.lora_A(x)) * self.scale
+        """The delta [B, L, out] in the adapter's dtype for the projection's input x [B, L, in]."""
+        return self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))) * self.scale
+
+    def add_to(self, base: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``base`` [B, L, out] (the projection's output) plus the delta, summed in fp32, in base's
+        dtype; ``rows`` [L] bool: only on those rows (a fused step's draft branches)."""
+        delta = self(x)
+        if rows is not None:
+            delta = delta * rows[None, :, None].to(delta.dtype)
+        return (base.to(self.lora_A.weight.dtype) + delta).to(base.dtype)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bf16) / .half() must not round the adapter (it never drops below fp32): apply
+        # only the device move
+        probe = fn(torch.zeros(1))
+        if probe.dtype in (torch.float16, torch.bfloat16):
+            device = probe.device
+            return super()._apply(lambda t: t.to(device), recurse)
+        return super()._apply(fn, recurse)
 
 
 class Attention(nn.Module):
@@ -163,8 +186,7 @@ class Attention(nn.Module):
         out = out.view(B, H, L, D).transpose(1, 2).reshape(B, L, H * D)
         o = self.o_proj(out)
         if self.o_lora is not None and (torch.is_tensor(lora) or lora):
-            delta = self.o_lora(out)
-            o = o + (delta * lora[None, :, None].to(delta.dtype) if torch.is_tensor(lora) else delta)
+            o = self.o_lora.add_to(o, out, rows=lora if torch.is_tensor(lora) else None)
         return o, k, v
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nemocompile.decode.common import first_eos_trim, split_evenly
+from nemocompile.decode.common import first_eos_trim, has_eos, split_evenly
 
 
 def decode_diffusion(d):
@@ -55,11 +55,11 @@ class Block:
     def any_masked(self) -> bool:
         return any(self.masked.values())
 
-    def finished(self, eos: int, need: int) -> bool:
+    def finished(self, eos: frozenset[int], need: int) -> bool:
         """Every row: no mask left, an EOS with no mask to its left, or its first ``need``
         positions (what max_new_tokens still wants) all decided."""
         for b, pos in self.masked.items():
-            if pos and pos[0] < need and eos not in self.tokens[b][: pos[0]]:
+            if pos and pos[0] < need and not has_eos(self.tokens[b][: pos[0]], eos):
                 return False
         return True
 
