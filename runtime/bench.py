@@ -252,11 +252,14 @@ def summarize(rows: list[dict], step_rows: Sequence[dict] = ()) -> dict:
                     "tokens_per_second": r["tokens_per_second"] / other["tokens_per_second"]}
         if ratios:
             out["quadratic_over_linear"] = ratios
-    fused = {}
-    for t in step_rows:
-        if t["backend"] == "onnxruntime":
-            fused.setdefault(t["block_length"], {})[t["step"]] = t["ms"]
-    fused = {L: v["verify_draft"] / v["verify"] for L, v in fused.items() if len(v) == 2}
+    # per fused graph (an artifact may have fewer draft groups): its time over a plain verify's
+    # at the same block length (from the same artifact where it has one)
+    times = [t for t in step_rows if t["backend"] == "onnxruntime"]
+    verify = {t["block_length"]: t["ms"] for t in times if t["step"] == "verify"}
+    verify.update({(t["artifact"], t["block_length"]): t["ms"] for t in times if t["step"] == "verify"})
+    fused = [{"artifact": t["artifact"], "block_length": t["block_length"], "tokens": t["tokens"],
+              "ratio": t["ms"] / verify.get((t["artifact"], t["block_length"]), verify.get(t["block_length"]))}
+             for t in times if t["step"] == "verify_draft" and t["block_length"] in verify]
     if fused:
         out["fused_step_over_verify_time"] = fused
     return out
@@ -307,8 +310,9 @@ def format_table(report: dict) -> str:
         for L, q in s.get("quadratic_over_linear", {}).items():
             lines.append(f"quadratic-spec / linear-spec at block {L}: {q['tokens_per_forward']:.2f}x tokens per "
                          f"forward, {q['tokens_per_second']:.2f}x tokens/s")
-        for L, ratio in s.get("fused_step_over_verify_time", {}).items():
-            lines.append(f"fused verify_draft forward / plain verify forward at block {L}: {ratio:.2f}x time")
+        for f in s.get("fused_step_over_verify_time", []):
+            lines.append(f"fused verify_draft forward ({f['tokens']} tokens) / plain verify forward at block "
+                         f"{f['block_length']}: {f['ratio']:.2f}x time")
     return "\n".join(lines)
 
 

@@ -62,7 +62,10 @@ def test_bench_rows_compare_backends_in_one_run(artifact, prompts_file):
     times = {(t["backend"], t["step"]): t for t in report["step_times"]}
     assert set(times) == {(b, st) for b in ("onnxruntime", "torch") for st in ("verify", "verify_draft")}
     assert times[("onnxruntime", "verify_draft")]["tokens"] == 4 * 5 and times[("onnxruntime", "verify")]["tokens"] == 4
-    assert s["fused_step_over_verify_time"][4] > 0
+    (fused,) = s["fused_step_over_verify_time"]
+    assert (fused["block_length"], fused["tokens"]) == (4, 20)
+    assert fused["ratio"] == pytest.approx(times[("onnxruntime", "verify_draft")]["ms"]
+                                           / times[("onnxruntime", "verify")]["ms"])
     assert s["onnxruntime_over_eager_ar"] == pytest.approx(ar[0]["tokens_per_second"] / ar[1]["tokens_per_second"])
     assert "linear-spec" in bench.format_table(report)
 

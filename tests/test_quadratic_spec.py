@@ -196,7 +196,7 @@ def test_eager_quadratic_equals_ar_greedy(block):
 
 
 def test_eager_quadratic_equals_ar_on_the_embedded_model(embedded_dir):
-    model = nemocompile.load(embedded_dir)
+    model = nemocompile.load(embedded_dir, dtype="fp32")
     for p in ["def fibonacci(n):", "import os\n\nclass Config:", "for i in range(10):"]:
         ar = nemocompile.generate(model, p, mode="ar", max_new_tokens=48)
         q = nemocompile.generate(model, p, mode="quadratic-spec", max_new_tokens=48, block_length=8)
