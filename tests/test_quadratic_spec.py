@@ -306,3 +306,18 @@ def test_draft_groups_artifact_is_lossless_and_matches_eager(tmp_path):
             assert max(eager.stats.acceptance_lengths) <= 2
     with pytest.raises(Exception, match="draft_groups must be an integer from 1 to the block length 8"):
         export_artifact(model, tmp_path / "bad", modes=["quadratic-spec"], block_length=8, draft_groups=9)
+
+
+@pytest.mark.slow
+def test_block_32_is_lossless_eager_and_on_onnx_runtime(tmp_path):
+    model = make_model(seed=2, scale=0.3)
+    export_artifact(model, tmp_path / "b32", modes=["quadratic-spec"], block_length=32, max_seq_len=160,
+                    prefill_length=8, logits=False)
+    with Runtime.load(tmp_path / "b32", threads=1) as rt:
+        for p in _prompts(6, seed=32):
+            ar = nemocompile.generate(model, p, mode="ar", max_new_tokens=64, eos_token_id=-1)
+            eager = nemocompile.generate(model, p, mode="quadratic-spec", max_new_tokens=64, block_length=32,
+                                         eos_token_id=-1)
+            ours = rt.generate(p, mode="quadratic-spec", max_new_tokens=64, eos=-1)
+            assert ours.tokens == eager.tokens == ar.tokens
+            assert ours.stats.forwards == eager.stats.forwards

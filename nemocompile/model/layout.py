@@ -106,19 +106,22 @@ class Layout:
             out += range(b.offset, b.offset + b.length)
         return out
 
-    def allowed(self) -> list[list[bool]]:
-        """[T(query)][T(key)]: the attention rule among the forward's own tokens."""
-        T = self.tokens
-        group = [-1] * self.spine  # -1: spine
-        reach = list(range(self.spine))  # last spine index each token sees
+    def groups(self) -> tuple[list[int], list[int]]:
+        """Per token: its branch index (-1 on the spine) and the last spine index it sees.
+        The attention rule is these two vectors: query q sees key k when k is on the spine
+        and k <= reach[q], or when both are in the same branch."""
+        group, reach = [-1] * self.spine, list(range(self.spine))
         for n, b in enumerate(self.branches):
             group += [n] * b.length
             reach += [b.anchor] * b.length
-        rows = []
-        for q in range(T):
-            rows.append([(group[k] == -1 and k <= reach[q]) or (group[q] >= 0 and group[k] == group[q])
-                         for k in range(T)])
-        return rows
+        return group, reach
+
+    def allowed(self) -> list[list[bool]]:
+        """[T(query)][T(key)]: the attention rule among the forward's own tokens, spelled out."""
+        group, reach = self.groups()
+        T = self.tokens
+        return [[(group[k] < 0 and k <= reach[q]) or (group[q] >= 0 and group[k] == group[q]) for k in range(T)]
+                for q in range(T)]
 
     def lora_rows(self) -> list[bool]:
         """[T]: tokens whose attention output gets the drafter delta."""

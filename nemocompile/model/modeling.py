@@ -27,15 +27,6 @@ Pattern = Literal["causal", "bidirectional"]
 PATTERNS = ("causal", "bidirectional")
 
 
-def _groups(layout: Layout, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per token: its branch index (-1 on the spine) and the last spine index it sees."""
-    group, reach = [-1] * layout.spine, list(range(layout.spine))
-    for n, b in enumerate(layout.branches):
-        group += [n] * b.length
-        reach += [b.anchor] * b.length
-    return torch.tensor(group, device=device), torch.tensor(reach, device=device)
-
-
 def greedy_candidates(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per position the argmax [B, L] (int64) and its softmax probability [B, L] (float32)."""
     logits = logits.float()
@@ -328,7 +319,7 @@ class TriModeModel(nn.Module):
         positions = (slots[None, :] - row_start[:, None]).clamp(min=0)  # [B, T]
         # The attention rule among the forward's tokens, from the static layout:
         # a spine key k is seen by queries whose reach is >= k; a branch key by its own branch.
-        group, reach = _groups(layout, device)  # [T], [T]
+        group, reach = (torch.tensor(v, device=device) for v in layout.groups())  # [T], [T]
         spine_key = (group[None, :] < 0) & (torch.arange(T, device=device)[None, :] <= reach[:, None])
         own_branch = (group[:, None] >= 0) & (group[None, :] == group[:, None])
         allowed = spine_key | own_branch  # [T(query), T(key)]
