@@ -44,6 +44,7 @@ STEP_KINDS: dict[str, tuple[str, bool, tuple[str, ...]]] = {
     "verify": ("causal", True, ("linear-spec",)),
 }
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "int64")
+WEIGHT_PRECISIONS = ("float", "int4", "int8")
 
 
 class ManifestError(NemocompileError):
@@ -85,6 +86,9 @@ class Manifest:
     weights_file: str | None = None  # shared external-data file, if any
     opset: int = 18
     source: str | None = None  # checkpoint the artifact came from
+    # weight-only quantization: "float" (weights in `dtype`), "int4" or "int8" (MatMulNBits, ONNX Runtime only)
+    weight_precision: str = "float"
+    quantization: dict[str, Any] | None = None  # method, block_size, symmetric, what stayed in float
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -159,6 +163,9 @@ class Manifest:
     def validate(self, source: str = MANIFEST) -> None:
         if self.dtype not in ("fp32", "fp16", "bf16"):
             raise ManifestError(f"{source}: field 'dtype' is {self.dtype!r}; expected fp32, fp16 or bf16")
+        if self.weight_precision not in WEIGHT_PRECISIONS:
+            raise ManifestError(f"{source}: field 'weight_precision' is {self.weight_precision!r}; expected one of "
+                                f"{', '.join(WEIGHT_PRECISIONS)}")
         for name in ("batch_size", "cache_capacity", "block_length", "prefill_length"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ManifestError(f"{source}: field {name!r} must be a positive integer")

@@ -25,6 +25,15 @@ def add_parser(sub) -> None:
                    help="give every graph its own copy of the weights (larger; for comparison)")
     p.add_argument("--dump-after", default=None, metavar="STAGE",
                    help="save each graph after this pass-pipeline stage into DIR.dump/")
+    p.add_argument("--weights", default="float", choices=("float", "int4", "int8"),
+                   help="weight-only quantization into ONNX Runtime's MatMulNBits (default: float, the --dtype)")
+    p.add_argument("--quant-method", default="rtn", choices=("rtn", "hqq"),
+                   help="rtn: round to nearest per block (default); hqq: half-quadratic, int4, no calibration data")
+    p.add_argument("--quant-block", type=int, default=32, metavar="N",
+                   help="weights per scale along the input dimension: 16, 32 (default), 64, 128 or 256")
+    p.add_argument("--quant-symmetric", action="store_true", help="rtn: no zero points (slightly less accurate)")
+    p.add_argument("--quant-keep-head-float", action="store_true",
+                   help="leave the output head in float (more accurate, larger and slower)")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=run)
 
@@ -33,12 +42,17 @@ def run(args) -> int:
     from ..graphs.export import export_artifact
     from ..passes.check_tensorrt import lint_artifact
 
+    from ..passes.quantize_weights import QuantSettings
+
     modes = [m.strip() for m in args.mode.split(",")] if "," in args.mode else args.mode
+    quantize = None if args.weights == "float" else QuantSettings(
+        precision=args.weights, method=args.quant_method, block_size=args.quant_block,
+        symmetric=args.quant_symmetric, keep_head_float=args.quant_keep_head_float)
     manifest = export_artifact(
         args.model, args.out, modes=modes, block_length=args.block_length, max_seq_len=args.max_seq_len,
         batch_size=args.batch_size, dtype=args.dtype, prefill_length=args.prefill_length, progress=True,
         opset=args.opset, optimize=not args.no_optimize, share_weights=not args.no_share_weights,
-        overwrite=args.force, dump_after=args.dump_after,
+        overwrite=args.force, dump_after=args.dump_after, quantize=quantize,
     )
     report = lint_artifact(args.out)
     if args.json:
@@ -48,6 +62,10 @@ def run(args) -> int:
     print(f"modes      {', '.join(manifest.modes)}  (dtype {manifest.dtype}, batch {manifest.batch_size}, "
           f"capacity {manifest.cache_capacity}, block {manifest.block_length}, prefill {manifest.prefill_length}, "
           f"opset {manifest.opset})")
+    if manifest.quantization:
+        q = manifest.quantization
+        print(f"weights    {manifest.weight_precision} {q['method']} block {q['block_size']} (MatMulNBits; head "
+              f"{q['head']}, embedding/LoRA/activations float): runs on --backend onnxruntime only")
     for g in manifest.graphs:
         print(f"  {g.step:<8} L={g.block_length:<4} {g.pattern:<13} {'writes' if g.writes_cache else 'reads '} "
               f"{'LoRA' if g.lora else '    '}  {g.file}")

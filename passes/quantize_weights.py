@@ -1,0 +1,191 @@
+"""Weight-only quantization: MatMul(x, W) -> com.microsoft MatMulNBits(x, W packed, scales[, zero points]).
+
+The quantizer is ONNX Runtime's (``onnxruntime.quantization.MatMulNBitsQuantizer``
+with its RTN and HQQ configs): each weight MatMul is cut out as a one-node
+model, quantized there and spliced back, so only one weight is ever held
+unpacked in memory and the graph is rewritten in place. Activations stay in
+float. A weight seen by an earlier graph of the same export is not quantized
+again: its packed tensors are reused, and the shared weights file (which
+deduplicates by content) then holds them once for every graph.
+
+What is quantized (decided for these models, measured in the README):
+  * every MatMul whose weight is a 2-D initializer (q/k/v/o, gate/up/down),
+  * the output head (the largest matrix of the real models and read in full
+    every step: keeping it in float would keep most of the bytes a step reads),
+    unless ``keep_head_float``,
+  * not the embedding table: a step gathers B of its rows, so quantizing it
+    saves disk and RAM but no bandwidth; it stays in the export dtype,
+  * not the drafter LoRA (lora_A / lora_B): rank-r matrices, a few percent of
+    a layer's bytes, kept in float beside the quantized base weight so the
+    draft graph shares that base weight with every other graph.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from .base import PassContext, PassError, PassResult
+from .share_weights import identity
+
+BITS = {"int4": 4, "int8": 8}
+METHODS = ("rtn", "hqq")
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two, at least 16
+HEAD_WEIGHTS = ("diffusion_head", "lm_head")  # the output head's parameter names (tied: embed_tokens.weight.T)
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """Which weight-only quantization an export asks for (None in PipelineOptions: float weights)."""
+
+    precision: str = "int4"  # "int4" | "int8": bits per weight in MatMulNBits
+    method: str = "rtn"  # "rtn": round to nearest, min/max per block; "hqq": half-quadratic (no calibration data)
+    block_size: int = 32  # weights per scale along K
+    symmetric: bool = False  # rtn: zero point fixed at the middle (no zero-point tensor); hqq is always asymmetric
+    keep_head_float: bool = False  # leave the output head MatMul in float
+
+    def check(self) -> None:
+        """One-line errors for settings ONNX Runtime's quantizer would reject deep inside."""
+        if self.precision not in BITS:
+            raise PassError(f"unknown weight precision {self.precision!r}; use int4 or int8")
+        if self.method not in METHODS:
+            raise PassError(f"unknown quantization method {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.block_size not in BLOCK_SIZES:
+            raise PassError(f"quantization block size {self.block_size!r} is not supported; use one of "
+                            f"{', '.join(map(str, BLOCK_SIZES))}")
+        if self.method == "hqq" and self.precision != "int4":
+            raise PassError("hqq quantizes to int4 only (ONNX Runtime's HQQ packs 4-bit weights); "
+                            "use --quant-method rtn for int8")
+
+
+@dataclass
+class WeightQuantizer:
+    """The settings plus what one export has quantized so far (weight -> packed tensors and attributes)."""
+
+    settings: QuantSettings
+    quantized: dict[tuple, tuple[list[ir.TensorProtocol], dict]] = field(default_factory=dict)
+    reused: int = 0  # weights another graph had already quantized
+
+    def __post_init__(self) -> None:
+        self.settings.check()
+
+    def quantize(self, weight: ir.TensorProtocol, name: str) -> tuple[list[ir.TensorProtocol], dict]:
+        """(packed weight, scales[, zero points]) and MatMulNBits' attributes for ``weight`` [K, N]."""
+        key = identity(weight)
+        if key is None:
+            key = (weight.dtype, tuple(weight.shape), hashlib.blake2b(weight.tobytes(), digest_size=16).digest())
+        if key in self.quantized:
+            self.reused += 1
+            return self.quantized[key]
+        result = _quantize_one(weight, name, self.settings)
+        self.quantized[key] = result
+        return result
+
+
+def quantize_weights(model: ir.Model, ctx: PassContext) -> PassResult:
+    """Outputs close to the float graph (weights rounded to int4/int8 per block; activations in float);
+    replaces every weight MatMul but the LoRA's (and the head's with keep_head_float) by MatMulNBits."""
+    quantizer = ctx.quantizer
+    if quantizer is None:
+        return PassResult(model, modified=False, notes=["declined: no quantization settings for this export"])
+    graph, done, notes = model.graph, 0, []
+    for node in list(graph):
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            continue
+        w = node.inputs[1]
+        if w is None or not w.is_initializer() or w.const_value is None:
+            continue  # attention's activation x activation products
+        why = _declined(w, quantizer.settings)
+        if why:
+            notes.append(f"{node.name}: kept in float, {why}")
+            continue
+        tensors, attrs = quantizer.quantize(w.const_value, w.name)
+        inputs = [node.inputs[0]] + [_initializer(graph, t) for t in tensors]
+        new = ir.Node("com.microsoft", "MatMulNBits", inputs, attributes=[_attr(k, v) for k, v in attrs.items()],
+                      name=f"{node.name}_Q{attrs['bits']}", num_outputs=1)
+        old = node.outputs[0]
+        new.outputs[0].shape, new.outputs[0].type = old.shape, old.type
+        graph.insert_before(node, new)
+        old.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        new.outputs[0].name = old.name
+        if not w.uses() and w.name in graph.initializers:
+            graph.initializers.pop(w.name)
+        done += 1
+    if done:
+        model.opset_imports.setdefault("com.microsoft", 1)
+    return PassResult(model, modified=done > 0, count=done, notes=notes)
+
+
+def _declined(w: ir.Value, settings: QuantSettings) -> str | None:
+    shape = w.const_value.shape if w.const_value is not None else None
+    if shape is None or len(shape) != 2:
+        return "not a 2-D weight"
+    if "lora_" in w.name:
+        return "drafter LoRA (small; kept beside the shared quantized base weight)"
+    if settings.keep_head_float and any(h in w.name for h in HEAD_WEIGHTS + ("embed_tokens",)):
+        return "output head (keep_head_float)"
+    if w.const_value.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
+        return f"weight dtype {w.const_value.dtype} is not a float"
+    return None
+
+
+def _initializer(graph: ir.Graph, tensor: ir.TensorProtocol) -> ir.Value:
+    if tensor.name in graph.initializers:  # q_proj and k_proj of one layer never collide; a re-run would
+        return graph.initializers[tensor.name]
+    value = ir.Value(name=tensor.name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype),
+                     const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def _attr(name: str, value) -> ir.Attr:
+    return ir.AttrInt64(name, int(value))
+
+
+def _quantize_one(weight: ir.TensorProtocol, name: str, s: QuantSettings) -> tuple[list[ir.TensorProtocol], dict]:
+    """ONNX Runtime's quantizer on a one-MatMul model holding just ``weight``."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnb
+
+    k, n = weight.shape
+    elem = weight.dtype.value  # ONNX TensorProto element type
+    x = onnx.helper.make_tensor_value_info("x", elem, [1, k])
+    y = onnx.helper.make_tensor_value_info("y", elem, [1, n])
+    w = ir.serde.serialize_tensor(ir.Tensor(weight.numpy(), dtype=weight.dtype, name=name))
+    graph = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", name], ["y"], name="mm")], "one",
+                                   [x], [y], initializer=[w])
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    bits = BITS[s.precision]
+    if s.method == "hqq":
+        config = mnb.HQQWeightOnlyQuantConfig(block_size=s.block_size, bits=bits)
+    else:
+        config = mnb.DefaultWeightOnlyQuantConfig(block_size=s.block_size, is_symmetric=s.symmetric, bits=bits)
+    quiet = logging.getLogger("onnxruntime.quantization")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # HQQ wraps ONNX's read-only array in torch (never written)
+            q = mnb.MatMulNBitsQuantizer(proto, bits=bits, block_size=s.block_size, is_symmetric=s.symmetric,
+                                         algo_config=config)
+            q.process()
+    finally:
+        quiet.setLevel(level)
+    out = q.model.model
+    nodes = list(out.graph.node)
+    if len(nodes) != 1 or nodes[0].op_type != "MatMulNBits":
+        raise PassError(f"{name}: ONNX Runtime's quantizer did not produce one MatMulNBits "
+                        f"(got {[nd.op_type for nd in nodes]}); report this with the weight's shape {list(weight.shape)}")
+    inits = {t.name: t for t in out.graph.initializer}
+    tensors = [ir.Tensor(onnx.numpy_helper.to_array(inits[i]), name=i) for i in list(nodes[0].input)[1:]]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
+    return tensors, attrs
+
+
+__all__ = ["quantize_weights", "QuantSettings", "WeightQuantizer", "BITS", "METHODS", "BLOCK_SIZES"]
