@@ -188,8 +188,9 @@ def _quantization_fields(quantizer) -> dict:
     return {"weight_precision": s.precision,
             "quantization": {"method": s.method, "block_size": s.block_size,
                              "symmetric": s.symmetric and s.method == "rtn", "library": "onnxruntime MatMulNBits",
-                             "head": "float" if s.keep_head_float else s.precision,
-                             "embedding": "float", "lora": "float", "activations": "float"}}
+                             "head": s.head,
+                             "embedding": "float", "lora": "float", "compute": s.compute,
+                             "activations": "float" if s.compute == "float" else "int8 per block inside MatMulNBits"}}
 
 
 def _check_lengths(modes, block_length, prefill_length, capacity, batch_size, max_positions) -> None:

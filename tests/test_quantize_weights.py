@@ -53,7 +53,10 @@ def test_quantized_graphs_use_matmulnbits_and_keep_the_io(precision):
         assert (qg.step, qg.inputs, qg.outputs) == (fg.step, fg.inputs, fg.outputs), "quantization changed the I/O"
         ops = _ops(qdir / qg.file)
         assert len(ops["MatMulNBits"]) == 7 * layers + 1, f"{qg.step}: q/k/v/o, gate/up/down per layer and the head"
-        assert {a.i for n in ops["MatMulNBits"] for a in n.attribute if a.name == "bits"} == {int(precision[3:])}
+        bits = {n.input[1]: a.i for n in ops["MatMulNBits"] for a in n.attribute if a.name == "bits"}
+        head = [w for w in bits if "diffusion_head" in w]
+        assert len(head) == 1 and bits[head[0]] == 8, "the head is int8 by default"
+        assert {b for w, b in bits.items() if w not in head} == {int(precision[3:])}
         # only the drafter LoRA keeps float weight MatMuls (two per layer, draft graph only)
         assert all("lora_" in n.input[1] for n in ops["weight MatMul"]), qg.step
         assert len(ops["weight MatMul"]) == (2 * layers if qg.lora else 0), qg.step
@@ -133,11 +136,24 @@ def test_export_command_writes_a_quantized_artifact(tmp_path, capsys):
     assert main(["export", "--model", str(ckpt), "--mode", "ar", "--max-seq-len", "16", "--prefill-length", "8",
                  "--weights", "int8", "--quant-block", "16", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "weights    int8 rtn block 16" in text and "--backend onnxruntime only" in text
+    assert "weights    int8 rtn block 16, int8 compute, head int8" in text and "--backend onnxruntime only" in text
     assert Manifest.load(out).weight_precision == "int8"
     assert {a.i for n in _ops(out / "ar_step.onnx")["MatMulNBits"] for a in n.attribute if a.name == "bits"} == {8}
+    assert main(["export", "--model", str(ckpt), "--mode", "ar", "--max-seq-len", "16", "--prefill-length", "8",
+                 "--weights", "int4", "--quant-head", "float", "--quant-compute", "float", "--quant-block", "16",
+                 "--out", str(tmp_path / "c"), "--json"]) == 0
+    capsys.readouterr()
+    nodes = _ops(tmp_path / "c" / "ar_step.onnx")
+    assert [n.input[1] for n in nodes["weight MatMul"]] == ["model.diffusion_head.weight.T"]  # the head in float
+    assert not [a for n in nodes["MatMulNBits"] for a in n.attribute if a.name == "accuracy_level"]  # float: 0
+    assert {a.i for n in _ops(out / "ar_step.onnx")["MatMulNBits"] for a in n.attribute
+            if a.name == "accuracy_level"} == {4}  # int8 compute by default
     assert main(["export", "--model", str(ckpt), "--mode", "ar", "--weights", "int4", "--quant-block", "20",
                  "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
     assert "block size 20 is not supported" in err and "Traceback" not in err and not (tmp_path / "b").exists()
     assert Manifest.load(out).quantization["head"] == "int8"
+    assert Manifest.load(tmp_path / "c").quantization == {
+        "method": "rtn", "block_size": 16, "symmetric": False, "library": "onnxruntime MatMulNBits", "head": "float",
+        "embedding": "float", "lora": "float", "compute": "float",
+        "activations": "float"}
