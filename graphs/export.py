@@ -66,6 +66,7 @@ def export_artifact(
     overwrite: bool = False,
     dump_after: str | None = None,
     quantize: QuantSettings | None = None,
+    calibration_prompts: Sequence | None = None,
 ) -> Manifest:
     """Export the graphs of ``modes`` ("all" or a list of ar, diffusion,
     linear-spec) and return the manifest written to ``out_dir``.
@@ -79,6 +80,7 @@ def export_artifact(
     the prompt chunk; ``max_seq_len`` the cache capacity C; ``batch_size`` the
     static batch. ``progress``: True prints to stderr, or a callable(str).
     ``quantize``: weight-only int4/int8 (passes/quantize_weights.py); None keeps the weights in ``dtype``.
+    ``calibration_prompts``: what gptq calibrates on (default: nemocompile's own source, never held-out text).
     """
     say = _progress(progress)
     # Everything that can be checked before loading a (possibly large) checkpoint is.
@@ -100,6 +102,12 @@ def export_artifact(
     block_length = cfg.block_size if block_length is None else block_length
     prefill_length = min(DEFAULT_PREFILL_LENGTH, max_seq_len) if prefill_length is None else prefill_length
     _check_lengths(modes, block_length, prefill_length, max_seq_len, batch_size, cfg.max_position_embeddings)
+    if quantizer is not None and quantizer.settings.method == "gptq":
+        from nemocompile.calibration import collect_activations, default_calibration_prompts
+
+        say("collecting gptq calibration activations")
+        quantizer.calibration = collect_activations(
+            model, calibration_prompts or default_calibration_prompts(model), block_length=block_length)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
 
     graphs = plan(modes, block_length=block_length, prefill_length=prefill_length, has_lora=model.has_lora)

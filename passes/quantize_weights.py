@@ -37,7 +37,7 @@ from .base import PassContext, PassError, PassResult
 from .share_weights import identity
 
 BITS = {"int4": 4, "int8": 8}
-METHODS = ("rtn", "hqq")
+METHODS = ("rtn", "hqq", "gptq")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 COMPUTE = {"float": 0, "int8": 4}  # -> MatMulNBits accuracy_level  # MatMulNBits: a power of two, at least 16
 HEAD_WEIGHTS = ("diffusion_head", "lm_head")  # the output head's parameter names (tied: embed_tokens.weight.T)
@@ -48,7 +48,9 @@ class QuantSettings:
     """Which weight-only quantization an export asks for (None in PipelineOptions: float weights)."""
 
     precision: str = "int4"  # "int4" | "int8": bits per weight in MatMulNBits
-    method: str = "rtn"  # "rtn": round to nearest, min/max per block; "hqq": half-quadratic (no calibration data)
+    # "rtn": round to nearest, min/max per block; "hqq": half-quadratic (no calibration data); "gptq": GPTQ on
+    # the activations each weight saw on calibration prompts (WeightQuantizer.calibration), int4 only
+    method: str = "rtn"
     block_size: int = 32  # weights per scale along K
     symmetric: bool = False  # rtn: zero point fixed at the middle (no zero-point tensor); hqq is always asymmetric
     head: str = "int8"  # the output head: "int4", "int8" or "float" (see the module docstring)
@@ -72,9 +74,9 @@ class QuantSettings:
             raise PassError(f"unknown head precision {self.head!r}; use int4, int8 or float")
         if self.compute not in COMPUTE:
             raise PassError(f"unknown quantized compute {self.compute!r}; use one of {', '.join(COMPUTE)}")
-        if self.method == "hqq" and self.precision != "int4":
-            raise PassError("hqq quantizes to int4 only (ONNX Runtime's HQQ packs 4-bit weights); "
-                            "use --quant-method rtn for int8")
+        if self.method in ("hqq", "gptq") and self.precision != "int4":
+            raise PassError(f"{self.method} quantizes to int4 only (ONNX Runtime packs its {self.method} weights "
+                            "in 4 bits); use --quant-method rtn for int8")
 
 
 @dataclass
@@ -82,6 +84,9 @@ class WeightQuantizer:
     """The settings plus what one export has quantized so far (weight -> packed tensors and attributes)."""
 
     settings: QuantSettings
+    # gptq: weight name (as in the graph, e.g. model.encoder.layers.0.mlp.up_proj.weight.T) -> the activations
+    # [tokens, K] that weight multiplied on the calibration prompts
+    calibration: dict[str, np.ndarray] = field(default_factory=dict)
     quantized: dict[tuple, tuple[list[ir.TensorProtocol], dict]] = field(default_factory=dict)
     reused: int = 0  # weights another graph had already quantized
 
@@ -98,9 +103,15 @@ class WeightQuantizer:
             self.reused += 1
             return self.quantized[key]
         s = self.settings
-        if precision != s.precision:  # the head at its own bits; hqq packs int4 only, so int8 goes by rtn
+        if precision != s.precision:  # the head at its own bits; hqq and gptq pack int4 only: int8 goes by rtn
             s = replace(s, precision=precision, method=s.method if precision == "int4" else "rtn")
-        result = _quantize_one(weight, name, s)
+        activations = None
+        if s.method == "gptq":
+            activations = self.calibration.get(name)
+            if activations is None:
+                raise PassError(f"{name}: gptq needs the activations this weight saw on calibration prompts and "
+                                "none were collected; export through export_artifact (it calibrates) or use rtn")
+        result = _quantize_one(weight, name, s, activations)
         self.quantized[key] = result
         return result
 
@@ -172,14 +183,15 @@ def _attr(name: str, value) -> ir.Attr:
     return ir.AttrInt64(name, int(value))
 
 
-def _quantize_one(weight: ir.TensorProtocol, name: str, s: QuantSettings) -> tuple[list[ir.TensorProtocol], dict]:
-    """ONNX Runtime's quantizer on a one-MatMul model holding just ``weight``."""
+def _quantize_one(weight: ir.TensorProtocol, name: str, s: QuantSettings,
+                  activations: np.ndarray | None = None) -> tuple[list[ir.TensorProtocol], dict]:
+    """ONNX Runtime's quantizer on a one-MatMul model holding just ``weight`` (gptq: fed ``activations``)."""
     from onnxruntime.quantization import matmul_nbits_quantizer as mnb
 
     k, n = weight.shape
     elem = weight.dtype.value  # ONNX TensorProto element type
-    x = onnx.helper.make_tensor_value_info("x", elem, [1, k])
-    y = onnx.helper.make_tensor_value_info("y", elem, [1, n])
+    x = onnx.helper.make_tensor_value_info("x", elem, ["tokens", k])
+    y = onnx.helper.make_tensor_value_info("y", elem, ["tokens", n])
     w = ir.serde.serialize_tensor(ir.Tensor(weight.numpy(), dtype=weight.dtype, name=name))
     graph = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", name], ["y"], name="mm")], "one",
                                    [x], [y], initializer=[w])
@@ -187,6 +199,8 @@ def _quantize_one(weight: ir.TensorProtocol, name: str, s: QuantSettings) -> tup
     bits = BITS[s.precision]
     if s.method == "hqq":
         config = mnb.HQQWeightOnlyQuantConfig(block_size=s.block_size, bits=bits)
+    elif s.method == "gptq":
+        config = mnb.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Activations(activations))
     else:
         config = mnb.DefaultWeightOnlyQuantConfig(block_size=s.block_size, is_symmetric=s.symmetric, bits=bits)
     quiet = logging.getLogger("onnxruntime.quantization")
@@ -200,7 +214,8 @@ def _quantize_one(weight: ir.TensorProtocol, name: str, s: QuantSettings) -> tup
             q.process()
     finally:
         quiet.setLevel(level)
-    out = q.model.model
+    out = q.model.model if hasattr(q.model, "model") else q.model  # gptq hands back its own wrapper or a proto
+    out = getattr(out, "model", out)
     nodes = list(out.graph.node)
     if len(nodes) != 1 or nodes[0].op_type != "MatMulNBits":
         raise PassError(f"{name}: ONNX Runtime's quantizer did not produce one MatMulNBits "
@@ -212,6 +227,19 @@ def _quantize_one(weight: ir.TensorProtocol, name: str, s: QuantSettings) -> tup
     if COMPUTE[s.compute]:
         attrs["accuracy_level"] = COMPUTE[s.compute]
     return tensors, attrs
+
+
+class _Activations:
+    """ONNX Runtime's calibration-reader protocol over one weight's activations, in chunks of 256 tokens."""
+
+    def __init__(self, activations: np.ndarray):
+        self.chunks = [activations[i:i + 256] for i in range(0, len(activations), 256)]
+
+    def get_next(self) -> dict | None:
+        return {"x": self.chunks.pop(0)} if self.chunks else None
+
+    def __iter__(self):
+        return iter(lambda: self.get_next(), None)
 
 
 __all__ = ["quantize_weights", "QuantSettings", "WeightQuantizer", "BITS", "METHODS", "BLOCK_SIZES"]

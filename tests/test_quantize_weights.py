@@ -106,6 +106,7 @@ def test_hqq_artifact_exports_and_decodes(tmp_path):
     (QuantSettings(method="awq"), "unknown quantization method 'awq'"),
     (QuantSettings(block_size=24), "block size 24 is not supported; use one of 16, 32"),
     (QuantSettings(precision="int8", method="hqq"), "hqq quantizes to int4 only"),
+    (QuantSettings(precision="int8", method="gptq"), "gptq quantizes to int4 only"),
 ])
 def test_bad_quantization_settings_fail_before_anything_is_written(settings, match, tmp_path):
     with pytest.raises(NemocompileError, match=match):
@@ -157,3 +158,24 @@ def test_export_command_writes_a_quantized_artifact(tmp_path, capsys):
         "method": "rtn", "block_size": 16, "symmetric": False, "library": "onnxruntime MatMulNBits", "head": "float",
         "embedding": "float", "lora": "float", "compute": "float",
         "activations": "float"}
+
+
+def test_gptq_calibrates_on_what_each_weight_multiplies(tmp_path):
+    from nemocompile.calibration import collect_activations
+
+    model = make_model(lora_rank=4)
+    acts = collect_activations(model, [[5, 9, 11, 7, 30, 2, 17, 40, 41, 42]], block_length=4)
+    cfg = model.config
+    assert set(acts) == {f"model.encoder.layers.{i}.{m}.weight.T" for i in range(cfg.num_hidden_layers) for m in
+                         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")} | {"model.diffusion_head.weight.T"}
+    # causal and bidirectional passes over 10 tokens: 20 rows of the layer's input width
+    assert acts["model.encoder.layers.0.mlp.down_proj.weight.T"].shape == (20, cfg.intermediate_size)
+    out = tmp_path / "gptq"
+    export_artifact(model, out, modes="ar", max_seq_len=16, prefill_length=8,
+                    quantize=QuantSettings(method="gptq", block_size=16),
+                    calibration_prompts=[[5, 9, 11, 7, 30, 2, 17, 40, 41, 42]])
+    assert Manifest.load(out).quantization["method"] == "gptq"
+    assert len(_ops(out / "ar_step.onnx")["MatMulNBits"]) == 7 * cfg.num_hidden_layers + 1
+    with Runtime.load(out, backend="onnxruntime", threads=1) as rt:
+        assert len(rt.generate(PROMPTS[0], mode="ar", max_new_tokens=4, eos=-1).tokens) == 4

@@ -27,8 +27,12 @@ def add_parser(sub) -> None:
                    help="save each graph after this pass-pipeline stage into DIR.dump/")
     p.add_argument("--weights", default="float", choices=("float", "int4", "int8"),
                    help="weight-only quantization into ONNX Runtime's MatMulNBits (default: float, the --dtype)")
-    p.add_argument("--quant-method", default="rtn", choices=("rtn", "hqq"),
-                   help="rtn: round to nearest per block (default); hqq: half-quadratic, int4, no calibration data")
+    p.add_argument("--quant-method", default="rtn", choices=("rtn", "hqq", "gptq"),
+                   help="rtn: round to nearest per block (default); hqq: half-quadratic, int4, no calibration data; "
+                        "gptq: int4 calibrated on --quant-calibration prompts")
+    p.add_argument("--quant-calibration", default=None, metavar="FILE",
+                   help="gptq's prompts: JSON lines with \"prompt\" or \"ids\", or text lines "
+                        "(default: nemocompile's own source)")
     p.add_argument("--quant-block", type=int, default=32, metavar="N",
                    help="weights per scale along the input dimension: 16, 32 (default), 64, 128 or 256")
     p.add_argument("--quant-symmetric", action="store_true", help="rtn: no zero points (slightly less accurate)")
@@ -45,6 +49,7 @@ def run(args) -> int:
     from ..graphs.export import export_artifact
     from ..passes.check_tensorrt import lint_artifact
 
+    from ..parity import read_prompts
     from ..passes.quantize_weights import QuantSettings
 
     modes = [m.strip() for m in args.mode.split(",")] if "," in args.mode else args.mode
@@ -56,6 +61,7 @@ def run(args) -> int:
         batch_size=args.batch_size, dtype=args.dtype, prefill_length=args.prefill_length, progress=True,
         opset=args.opset, optimize=not args.no_optimize, share_weights=not args.no_share_weights,
         overwrite=args.force, dump_after=args.dump_after, quantize=quantize,
+        calibration_prompts=read_prompts(args.quant_calibration) if args.quant_calibration else None,
     )
     report = lint_artifact(args.out)
     if args.json:
