@@ -111,3 +111,20 @@ def test_the_type_check_catches_a_misspelt_tensorrt_call(stubs, tmp_path):
     assert status != 0
     assert '"Builder" has no attribute "create_netwrk"' in report, report
     assert "wrong_trt.py:8: error: Incompatible types in assignment" in report, report
+
+
+def test_a_stubs_only_tensorrt_is_reported_as_not_installed(monkeypatch):
+    """tensorrt-stubs makes `import tensorrt` succeed as an empty namespace: that is no TensorRT."""
+    import sys
+    import types
+
+    import torch
+
+    from nemocompile.errors import BackendUnavailableError
+    from nemocompile.runtime.backends import tensorrt as trt_backend
+
+    monkeypatch.setattr(trt_backend.os.path, "exists", lambda path: True)  # as if a GPU were present
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
+    with pytest.raises(BackendUnavailableError, match="TensorRT is not installed \\(only its type stubs are\\)"):
+        trt_backend.import_tensorrt()
