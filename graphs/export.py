@@ -30,6 +30,7 @@ from nemocompile.model import TriModeModel
 from nemocompile.passes.base import PassContext, PassResult
 from nemocompile.passes.check_onnx import check_onnx
 from nemocompile.passes.pipeline import PipelineOptions, run_description_pipeline, run_pipeline
+from nemocompile.passes.quantize_weights import QuantSettings
 from nemocompile.passes.share_weights import WEIGHTS_FILE, WeightStore
 from nemocompile.tokenizer import TOKENIZER_FILES
 
@@ -66,6 +67,8 @@ def export_artifact(
     dump_after: str | None = None,
     logits: bool = True,
     draft_groups: int | None = None,
+    quantize: QuantSettings | None = None,
+    calibration_prompts: Sequence | None = None,
 ) -> Manifest:
     """Export the graphs of ``modes`` ("all" or a list of ar, diffusion,
     linear-spec, quadratic-spec) and return the manifest written to ``out_dir``.
@@ -82,6 +85,8 @@ def export_artifact(
     needs another export). ``draft_groups`` G: quadratic-spec's fused step drafts for
     the first G acceptance points only (default: all B). ``progress``: True prints
     to stderr, or a callable(str).
+    ``quantize``: weight-only int4/int8 (passes/quantize_weights.py); None keeps the weights in ``dtype``.
+    ``calibration_prompts``: what gptq calibrates on (default: nemocompile's own source, never held-out text).
     """
     say = _progress(progress)
     # Everything that can be checked before loading a (possibly large) checkpoint is.
@@ -90,6 +95,7 @@ def export_artifact(
         raise ExportError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     if isinstance(opset, bool) or not isinstance(opset, int) or not 18 <= opset <= 23:
         raise ExportError(f"opset {opset!r} is not supported; use 18 to 23 (18, the default, suits TensorRT best)")
+    quantizer = _quantizer(quantize, optimize)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         if not overwrite:
@@ -102,6 +108,12 @@ def export_artifact(
     block_length = cfg.block_size if block_length is None else block_length
     prefill_length = min(DEFAULT_PREFILL_LENGTH, max_seq_len) if prefill_length is None else prefill_length
     _check_lengths(modes, block_length, prefill_length, max_seq_len, batch_size, cfg.max_position_embeddings)
+    if quantizer is not None and quantizer.settings.method == "gptq":
+        from nemocompile.calibration import collect_activations, default_calibration_prompts
+
+        say("collecting gptq calibration activations")
+        quantizer.calibration = collect_activations(
+            model, calibration_prompts or default_calibration_prompts(model), block_length=block_length)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
 
     if draft_groups is not None and (isinstance(draft_groups, bool) or not isinstance(draft_groups, int)
@@ -117,7 +129,8 @@ def export_artifact(
     try:
         store = WeightStore(tmp) if share_weights else None
         specs = []
-        options = PipelineOptions(optimize=optimize, share_weights=share_weights)
+        options = PipelineOptions(optimize=optimize, share_weights=share_weights,
+                                  quantize_weights=quantizer is not None)
         traced: dict[tuple, tuple] = {}  # (layout, logits) -> (graph, step): identical steps trace once
         for i, (spec, used_by) in enumerate(graphs, 1):
             t0 = time.perf_counter()
@@ -134,7 +147,8 @@ def export_artifact(
                     f"batch={batch_size})")
                 onnx_model = _trace(module, module.example_inputs(batch_size, max_seq_len), spec, opset)
                 ctx = PassContext(spec.step, inputs, outputs, weights=store, opset=opset,
-                                  dump_dir=tmp.parent / f"{out_dir.name}.dump" if dump_after else None)
+                                  dump_dir=tmp.parent / f"{out_dir.name}.dump" if dump_after else None,
+                                  quantizer=quantizer)
                 results = run_pipeline(onnx_model, ctx, options, dump_after=dump_after)
                 _save(onnx_model, tmp / file, share_weights)
                 traced[key] = (onnx_model, spec.step)
@@ -152,6 +166,7 @@ def export_artifact(
             cache_capacity=max_seq_len, block_length=block_length, prefill_length=prefill_length,
             has_lora=model.has_lora, graphs=specs, tokenizer_files=tokenizer_files,
             weights_file=WEIGHTS_FILE if share_weights else None, opset=opset, source=model.source,
+            **_quantization_fields(quantizer),
         )
         manifest.validate(str(tmp / MANIFEST))
         manifest.save(tmp)  # last file written: a directory without it is not an artifact
@@ -174,6 +189,29 @@ def _modes(modes: Sequence[str] | str) -> list[str]:
     if bad or not modes:
         raise ExportError(f"unknown mode {bad[0] if bad else '(none)'!r}; use one of {', '.join(MODES)} or all")
     return modes
+
+
+def _quantizer(quantize, optimize: bool):
+    from nemocompile.passes.quantize_weights import WeightQuantizer
+
+    if quantize is None:
+        return None
+    if not optimize:
+        raise ExportError("weight quantization needs the graph passes (it rewrites the folded weight MatMuls); "
+                          "drop --no-optimize")
+    return WeightQuantizer(quantize)  # checks the settings: one-line errors before any loading
+
+
+def _quantization_fields(quantizer) -> dict:
+    if quantizer is None:
+        return {}
+    s = quantizer.settings
+    return {"weight_precision": s.precision,
+            "quantization": {"method": s.method, "block_size": s.block_size,
+                             "symmetric": s.symmetric and s.method == "rtn", "library": "onnxruntime MatMulNBits",
+                             "head": s.head,
+                             "embedding": "float", "lora": "float", "compute": s.compute,
+                             "activations": "float" if s.compute == "float" else "int8 per block inside MatMulNBits"}}
 
 
 def _check_lengths(modes, block_length, prefill_length, capacity, batch_size, max_positions) -> None:

@@ -56,6 +56,7 @@ MODE_STEPS = {"ar": {"prefill", "ar_step"}, "diffusion": {"prefill", "denoise", 
 # the graph whose block length is a mode's block length
 BLOCK_STEP = {"diffusion": "denoise", "linear-spec": "draft", "quadratic-spec": "verify_draft"}
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "int64")
+WEIGHT_PRECISIONS = ("float", "int4", "int8")
 
 
 class ManifestError(NemocompileError):
@@ -101,6 +102,9 @@ class Manifest:
     weights_file: str | None = None  # shared external-data file, if any
     opset: int = 18
     source: str | None = None  # checkpoint the artifact came from
+    # weight-only quantization: "float" (weights in `dtype`), "int4" or "int8" (MatMulNBits, ONNX Runtime only)
+    weight_precision: str = "float"
+    quantization: dict[str, Any] | None = None  # method, block_size, symmetric, what stayed in float
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -182,6 +186,9 @@ class Manifest:
     def validate(self, source: str = MANIFEST) -> None:
         if self.dtype not in ("fp32", "fp16", "bf16"):
             raise ManifestError(f"{source}: field 'dtype' is {self.dtype!r}; expected fp32, fp16 or bf16")
+        if self.weight_precision not in WEIGHT_PRECISIONS:
+            raise ManifestError(f"{source}: field 'weight_precision' is {self.weight_precision!r}; expected one of "
+                                f"{', '.join(WEIGHT_PRECISIONS)}")
         for name in ("batch_size", "cache_capacity", "block_length", "prefill_length"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ManifestError(f"{source}: field {name!r} must be a positive integer")

@@ -18,6 +18,7 @@ from nemocompile.errors import NemocompileError
 from nemocompile.manifest import TensorSpec
 
 if TYPE_CHECKING:
+    from .quantize_weights import WeightQuantizer
     from .share_weights import WeightStore
 
 
@@ -44,3 +45,4 @@ class PassContext:
     weights: "WeightStore | None" = None  # the artifact's shared external-data file
     opset: int = 18
     dump_dir: Path | None = None  # where dump_after writes its snapshot
+    quantizer: "WeightQuantizer | None" = None  # weight-only quantization, shared by the export's graphs

@@ -23,6 +23,7 @@ from .check_tensorrt import check_tensorrt
 from .fold_weight_transposes import fold_weight_transposes
 from .fuse_draft_verify import fuse_draft_verify
 from .lower_integer_clip import lower_integer_clip
+from .quantize_weights import quantize_weights
 from .share_weights import share_weights
 from .simplify_graph import simplify_graph
 from .strip_metadata import strip_metadata
@@ -32,6 +33,7 @@ from .strip_metadata import strip_metadata
 class PipelineOptions:
     optimize: bool = True  # fold weight transposes and simplify the graph (off: the exporter's raw graph)
     share_weights: bool = True  # one external-data file for all graphs (off: weights stay in each graph)
+    quantize_weights: bool = False  # int4/int8 MatMulNBits weights (settings: PassContext.quantizer)
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,10 @@ PIPELINE: list[Stage] = [
     # time); before simplify_graph, whose constant folder would transpose small
     # weights into new in-memory copies on its own.
     Stage("fold_weight_transposes", fold_weight_transposes, when=lambda o: o.optimize),
+    # After fold_weight_transposes (MatMulNBits needs the weight as an initializer,
+    # not Transpose(W)) and before share_weights, so the shared file holds the
+    # packed weights (deduplicated across graphs: held once) and never the float ones.
+    Stage("quantize_weights", quantize_weights, when=lambda o: o.quantize_weights),
     # Before simplify_graph: from here on every weight is a reference into the
     # shared file, so no later stage can hold (or copy) weight bytes.
     Stage("share_weights", share_weights, when=lambda o: o.share_weights),

@@ -6,7 +6,13 @@ decoded greedily; the backends alternate prompt by prompt so both see the same
 machine load, and every ratio (speedup over AR, ONNX Runtime over eager) comes
 from one run. Rows aggregate over prompts: tokens/s = tokens / wall seconds,
 tokens per forward = tokens / forwards, overhead share = runtime seconds /
-wall seconds (spec counting; see runtime/stats.py).
+wall seconds (spec counting; see runtime/stats.py). Memory per artifact:
+weights = its precision (the export dtype, or int4/int8 for quantized weights),
+weight_bytes = the bytes of weights its graphs read (the shared weights file),
+peak_rss_bytes = the process's peak resident memory while that artifact was
+loaded and run (Linux: the high-water mark is reset before each artifact).
+Backends that cannot run an artifact's weights (torch for int4/int8) are
+skipped for it, with a progress line saying so.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from nemocompile.errors import NemocompileError
+from nemocompile.manifest import Manifest
 
 from .runtime import Runtime
 
@@ -152,7 +159,17 @@ def run_bench(artifacts: Sequence[str | Path], prompts: list, backends: Sequence
     say = progress or (lambda msg: None)
     rows: list[dict] = []
     step_rows: list[dict] = []
+    all_backends = backends
     for artifact in artifacts:
+        manifest = Manifest.load(artifact)
+        backends = [b for b in all_backends if b == "onnxruntime" or manifest.weight_precision == "float"]
+        if len(backends) < len(all_backends):
+            say(f"{artifact}: {manifest.weight_precision} weights run on onnxruntime only; skipping "
+                f"{', '.join(b for b in all_backends if b not in backends)}")
+        if not backends:
+            continue
+        first_row = len(rows)
+        reset_peak_rss()
         runtimes = {}
         for b in backends:
             options = {"threads": threads} if threads else {}
@@ -182,10 +199,50 @@ def run_bench(artifacts: Sequence[str | Path], prompts: list, backends: Sequence
         for t in times:
             say(f"{t['backend']:<11} {t['step']:<13} B={t['block_length']:<3} {t['tokens']:>5} tokens "
                 f"{t['ms']:8.2f} ms/forward")
+        memory = {"weights": manifest.weight_precision if manifest.weight_precision != "float" else manifest.dtype,
+                  "weight_bytes": weight_bytes(artifact, manifest), "peak_rss_bytes": peak_rss_bytes()}
+        for row in rows[first_row:]:
+            row.update(memory)
         for rt in runtimes.values():
             rt.close()
     _add_speedups(rows)
     return {"results": rows, "step_times": step_rows, "summary": summarize(rows, step_rows)}
+
+
+def weight_bytes(artifact: str | Path, manifest: Manifest) -> int:
+    """Bytes of weights on disk: the shared weights file, else every graph's own data file and graph."""
+    artifact = Path(artifact)
+    if manifest.weights_file:
+        return (artifact / manifest.weights_file).stat().st_size
+    files = {artifact / g.file for g in manifest.graphs} | {(artifact / g.file).with_suffix(".data")
+                                                             for g in manifest.graphs}
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
+def reset_peak_rss() -> bool:
+    """Restart the process's peak-RSS high-water mark (Linux /proc/self/clear_refs); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int | None:
+    """Peak resident memory of this process (since the last reset_peak_rss, where supported)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    except (ImportError, OSError):
+        return None
 
 
 def _fit(runtime: Runtime, prompt, max_new_tokens: int) -> list[int]:
@@ -272,7 +329,8 @@ COLUMNS = (
     ("tokens_per_forward", "tok/fw", 6, "{:.2f}"), ("acceptance_length", "accept", 6, "{:.2f}"),
     ("time_to_first_token_s", "ttft_ms", 8, "{:.1f}"), ("overhead_share", "ovhd", 6, "{:.1%}"),
     ("overhead_cpu_share", "ovhd_cpu", 8, "{:.1%}"), ("speedup_vs_ar", "x_ar", 6, "{:.2f}"),
-    ("speedup_vs_eager", "x_eager", 7, "{:.2f}"),
+    ("speedup_vs_eager", "x_eager", 7, "{:.2f}"), ("weights", "weights", 7, "{}"),
+    ("weight_bytes", "wt_MB", 7, "{:.1f}"), ("peak_rss_bytes", "rss_MB", 7, "{:.0f}"),
 )
 
 
@@ -282,6 +340,8 @@ def _line(row: dict) -> str:
         value = row.get(key)
         if key == "time_to_first_token_s" and value is not None:
             value *= 1e3
+        if key in ("weight_bytes", "peak_rss_bytes") and value is not None:
+            value /= 1e6
         text = "-" if value is None else fmt.format(value)
         cells.append(text.ljust(-width) if width < 0 else text.rjust(width))
     return " ".join(cells)

@@ -31,6 +31,22 @@ def add_parser(sub) -> None:
     p.add_argument("--draft-groups", type=int, default=None, metavar="G",
                    help="quadratic-spec: draft for the first G acceptance points only (B + G*B tokens per fused "
                         "forward instead of B*(B+1); at most G tokens accepted per cycle; default: all B)")
+    p.add_argument("--weights", default="float", choices=("float", "int4", "int8"),
+                   help="weight-only quantization into ONNX Runtime's MatMulNBits (default: float, the --dtype)")
+    p.add_argument("--quant-method", default="rtn", choices=("rtn", "hqq", "gptq"),
+                   help="rtn: round to nearest per block (default); hqq: half-quadratic, int4, no calibration data; "
+                        "gptq: int4 calibrated on --quant-calibration prompts")
+    p.add_argument("--quant-calibration", default=None, metavar="FILE",
+                   help="gptq's prompts: JSON lines with \"prompt\" or \"ids\", or text lines "
+                        "(default: nemocompile's own source)")
+    p.add_argument("--quant-block", type=int, default=32, metavar="N",
+                   help="weights per scale along the input dimension: 16, 32 (default), 64, 128 or 256")
+    p.add_argument("--quant-symmetric", action="store_true", help="rtn: no zero points (slightly less accurate)")
+    p.add_argument("--quant-compute", default="int8", choices=("int8", "float"),
+                   help="ONNX Runtime's CPU kernel: int8 (default: activations quantized per block inside "
+                        "MatMulNBits, ~4x faster) or float (fp32 activations; int8 weights then run ~30x slower)")
+    p.add_argument("--quant-head", default="int8", choices=("int4", "int8", "float"),
+                   help="the output head's precision (default int8: int4 there costs the most top-1 agreement)")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=run)
 
@@ -39,13 +55,20 @@ def run(args) -> int:
     from ..graphs.export import export_artifact
     from ..passes.check_tensorrt import lint_artifact
 
+    from ..parity import read_prompts
+    from ..passes.quantize_weights import QuantSettings
+
     modes = [m.strip() for m in args.mode.split(",")] if "," in args.mode else args.mode
+    quantize = None if args.weights == "float" else QuantSettings(
+        precision=args.weights, method=args.quant_method, block_size=args.quant_block,
+        symmetric=args.quant_symmetric, head=args.quant_head, compute=args.quant_compute)
     manifest = export_artifact(
         args.model, args.out, modes=modes, block_length=args.block_length, max_seq_len=args.max_seq_len,
         batch_size=args.batch_size, dtype=args.dtype, prefill_length=args.prefill_length, progress=True,
         opset=args.opset, optimize=not args.no_optimize, share_weights=not args.no_share_weights,
         overwrite=args.force, dump_after=args.dump_after, logits=not args.greedy_only,
-        draft_groups=args.draft_groups,
+        draft_groups=args.draft_groups, quantize=quantize,
+        calibration_prompts=read_prompts(args.quant_calibration) if args.quant_calibration else None,
     )
     report = lint_artifact(args.out)
     if args.json:
@@ -55,6 +78,10 @@ def run(args) -> int:
     print(f"modes      {', '.join(manifest.modes)}  (dtype {manifest.dtype}, batch {manifest.batch_size}, "
           f"capacity {manifest.cache_capacity}, block {manifest.block_length}, prefill {manifest.prefill_length}, "
           f"opset {manifest.opset})")
+    if manifest.quantization:
+        q = manifest.quantization
+        print(f"weights    {manifest.weight_precision} {q['method']} block {q['block_size']}, {q['compute']} compute, "
+              f"head {q['head']} (MatMulNBits; embedding and LoRA float): runs on --backend onnxruntime only")
     for g in manifest.graphs:
         print(f"  {g.step:<13} L={g.block_length:<4} {g.pattern:<13} {'writes' if g.writes_cache else 'reads '} "
               f"{'LoRA' if g.lora else '    '}  {g.file}")

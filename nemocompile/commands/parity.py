@@ -19,6 +19,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from ..manifest import Manifest
     from ..parity import check_parity, read_prompts
 
     if args.threads:
@@ -26,6 +27,12 @@ def run(args) -> int:
 
         torch.set_num_threads(args.threads)
     prompts = read_prompts(args.prompts) if args.prompts else None
+    if Manifest.load(args.artifact).weight_precision != "float":  # int4/int8: its own measures and thresholds
+        from ..quant_parity import check_quantized_parity
+
+        quant = check_quantized_parity(args.artifact, args.model, prompts, max_new_tokens=args.max_new_tokens)
+        print(quant.to_json() if args.json else quant.table())
+        return 0 if quant.ok else 1
     report = check_parity(args.artifact, args.model, prompts, max_new_tokens=args.max_new_tokens,
                           generations=not args.steps_only)
     print(report.to_json() if args.json else report.table())

@@ -76,6 +76,10 @@ def host_or_torch_array(shape, dtype: str, device: str):
 def create_backend(name: str, artifact_dir, manifest, device: str | None = None, **options) -> Backend:
     """The named backend; options are backend specific (``model`` for torch, ``threads``/
     ``providers`` for onnxruntime)."""
+    if name != "onnxruntime" and getattr(manifest, "weight_precision", "float") != "float":
+        raise NemocompileError(f"{artifact_dir}: {manifest.weight_precision} weights (ONNX Runtime's MatMulNBits) "
+                               f"run on ONNX Runtime only; use --backend onnxruntime (or export float weights "
+                               f"for --backend {name})")
     if name == "onnxruntime":
         from .onnxruntime import OnnxRuntimeBackend
 

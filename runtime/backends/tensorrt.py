@@ -52,6 +52,9 @@ def import_tensorrt():
                                       "pip install 'nemocompile[tensorrt]' on the GPU machine") from None
     if not torch.cuda.is_available():
         raise BackendUnavailableError(NO_GPU + " (torch sees no CUDA device)")
+    if not hasattr(trt, "__version__"):  # `tensorrt-stubs` alone makes `import tensorrt` an empty namespace
+        raise BackendUnavailableError("TensorRT is not installed (only its type stubs are); "
+                                      "pip install 'nemocompile[tensorrt]' on the GPU machine")
     if int(trt.__version__.split(".")[0]) < 10:
         raise BackendUnavailableError(f"TensorRT {trt.__version__} is too old: nemocompile uses the TensorRT 10 API "
                                       "(B200 needs 10.8 or newer); pip install 'nemocompile[tensorrt]'")
@@ -69,7 +72,7 @@ def _sha256(path: Path) -> str:
 def _sources(artifact_dir: Path, manifest) -> dict:
     """Per graph step, what its engine is built from: the graph file, the manifest and the weights file
     (size and mtime: hashing many GB of weights on every load would cost more than the load)."""
-    shared = {"manifest_sha256": _sha256(artifact_dir / "manifest.json")}
+    shared: dict[str, object] = {"manifest_sha256": _sha256(artifact_dir / "manifest.json")}
     if manifest.weights_file:
         st = (artifact_dir / manifest.weights_file).stat()
         shared["weights"] = {"file": manifest.weights_file, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -95,7 +98,8 @@ def build_engines(artifact_dir, manifest, *, workspace_gb: float | None = None, 
     no half-written engine behind. ``timing_cache``: a file whose kernel timings
     are reused and updated (later builds on the same GPU go faster).
     """
-    trt, torch = import_tensorrt()
+    _, torch = import_tensorrt()
+    import tensorrt as trt  # by name, not from the tuple: mypy checks every use against TensorRT's stubs
     artifact_dir = Path(artifact_dir)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -181,7 +185,9 @@ class TensorRTBackend:
     name = "tensorrt"
 
     def __init__(self, artifact_dir, manifest, device: str | None = None, **_):
-        trt, torch = import_tensorrt()
+        _, torch = import_tensorrt()
+        import tensorrt as trt  # by name, not from the tuple: mypy checks every use against TensorRT's stubs
+
         self.trt, self.torch = trt, torch
         self.dir = Path(artifact_dir)
         self.device = device if device and device.startswith("cuda") else "cuda"
@@ -199,7 +205,9 @@ class TensorRTBackend:
         return torch_device_array(shape, dtype, self.device)
 
     def open(self, graph, io: StepIO, cache) -> None:
-        t, trt = self.torch, self.trt
+        import tensorrt as trt  # loaded by __init__; by name so mypy checks its use against TensorRT's stubs
+
+        t = self.torch
         path = engine_path(self.dir, graph)
         if not path.is_file():
             raise BackendUnavailableError(f"{path}: no TensorRT engine for the {graph.step!r} graph; build the "
@@ -222,7 +230,8 @@ class TensorRTBackend:
             if name not in buffers or buffers[name] is None:
                 raise BackendUnavailableError(f"{path}: unexpected engine tensor {name!r}; rebuild the engine "
                                               "from this artifact")
-            want = tuple(engine.get_tensor_shape(name))
+            dims = engine.get_tensor_shape(name)  # trt.Dims: indexable, not typed as iterable
+            want = tuple(dims[d] for d in range(len(dims)))
             if want != tuple(buffers[name].shape):
                 raise BackendUnavailableError(f"{path}: tensor {name!r} has shape {want}, the manifest says "
                                               f"{tuple(buffers[name].shape)}; rebuild the engine")
