@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .errors import NemocompileError
 from .manifest import Manifest
 from .model import TriModeModel
 
@@ -87,7 +88,10 @@ def artifact_teacher_forced(rt, ids: Sequence[int]) -> np.ndarray:
         ids = list(ids)[: rt.capacity - P]
         T = len(ids)
     seq = np.asarray(ids, dtype=np.int64)
-    io = rt.io[P]
+    io = rt.io[("prefill", P)]
+    if io.logits is None:
+        raise NemocompileError("quantized parity compares logits, and this artifact was exported with "
+                               "--greedy-only (no logits); re-export it without --greedy-only")
     out = []
     with rt._lock:  # the runtime's one cache: no generation may run meanwhile
         rt.cache.reset(np.zeros(B, dtype=np.int64))  # every row decodes the same sequence
