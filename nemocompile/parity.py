@@ -9,7 +9,9 @@ Two levels, both at temperature 0:
   values; the slots beyond ``cache_len`` hold noise, so a graph that failed to
   mask them would show. Reported per step kind: max and mean absolute logit
   difference, max difference of the written (present) cache rows, top-1
-  agreement.
+  agreement. The verdict fails closed: any NaN/inf in the graph's outputs, a
+  difference above the dtype's tolerance, or a top-1 disagreement where the
+  eager logits prefer their own token by more than that tolerance fails.
 - whole generations (:func:`generation_parity`): the runtime
   (``nemocompile.runtime``, ONNX Runtime backend) against the eager decoders
   (``nemocompile.generate``) in every mode of the artifact; the token
@@ -55,6 +57,8 @@ class StepParity:
     top1: float  # fraction of positions whose argmax agrees
     tolerance: float  # the absolute bound applied (half precisions: relative to the largest |logit|)
     ok: bool
+    nonfinite: int = 0  # NaN/inf values among the graph's logits and written cache rows (any fails)
+    top1_flips: int = 0  # positions whose argmax differs while eager prefers its own by more than tolerance
 
 
 @dataclass
@@ -93,6 +97,11 @@ class ParityReport:
             cache = "-" if s.cache_max is None else f"{s.cache_max:.2e}"
             lines.append(f"{s.step:<9}{len(s.cases):>6}{s.logits_max:>13.2e}{s.logits_mean:>13.2e}{cache:>12}"
                          f"{s.top1:>8.1%}{s.tolerance:>9.1e}  {'ok' if s.ok else 'FAIL'}")
+            if s.nonfinite:
+                lines.append(f"    {s.step}: {s.nonfinite} NaN/inf values in the graph's outputs")
+            if s.top1_flips:
+                lines.append(f"    {s.step}: top-1 differs at {s.top1_flips} positions where eager prefers its token "
+                             f"by more than the tolerance")
         if self.generations:
             lines.append(f"{'mode':<12}{'prompts':>8}{'identical':>11}{'tokens':>9}  result")
             for g in self.generations:
@@ -160,7 +169,7 @@ def step_parity(artifact_dir: str | Path, model: TriModeModel, *, manifest: Mani
             hint = ("bf16 artifacts do not run on ORT's CPU provider: export fp32 or fp16 for CPU parity"
                     if manifest.dtype == "bf16" else "re-export the artifact (`nemocompile check` lints it)")
             raise ParityError(f"{g.file}: ONNX Runtime (CPU) cannot load it ({e}); {hint}") from None
-        diffs, means, cache_diffs, agree, total, cases, scale, cache_scale = [], [], [], 0, 0, [], 1.0, 1.0
+        cmp, cache_diffs, cases, cache_scale = LogitsComparison(), [], [], 1.0
         gen = torch.Generator().manual_seed(seed)
         for cache_len in lens:
             if cache_len + L > C:
@@ -171,25 +180,84 @@ def step_parity(artifact_dir: str | Path, model: TriModeModel, *, manifest: Mani
             with torch.no_grad():
                 ref = model.step(inputs["input_ids"], inputs["cache_k"], inputs["cache_v"], inputs["cache_len"],
                                  inputs["row_start"], pattern=g.pattern, lora=g.lora)
-            ref_logits = ref[0].float().numpy()
-            scale = max(scale, float(np.abs(ref_logits).max()))
-            d = np.abs(got[0].astype(np.float64) - ref_logits)
-            diffs.append(float(d.max()))
-            means.append(float(d.mean()))
-            agree += int((got[0].argmax(-1) == ref_logits.argmax(-1)).sum())
-            total += B * L
+            cmp.add(got[0], ref[0].float().numpy())
             if g.writes_cache:
-                cache_diffs += [float(np.abs(_f32(got[i]) - ref[i].float().numpy()).max()) for i in (1, 2)]
-                cache_scale = max(cache_scale, *(float(ref[i].float().abs().max()) for i in (1, 2)))
+                for i in (1, 2):
+                    ours, theirs = _f32(got[i]), ref[i].float().numpy()
+                    cmp.nonfinite += int((~np.isfinite(ours)).sum())
+                    cache_diffs.append(_nanmax(np.abs(ours - theirs)))
+                    cache_scale = max(cache_scale, float(np.abs(theirs).max()))
             cases.append(f"cache_len={cache_len}")
         relative = RELATIVE[manifest.dtype]
-        tol = TOLERANCE[manifest.dtype] * (scale if relative else 1.0)
+        tol = TOLERANCE[manifest.dtype] * (cmp.scale if relative else 1.0)
         cache_tol = TOLERANCE[manifest.dtype] * (cache_scale if relative else 1.0)
-        logits_max = max(diffs)
-        cache_max = max(cache_diffs) if g.writes_cache else None
-        ok = logits_max <= tol and (cache_max is None or cache_max <= cache_tol)
-        out.append(StepParity(g.step, cases, logits_max, float(np.mean(means)), cache_max, agree / total, tol, ok))
+        cache_max = _nanmax(cache_diffs) if g.writes_cache else None
+        flips = cmp.flips(tol)
+        # fail closed: a NaN compares False, so every bound is written as "x <= tol" and
+        # non-finite outputs fail on their own
+        ok = (cmp.nonfinite == 0 and cmp.logits_max <= tol and flips == 0
+              and (cache_max is None or cache_max <= cache_tol))
+        out.append(StepParity(g.step, cases, cmp.logits_max, cmp.logits_mean, cache_max, cmp.top1, tol, ok,
+                              nonfinite=cmp.nonfinite, top1_flips=flips))
     return out
+
+
+class LogitsComparison:
+    """Graph logits against eager logits over several cases, failing closed.
+
+    ``max`` over a Python list drops a NaN that is not first, so every reduction
+    here is numpy's, which propagates it; non-finite graph outputs are counted
+    separately. A top-1 disagreement is excused only where the eager logits
+    themselves put the two tokens within the tolerance (a near tie), and the
+    tolerance is known only after every case ran (half precisions scale it by
+    the largest |logit|), so the margins of disagreeing positions are kept.
+    """
+
+    def __init__(self):
+        self.diffs: list[float] = []
+        self.means: list[float] = []
+        self.margins: list[np.ndarray] = []  # eager margin of its own top-1 over the graph's, where they differ
+        self.agree = self.total = self.nonfinite = 0
+        self.scale = 1.0
+
+    def add(self, got: np.ndarray, ref: np.ndarray) -> None:
+        """``got``/``ref``: logits [B, L, V] of the graph and of the eager model."""
+        got = got.astype(np.float64)
+        ref = ref.astype(np.float64)
+        self.nonfinite += int((~np.isfinite(got)).sum())
+        self.scale = max(self.scale, _nanmax(np.abs(ref)))
+        d = np.abs(got - ref)
+        self.diffs.append(_nanmax(d))
+        self.means.append(float(d.mean()))
+        ours, theirs = got.argmax(-1), ref.argmax(-1)
+        differ = ours != theirs
+        self.agree += int((~differ).sum())
+        self.total += differ.size
+        if differ.any():
+            rows = ref[differ]  # [n, V]
+            self.margins.append(rows[np.arange(len(rows)), theirs[differ]] - rows[np.arange(len(rows)), ours[differ]])
+
+    @property
+    def logits_max(self) -> float:
+        return _nanmax(self.diffs)
+
+    @property
+    def logits_mean(self) -> float:
+        return float(np.mean(self.means)) if self.means else float("nan")
+
+    @property
+    def top1(self) -> float:
+        return self.agree / self.total if self.total else float("nan")
+
+    def flips(self, tol: float) -> int:
+        """Top-1 disagreements that no tolerance excuses (a NaN margin counts)."""
+        return sum(int((~(m <= tol)).sum()) for m in self.margins)
+
+
+def _nanmax(values) -> float:
+    """The maximum, NaN if any value is NaN (unlike the builtin ``max``); NaN for nothing."""
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.max()) if a.size else float("nan")
 
 
 def _step_inputs(model: TriModeModel, pattern: str, B: int, L: int, C: int, cache_len: int,
