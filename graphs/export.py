@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from nemocompile.artifact_files import describe_files
 from nemocompile.errors import NemocompileError
 from nemocompile.manifest import MANIFEST, GraphSpec, Manifest
 from nemocompile.model import TriModeModel
@@ -134,11 +135,12 @@ def export_artifact(
         if store is not None:
             store.close()
         tokenizer_files = _copy_tokenizer(model, tmp)
+        files = describe_files(tmp, [f.name for f in tmp.iterdir() if f.is_file() and f.name != MANIFEST])
         manifest = Manifest(
             model_config=cfg.to_dict(), config_hash=cfg.hash(), dtype=dtype, batch_size=batch_size,
             cache_capacity=max_seq_len, block_length=block_length, prefill_length=prefill_length,
             has_lora=model.has_lora, graphs=specs, tokenizer_files=tokenizer_files,
-            weights_file=WEIGHTS_FILE if share_weights else None, opset=opset, source=model.source,
+            weights_file=WEIGHTS_FILE if share_weights else None, opset=opset, source=model.source, files=files,
         )
         manifest.validate(str(tmp / MANIFEST))
         manifest.save(tmp)  # last file written: a directory without it is not an artifact

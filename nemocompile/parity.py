@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .artifact_files import check_files
 from .errors import NemocompileError
 from .manifest import Manifest
 from .model import TriModeModel
@@ -122,6 +123,7 @@ def check_parity(artifact_dir: str | Path, model: TriModeModel | str | Path | No
     of the artifact. ``model``: a loaded model, a checkpoint directory, or None
     (the manifest's source checkpoint, else the embedded model)."""
     manifest = Manifest.load(artifact_dir)
+    check_files(artifact_dir, manifest)
     model = reference_model(manifest, model)
     steps = step_parity(artifact_dir, model, manifest=manifest, seed=seed)
     gens = generation_parity(artifact_dir, model, prompts, max_new_tokens, manifest=manifest) if generations else []
@@ -168,7 +170,8 @@ def step_parity(artifact_dir: str | Path, model: TriModeModel, *, manifest: Mani
         except Exception as e:  # ORT raises its own exception types
             hint = ("bf16 artifacts do not run on ORT's CPU provider: export fp32 or fp16 for CPU parity"
                     if manifest.dtype == "bf16" else "re-export the artifact (`nemocompile check` lints it)")
-            raise ParityError(f"{g.file}: ONNX Runtime (CPU) cannot load it ({e}); {hint}") from None
+            reason = " ".join(str(e).split())[:300]
+            raise ParityError(f"{g.file}: ONNX Runtime (CPU) cannot load it ({reason}); {hint}") from None
         cmp, cache_diffs, cases, cache_scale = LogitsComparison(), [], [], 1.0
         gen = torch.Generator().manual_seed(seed)
         for cache_len in lens:

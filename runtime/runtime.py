@@ -19,6 +19,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from nemocompile.artifact_files import check_files
 from nemocompile.decode.common import DEFAULT, MODES, parse_threshold
 from nemocompile.errors import GenerationError, NemocompileError
 from nemocompile.manifest import Manifest, ManifestError
@@ -102,6 +103,7 @@ class Runtime:
         manifest's ``source``), ``providers`` (onnxruntime)."""
         artifact_dir = Path(artifact_dir)
         manifest = Manifest.load(artifact_dir)
+        check_files(artifact_dir, manifest)  # sizes only (a stat per file); `nemocompile check` reads the digests
         return cls(artifact_dir, manifest, create_backend(backend, artifact_dir, manifest, device=device, **options))
 
     def _step_io(self, graph) -> StepIO:
