@@ -31,6 +31,7 @@ import torch
 from .artifact_files import check_files
 from .errors import NemocompileError
 from .manifest import Manifest
+from .prompts_file import read_prompts_file
 from .model import TriModeModel
 
 # Max abs logit (and cache row) difference allowed per artifact dtype. fp32 is
@@ -356,28 +357,6 @@ def default_prompts(model: TriModeModel, count: int = 3) -> list:
 
 
 def read_prompts(path: str | Path) -> list:
-    """A prompts file: one JSON object per line with "prompt" (text) or "ids"
-    (token ids), or plain text lines."""
-    path = Path(path)
-    if not path.is_file():
-        raise ParityError(f"{path}: no such prompts file")
-    prompts = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        if line.lstrip().startswith("{"):
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ParityError(f"{path}:{n}: not valid JSON ({e})") from None
-            if "ids" in obj:
-                prompts.append([int(t) for t in obj["ids"]])
-            elif "prompt" in obj:
-                prompts.append(str(obj["prompt"]))
-            else:
-                raise ParityError(f'{path}:{n}: expected a "prompt" or an "ids" field')
-        else:
-            prompts.append(line)
-    if not prompts:
-        raise ParityError(f"{path}: no prompts")
-    return prompts
+    """A prompts file (nemocompile/prompts_file.py: JSON lines with "prompt" or
+    "ids", or plain text lines), the same format `bench --prompts` reads."""
+    return read_prompts_file(path, ParityError)

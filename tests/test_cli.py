@@ -44,6 +44,6 @@ def test_generate_on_embedded_model(embedded_dir, mode):
 
 def test_generate_chat_and_text_output(embedded_dir):
     proc = cli("generate", "--prompt", "Write a function.", "--chat", "--max-new-tokens", "8")
-    assert "mode=ar" in proc.stdout.splitlines()[-1]
+    assert "mode=ar" in proc.stderr.splitlines()[-1] and "mode=ar" not in proc.stdout  # stats on stderr
     bad = cli("generate", "--prompt", "x", "--threshold", "high", "--mode", "diffusion", check=False)
     assert bad.returncode == 2 and "threshold must be a number" in bad.stderr

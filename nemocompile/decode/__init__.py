@@ -37,7 +37,7 @@ def generate(
     result; a list of prompts returns a list (ar and diffusion batch them)."""
     prompts, batched = encode_prompts(model, prompt_or_ids, chat)
     args = validate_args(model, DecodeArgs(mode, max_new_tokens, block_length, threshold, steps, temperature,
-                                           seed, eos_token_id), len(prompts))
+                                           seed, eos_token_id), len(prompts), max(map(len, prompts)))
     outs, stats = _DECODERS[args.mode](model, prompts, args)
     results = []
     for tokens in outs:
