@@ -215,6 +215,31 @@ def test_http_refuses_large_bodies_with_413(http):
     assert ok.status_code == 200 and len(ok.json()["choices"][0]["tokens"]) == 2
 
 
+def test_http_tokenizes_off_the_event_loop(runtime, http, monkeypatch):
+    """/health answers while a request's prompt is still being tokenized."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+    real = runtime.encode
+
+    def slow_encode(*args, **kw):
+        started.set()
+        release.wait(10)  # held until /health has answered: on the event loop it would block /health
+        finished.set()
+        return real(*args, **kw)
+
+    monkeypatch.setattr(runtime, "encode", slow_encode)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(http.post, "/v1/completions", json={"prompt": "def f(", "max_tokens": 2})
+        assert started.wait(30)
+        assert http.get("/health").status_code == 200
+        answered_while_encoding = not finished.is_set()
+        release.set()
+        assert pending.result(timeout=60).status_code == 200
+    assert answered_while_encoding
+
+
 def test_http_stops_a_generation_whose_client_is_gone(runtime):
     """A non-streaming request whose client disconnected: no tokens are decoded for it."""
     import asyncio
