@@ -45,6 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    interrupted = []
+
+    def on_sigint(signum, frame):
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
@@ -56,6 +66,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return _reader_went_away()
+    except Exception:
+        # a Ctrl-C that lands inside an import (torch, numpy) can leave the module half
+        # initialised and surface as another error (RecursionError seen): still an interrupt
+        if interrupted:
+            print("interrupted", file=sys.stderr)
+            return 130
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _reader_went_away() -> int:
