@@ -24,12 +24,13 @@ from typing import Callable, Sequence
 
 import torch
 
+from nemocompile.artifact_files import check_export_destination, describe_files
 from nemocompile.errors import NemocompileError
 from nemocompile.manifest import MANIFEST, GraphSpec, Manifest
 from nemocompile.model import TriModeModel
 from nemocompile.passes.base import PassContext, PassResult
 from nemocompile.passes.check_onnx import check_onnx
-from nemocompile.passes.pipeline import PipelineOptions, run_description_pipeline, run_pipeline
+from nemocompile.passes.pipeline import STAGE_NAMES, PipelineOptions, run_description_pipeline, run_pipeline
 from nemocompile.passes.quantize_weights import QuantSettings
 from nemocompile.passes.share_weights import WEIGHTS_FILE, WeightStore
 from nemocompile.tokenizer import TOKENIZER_FILES
@@ -97,12 +98,9 @@ def export_artifact(
         raise ExportError(f"opset {opset!r} is not supported; use 18 to 23 (18, the default, suits TensorRT best)")
     quantizer = _quantizer(quantize, optimize)
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        if not overwrite:
-            raise ExportError(f"{out_dir} exists and is not empty; choose another --out or pass --force to replace it")
-        if not (out_dir / MANIFEST).is_file():
-            raise ExportError(f"{out_dir} exists and is not an artifact (no {MANIFEST}); --force only replaces "
-                              "artifacts: choose another --out or remove it yourself")
+    check_export_destination(out_dir, overwrite, ExportError)
+    if dump_after is not None and dump_after not in STAGE_NAMES:
+        raise ExportError(f"unknown stage {dump_after!r} for --dump-after; stages are {', '.join(STAGE_NAMES)}")
     model = _model(model, DTYPES[dtype], say)
     cfg = model.config
     block_length = cfg.block_size if block_length is None else block_length
@@ -161,11 +159,12 @@ def export_artifact(
         if store is not None:
             store.close()
         tokenizer_files = _copy_tokenizer(model, tmp)
+        files = describe_files(tmp, [f.name for f in tmp.iterdir() if f.is_file() and f.name != MANIFEST])
         manifest = Manifest(
             model_config=cfg.to_dict(), config_hash=cfg.hash(), dtype=dtype, batch_size=batch_size,
             cache_capacity=max_seq_len, block_length=block_length, prefill_length=prefill_length,
             has_lora=model.has_lora, graphs=specs, tokenizer_files=tokenizer_files,
-            weights_file=WEIGHTS_FILE if share_weights else None, opset=opset, source=model.source,
+            weights_file=WEIGHTS_FILE if share_weights else None, opset=opset, source=model.source, files=files,
             **_quantization_fields(quantizer),
         )
         manifest.validate(str(tmp / MANIFEST))
@@ -322,7 +321,11 @@ def _replace(tmp: Path, out_dir: Path) -> None:
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
+        try:
+            os.rename(tmp, out_dir)
+        except BaseException:  # Ctrl-C between the renames: the previous artifact goes back
+            os.rename(old, out_dir)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, out_dir)

@@ -1,14 +1,28 @@
 """nemocompile: static decode graphs, passes and a runtime for tri-mode language models."""
 
-from .config import ModelConfig, RopeConfig
-from .decode import GenerationResult, GenerationStats, generate
-from .errors import NemocompileError
-from .loader import embedded_model_dir, load
-from .model import KVCache, TriModeModel
+# The public names are imported on first use (PEP 562): `nemocompile.cli` must start without
+# importing torch, so that a Ctrl-C or a usage error in the first second is handled by the CLI
+# (one line) instead of landing in the middle of torch's import.
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "GenerationResult", "GenerationStats", "KVCache", "ModelConfig", "NemocompileError", "RopeConfig",
-    "TriModeModel", "embedded_model_dir", "generate", "load",
-]
+_PUBLIC = {
+    "ModelConfig": "config", "RopeConfig": "config", "GenerationResult": "decode", "GenerationStats": "decode",
+    "generate": "decode", "NemocompileError": "errors", "embedded_model_dir": "loader", "load": "loader",
+    "KVCache": "model", "TriModeModel": "model",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), *_PUBLIC})

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 
 from .errors import NemocompileError
@@ -26,8 +28,16 @@ SUBCOMMANDS = {
 }
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the CLI's error style: one line ``error: ...`` on stderr, exit 2
+    (subcommand parsers inherit the class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nemocompile", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="nemocompile", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in SUBCOMMANDS.items():
         importlib.import_module(f"nemocompile.commands.{module}").add_parser(sub)
@@ -35,9 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    interrupted = []
+
+    def on_sigint(signum, frame):
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
     try:
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except NemocompileError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -45,6 +64,30 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _reader_went_away()
+    except Exception:
+        # a Ctrl-C that lands inside an import (torch, numpy) can leave the module half
+        # initialised and surface as another error (RecursionError seen): still an interrupt
+        if interrupted:
+            print("interrupted", file=sys.stderr)
+            return 130
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _reader_went_away() -> int:
+    """stdout's reader closed the pipe (``... | head``): stop quietly, as Unix tools do.
+    Later writes, including the interpreter's final flush, go to /dev/null instead of
+    raising again; the exit status is the shell's for a process killed by SIGPIPE."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

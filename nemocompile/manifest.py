@@ -105,6 +105,9 @@ class Manifest:
     # weight-only quantization: "float" (weights in `dtype`), "int4" or "int8" (MatMulNBits, ONNX Runtime only)
     weight_precision: str = "float"
     quantization: dict[str, Any] | None = None  # method, block_size, symmetric, what stayed in float
+    # file name -> {"size": bytes, "sha256": hex digest}, every file the export wrote but this
+    # manifest (see nemocompile/artifact_files.py); empty in manifests written before it existed
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -178,7 +181,10 @@ class Manifest:
             raise ManifestError(f"{path}: missing; {directory} is not an exported artifact "
                                 "(create one with `nemocompile export --out DIR`)")
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ManifestError(f"{path}: not UTF-8 text (invalid byte at offset {e.start}); the artifact is "
+                                "damaged, re-export it") from None
         except json.JSONDecodeError as e:
             raise ManifestError(f"{path}: not valid JSON ({e})") from None
         return cls.from_dict(raw, source=str(path))
@@ -192,6 +198,12 @@ class Manifest:
         for name in ("batch_size", "cache_capacity", "block_length", "prefill_length"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ManifestError(f"{source}: field {name!r} must be a positive integer")
+        if not isinstance(self.files, dict) or not all(
+                isinstance(name, str) and isinstance(rec, dict) and isinstance(rec.get("size"), int)
+                and not isinstance(rec.get("size"), bool) and rec["size"] >= 0 and isinstance(rec.get("sha256"), str)
+                for name, rec in self.files.items()):
+            raise ManifestError(f"{source}: field 'files' must map file names to {{\"size\": bytes, "
+                                "\"sha256\": hex}}; re-export the artifact")
         for g in self.graphs:
             if g.step not in STEP_KINDS:
                 raise ManifestError(f"{source}: unknown step kind {g.step!r}; expected one of {list(STEP_KINDS)}")

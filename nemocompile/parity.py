@@ -9,8 +9,11 @@ Two levels, both at temperature 0:
   values; the slots beyond ``cache_len`` hold noise, so a graph that failed to
   mask them would show. Reported per step kind: max and mean absolute logit
   difference (graphs without logits: of the confidences), max difference of the
-  written (present) cache rows, top-1 agreement; all three are part of the
-  verdict. Fused graphs are also compared with the separate steps they replace.
+  written (present) cache rows, top-1 agreement. The verdict fails closed: any
+  NaN/inf in the graph's outputs, a difference above the dtype's tolerance, or a
+  top-1 disagreement where the eager logits prefer their own token by more than
+  that tolerance fails. Fused graphs are also compared with the separate steps
+  they replace.
 - whole generations (:func:`generation_parity`): the runtime
   (``nemocompile.runtime``, ONNX Runtime backend) against the eager decoders
   (``nemocompile.generate``) in every mode of the artifact; the token
@@ -27,8 +30,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .artifact_files import check_files
 from .errors import NemocompileError
 from .manifest import Manifest
+from .prompts_file import read_prompts_file
 from .model import TriModeModel
 from .model.layout import Layout
 from .model.modeling import greedy_candidates
@@ -58,6 +63,8 @@ class StepParity:
     top1: float  # fraction of positions whose argmax agrees
     tolerance: float  # the absolute bound applied (half precisions: relative to the largest |logit|)
     ok: bool
+    nonfinite: int = 0  # NaN/inf values among the graph's logits and written cache rows (any fails)
+    top1_flips: int = 0  # positions whose argmax differs while eager prefers its own by more than tolerance
 
 
 @dataclass
@@ -96,6 +103,11 @@ class ParityReport:
             cache = "-" if s.cache_max is None else f"{s.cache_max:.2e}"
             lines.append(f"{s.step:<23}{len(s.cases):>6}{s.logits_max:>13.2e}{s.logits_mean:>13.2e}{cache:>12}"
                          f"{s.top1:>8.1%}{s.tolerance:>9.1e}  {'ok' if s.ok else 'FAIL'}")
+            if s.nonfinite:
+                lines.append(f"    {s.step}: {s.nonfinite} NaN/inf values in the graph's outputs")
+            if s.top1_flips:
+                lines.append(f"    {s.step}: top-1 differs at {s.top1_flips} positions where eager prefers its token "
+                             f"by more than the tolerance")
         if self.generations:
             lines.append(f"{'mode':<15}{'prompts':>8}{'identical':>11}{'tokens':>9}  result")
             for g in self.generations:
@@ -118,6 +130,7 @@ def check_parity(artifact_dir: str | Path, model: TriModeModel | str | Path | No
     of the artifact. ``model``: a loaded model, a checkpoint directory, or None
     (the manifest's source checkpoint, else the embedded model)."""
     manifest = Manifest.load(artifact_dir)
+    check_files(artifact_dir, manifest)
     model = reference_model(manifest, model)
     steps = step_parity(artifact_dir, model, manifest=manifest, seed=seed)
     gens = generation_parity(artifact_dir, model, prompts, max_new_tokens, manifest=manifest) if generations else []
@@ -146,8 +159,6 @@ def reference_model(manifest: Manifest, model: TriModeModel | str | Path | None)
 
 
 # ---- per step ----------------------------------------------------------------
-# Least share of positions whose argmax must agree with eager (near-ties may flip in half precision).
-TOP1 = {"fp32": 0.999, "fp16": 0.98, "bf16": 0.95}
 
 
 def step_parity(artifact_dir: str | Path, model: TriModeModel, *, manifest: Manifest | None = None,
@@ -173,7 +184,8 @@ def step_parity(artifact_dir: str | Path, model: TriModeModel, *, manifest: Mani
         except Exception as e:  # ORT raises its own exception types
             hint = ("bf16 artifacts do not run on ORT's CPU provider: export fp32 or fp16 for CPU parity"
                     if manifest.dtype == "bf16" else "re-export the artifact (`nemocompile check` lints it)")
-            raise ParityError(f"{g.file}: ONNX Runtime (CPU) cannot load it ({e}); {hint}") from None
+            reason = " ".join(str(e).split())[:300]
+            raise ParityError(f"{g.file}: ONNX Runtime (CPU) cannot load it ({reason}); {hint}") from None
         names = [o.name for o in session.get_outputs()]
         direct, separate = _Tally(g.step, manifest.dtype), _Tally(f"{g.step}=separate", manifest.dtype)
         gen = torch.Generator().manual_seed(seed)
@@ -195,41 +207,76 @@ def step_parity(artifact_dir: str | Path, model: TriModeModel, *, manifest: Mani
 
 
 class _Tally:
-    """Differences of one graph's outputs from a reference, over the cases compared."""
+    """One graph's outputs against eager over several cases, failing closed.
+
+    Graphs that keep logits are compared on them, the others (fused, greedy-only)
+    on their confidences. ``max`` over a Python list drops a NaN that is not
+    first, so every reduction here is numpy's, which propagates it; non-finite
+    graph outputs are counted separately. A top-1 disagreement is excused only
+    where the eager logits themselves put the two tokens within the tolerance (a
+    near tie), and the tolerance is known only after every case ran (half
+    precisions scale it by the largest |logit|), so the margins of disagreeing
+    positions are kept.
+    """
 
     def __init__(self, step: str, dtype: str):
         self.step, self.dtype = step, dtype
         self.cases: list[str] = []
-        self.diffs, self.means, self.cache_diffs = [], [], []
-        self.agree = self.total = 0
+        self.diffs: list[float] = []
+        self.means: list[float] = []
+        self.cache_diffs: list[float] = []
+        self.margins: list[np.ndarray] = []  # eager margin of its own top-1 over the graph's, where they differ
+        self.agree = self.total = self.nonfinite = 0
         self.scale = self.cache_scale = 1.0
 
     def add(self, case: str, got: dict, ref: tuple) -> None:
+        """``got``: the graph's outputs by name; ``ref``: eager (logits [B, T, V], k, v)."""
         ref_logits = ref[0].float()
-        self.scale = max(self.scale, float(ref_logits.abs().max()))
-        cand, conf = (t.numpy() for t in greedy_candidates(ref_logits))
-        # graphs that keep logits are compared on them, the others on the confidences
-        ours, theirs = (got["logits"], ref_logits.numpy()) if "logits" in got else (got["confidence"], conf)
-        d = np.abs(ours.astype(np.float64) - theirs)
-        self.diffs.append(float(d.max()))
+        theirs_top, theirs_conf = (t.numpy() for t in greedy_candidates(ref_logits))
+        ref_logits = ref_logits.numpy().astype(np.float64)
+        self.scale = max(self.scale, _nanmax(np.abs(ref_logits)))
+        ours, theirs = ((got["logits"], ref_logits) if "logits" in got else (got["confidence"], theirs_conf))
+        ours = ours.astype(np.float64)
+        self.nonfinite += int((~np.isfinite(ours)).sum())
+        d = np.abs(ours - theirs)
+        self.diffs.append(_nanmax(d))
         self.means.append(float(d.mean()))
-        self.agree += int((got["candidate"] == cand).sum())
-        self.total += cand.size
+        cand = got["candidate"]
+        differ = cand != theirs_top
+        self.agree += int((~differ).sum())
+        self.total += differ.size
+        if differ.any():
+            rows = ref_logits[differ]  # [n, V]
+            idx = np.arange(len(rows))
+            self.margins.append(rows[idx, theirs_top[differ]] - rows[idx, cand[differ]])
         if "present_k" in got and ref[1] is not None:
-            self.cache_diffs += [float(np.abs(_f32(got[n]) - r.float().numpy()).max())
-                                 for n, r in (("present_k", ref[1]), ("present_v", ref[2]))]
-            self.cache_scale = max(self.cache_scale, *(float(r.float().abs().max()) for r in ref[1:]))
+            for name, r in (("present_k", ref[1]), ("present_v", ref[2])):
+                ours, theirs = _f32(got[name]), r.float().numpy()
+                self.nonfinite += int((~np.isfinite(ours)).sum())
+                self.cache_diffs.append(_nanmax(np.abs(ours - theirs)))
+                self.cache_scale = max(self.cache_scale, float(np.abs(theirs).max()))
         self.cases.append(case)
 
     def result(self) -> StepParity:
         relative = RELATIVE[self.dtype]
         tol = TOLERANCE[self.dtype] * (self.scale if relative else 1.0)
         cache_tol = TOLERANCE[self.dtype] * (self.cache_scale if relative else 1.0)
-        logits_max = max(self.diffs)
-        cache_max = max(self.cache_diffs) if self.cache_diffs else None
-        top1 = self.agree / self.total
-        ok = (logits_max <= tol and (cache_max is None or cache_max <= cache_tol) and top1 >= TOP1[self.dtype])
-        return StepParity(self.step, self.cases, logits_max, float(np.mean(self.means)), cache_max, top1, tol, ok)
+        logits_max = _nanmax(self.diffs)
+        cache_max = _nanmax(self.cache_diffs) if self.cache_diffs else None
+        flips = sum(int((~(m <= tol)).sum()) for m in self.margins)  # a NaN margin counts
+        # fail closed: a NaN compares False, so every bound is written as "x <= tol" and
+        # non-finite outputs fail on their own
+        ok = (self.nonfinite == 0 and logits_max <= tol and flips == 0
+              and (cache_max is None or cache_max <= cache_tol))
+        top1 = self.agree / self.total if self.total else float("nan")
+        return StepParity(self.step, self.cases, logits_max, float(np.mean(self.means)), cache_max, top1, tol, ok,
+                          nonfinite=self.nonfinite, top1_flips=flips)
+
+
+def _nanmax(values) -> float:
+    """The maximum, NaN if any value is NaN (unlike the builtin ``max``); NaN for nothing."""
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.max()) if a.size else float("nan")
 
 
 def separate_steps(model: TriModeModel, layout: Layout, inputs: dict) -> tuple[torch.Tensor, ...]:
@@ -345,28 +392,6 @@ def default_prompts(model: TriModeModel, count: int = 3) -> list:
 
 
 def read_prompts(path: str | Path) -> list:
-    """A prompts file: one JSON object per line with "prompt" (text) or "ids"
-    (token ids), or plain text lines."""
-    path = Path(path)
-    if not path.is_file():
-        raise ParityError(f"{path}: no such prompts file")
-    prompts = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        if line.lstrip().startswith("{"):
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ParityError(f"{path}:{n}: not valid JSON ({e})") from None
-            if "ids" in obj:
-                prompts.append([int(t) for t in obj["ids"]])
-            elif "prompt" in obj:
-                prompts.append(str(obj["prompt"]))
-            else:
-                raise ParityError(f'{path}:{n}: expected a "prompt" or an "ids" field')
-        else:
-            prompts.append(line)
-    if not prompts:
-        raise ParityError(f"{path}: no prompts")
-    return prompts
+    """A prompts file (nemocompile/prompts_file.py: JSON lines with "prompt" or
+    "ids", or plain text lines), the same format `bench --prompts` reads."""
+    return read_prompts_file(path, ParityError)

@@ -72,6 +72,19 @@ class Tokenizer:
         return {t: i for t, i in ids.items() if i is not None}
 
 
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuse text that is not valid Unicode: lone surrogates arrive from a command-line
+    argument with invalid UTF-8 bytes (Python's surrogateescape) or from a JSON "\\ud800"."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise GenerationError(f"{what} is not valid UTF-8 text (character {e.start}: an invalid byte or a lone "
+                              "surrogate); send UTF-8 text or token ids") from None
+
+
 def encode_prompts(tokenizer: Tokenizer | None, vocab_size: int, prompt, chat: bool = False,
                    owner: str = "checkpoint", template_kwargs: dict | None = None) -> tuple[list[list[int]], bool]:
     """Token lists for a str, a list of str, token ids, a list of id lists, or (with
@@ -87,6 +100,7 @@ def encode_prompts(tokenizer: Tokenizer | None, vocab_size: int, prompt, chat: b
 
     def one(p) -> list[int]:
         if isinstance(p, str):
+            check_text(p, "the prompt")
             tok = need_tokenizer()
             return tok.encode(tok.apply_chat_template(p, **template_kwargs) if chat else p)
         if isinstance(p, dict):
@@ -106,6 +120,12 @@ def encode_prompts(tokenizer: Tokenizer | None, vocab_size: int, prompt, chat: b
         return [one(prompt)], False
     prompt = list(prompt)
     if chat and prompt and all(isinstance(m, dict) for m in prompt):  # one conversation
+        for m in prompt:
+            if m.get("role") not in CHAT_ROLES:
+                raise GenerationError(f"chat role {m.get('role')!r} is not one of {', '.join(CHAT_ROLES)}")
+            if not isinstance(m.get("content"), str):
+                raise GenerationError("each chat message needs text 'content'")
+            check_text(m["content"], "a chat message")
         tok = need_tokenizer()
         return [tok.encode(tok.apply_chat_template(prompt, **template_kwargs))], False
     if prompt and all(isinstance(p, (str, list, tuple)) for p in prompt):

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 
 from nemocompile.errors import NemocompileError
 from nemocompile.manifest import Manifest
+from nemocompile.prompts_file import read_prompts_file
 
 from .runtime import Runtime
 
@@ -38,25 +39,15 @@ def default_prompts_file() -> Path:
 
 
 def load_prompts(path: str | Path | None = None, limit: int | None = None) -> list:
-    """Prompts from a JSON-lines file of {"prompt": text} or {"ids": [token ids]} (default: the
-    built-in held-out code prompts)."""
+    """Prompts from a prompts file (nemocompile/prompts_file.py: JSON lines of {"prompt": text} or
+    {"ids": [token ids]}, or plain text lines; the format `parity --prompts` reads) or the built-in
+    held-out code prompts."""
     path = Path(path) if path is not None else default_prompts_file()
     if not path.is_file():
         raise NemocompileError(f"{path}: no such prompt file" + (
             "; the built-in prompt set ships with the embedded model (pass --prompts FILE)"
             if path == default_prompts_file() else ""))
-    prompts = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            prompts.append(row["prompt"] if "prompt" in row else [int(t) for t in row["ids"]])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise NemocompileError(f"{path}:{n}: expected a JSON object with \"prompt\" (text) or \"ids\" "
-                                   "(token ids)") from None
-    if not prompts:
-        raise NemocompileError(f"{path}: no prompts")
+    prompts = read_prompts_file(path)
     return prompts[:limit] if limit else prompts
 
 
@@ -376,12 +367,18 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(report: dict, path: str | Path) -> None:
-    """Tokens/s and tokens per forward per configuration, grouped by mode."""
+def require_matplotlib():
+    """matplotlib, or a clear error (callers check this before benchmarking)."""
     try:
         import matplotlib
     except ImportError:
         raise NemocompileError("--plot needs matplotlib: pip install 'nemocompile[plot]'") from None
+    return matplotlib
+
+
+def plot(report: dict, path: str | Path) -> None:
+    """Tokens/s and tokens per forward per configuration, grouped by mode."""
+    matplotlib = require_matplotlib()
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -412,7 +409,15 @@ def _label(r: dict) -> str:
 
 
 def write_json(report: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+    """Written to a temporary sibling then renamed: a failed write leaves no half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise NemocompileError(f"--json {path}: cannot write it ({e.strerror})") from None
 
 
 def stderr_progress(msg: str) -> None:

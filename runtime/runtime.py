@@ -11,6 +11,7 @@ rows, stats) and the one place where graphs are executed and timed.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -19,10 +20,12 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from nemocompile.decode.common import (DEFAULT, MODES, SPECULATIVE, ThinkingBudget, budgeted, check_quadratic,
-                                       eos_id_set, parse_threshold, thinking_budget)
+from nemocompile.artifact_files import usable_graphs
+from nemocompile.decode.common import (DEFAULT, SPECULATIVE, ThinkingBudget, budgeted, check_quadratic, eos_id_set,
+                                       parse_threshold, thinking_budget)
 from nemocompile.errors import GenerationError, NemocompileError
 from nemocompile.manifest import Manifest, ManifestError
+from nemocompile.request import RequestError, check_room, check_values
 from nemocompile.tokenizer import encode_prompts
 
 from .backends import NUMPY_DTYPES, Backend, StepIO, create_backend
@@ -111,6 +114,11 @@ class Runtime:
         manifest's ``source``), ``providers`` (onnxruntime)."""
         artifact_dir = Path(artifact_dir)
         manifest = Manifest.load(artifact_dir)
+        # sizes only (a stat per file; `nemocompile check` reads the digests). A damaged graph that
+        # some modes do not use costs only those modes; anything else damaged stops here.
+        manifest, damaged = usable_graphs(artifact_dir, manifest)
+        for line in damaged:
+            print(f"warning: {line}", file=sys.stderr)
         return cls(artifact_dir, manifest, create_backend(backend, artifact_dir, manifest, device=device, **options))
 
     def _step_io(self, graph) -> StepIO:
@@ -173,23 +181,18 @@ class Runtime:
 
     def validate(self, prompts: list[list[int]], batched: bool, mode: str = "ar", max_new_tokens: int = 64,
                  block_length: int | None = None, threshold=None, temperature: float = 0.0,
-                 seed: int | None = None, eos: int | None = None, steps: int | None = None,
-                 max_thinking_tokens: int | None = None, end_think_token_id: int | None = None) -> Request:
+                 seed: int | None = None, eos: int | None = None, steps: int | None = None, *,
+                 max_thinking_tokens: int | None = None, end_think_token_id: int | None = None,
+                 names: dict[str, str] | None = None) -> Request:
         """Fill defaults and reject what cannot run, before any step does (spec defaults:
-        diffusion threshold 0.9, linear-spec threshold 0; block length: the artifact's)."""
-        if mode not in MODES:
-            raise GenerationError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+        diffusion threshold 0.9, linear-spec threshold 0; block length: the artifact's).
+        Values are checked by ``nemocompile.request``, the checks every front door shares;
+        ``names`` renames fields in its messages (HTTP: max_new_tokens -> max_tokens)."""
+        check_values(mode=mode, max_new_tokens=max_new_tokens, block_length=block_length, temperature=temperature,
+                     seed=seed, eos=eos, steps=steps, vocab_size=self.vocab_size, names=names)
         if mode not in self.modes:
-            raise GenerationError(f"this artifact has no {mode} graphs (it has: {', '.join(self.modes)}); "
-                                  f"re-export it with that mode")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-            raise GenerationError(f"temperature must be a number >= 0, got {temperature!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise GenerationError(f"seed must be a non-negative integer, got {seed!r}")
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-            raise GenerationError(f"steps must be an integer >= 1, got {steps!r}")
+            raise RequestError(f"this artifact has no {mode} graphs (it has: {', '.join(self.modes)}); "
+                               f"re-export it with that mode", param="mode")
         eos = eos_id_set(self.eos_token_ids if eos is None else eos, self.vocab_size)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise GenerationError("empty prompt: give at least one token")
@@ -223,14 +226,9 @@ class Runtime:
         if mode in ("ar", "quadratic-spec"):
             thr = None
 
-        width = self.prompt_width(prompts, mode)
-        need = width + max_new_tokens + (block if block else 0)
-        if width > self.capacity or need > self.capacity:
-            what = (f"the prompt ({width} tokens) alone exceeds" if width > self.capacity else
-                    f"prompt ({width}) + max_new_tokens ({max_new_tokens})"
-                    + (f" + one block ({block})" if block else "") + f" = {need} tokens exceed")
-            raise GenerationError(f"{what} the artifact's KV cache capacity of {self.capacity}; shorten the prompt, "
-                                  f"lower max_new_tokens, or re-export with a larger --max-seq-len")
+        check_room(self.prompt_width(prompts, mode), max_new_tokens, block, self.capacity,
+                   "the artifact's KV cache capacity",
+                   "shorten the prompt, lower max_new_tokens, or re-export with a larger --max-seq-len", names)
         budget = thinking_budget(max_thinking_tokens, end_think_token_id, self.tokenizer, self.vocab_size)
         return Request(prompts, mode, max_new_tokens, block, thr, steps, float(temperature), seed, eos, batched,
                        budget)
@@ -248,7 +246,8 @@ class Runtime:
         """
         prompts, batched = self.encode(prompt_or_ids, chat, chat_template_kwargs)
         request = self.validate(prompts, batched, mode, max_new_tokens, block_length, threshold, temperature,
-                                seed, eos, steps, max_thinking_tokens, end_think_token_id)
+                                seed, eos, steps, max_thinking_tokens=max_thinking_tokens,
+                                end_think_token_id=end_think_token_id)
         if stream:
             if batched:
                 raise GenerationError("stream=True takes a single prompt; call generate once per prompt")

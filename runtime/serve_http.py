@@ -29,8 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from nemocompile.errors import NemocompileError
+from nemocompile.request import RequestError
 
 DEFAULT_MAX_TOKENS = 64
+MAX_BODY_BYTES = 1 << 20  # larger request bodies get 413 before they are read in full
 
 # OpenAI fields accepted only at their no-op value (anything else is a clear 400)
 NEUTRAL = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (None, False), "top_logprobs": (None, 0),
@@ -100,11 +102,13 @@ def usage(prompt_tokens: int, result) -> dict:
             "mode": s.mode}
 
 
-def create_app(runtime, model_name: str | None = None):
-    """The FastAPI application serving ``runtime``."""
+def create_app(runtime, model_name: str | None = None, max_body_bytes: int = MAX_BODY_BYTES):
+    """The FastAPI application serving ``runtime``. The event loop only parses and
+    relays: tokenization runs on a thread and generation on the one worker thread;
+    a generation whose client disconnected stops at its next commit."""
     check_dependencies()
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import Response, StreamingResponse
 
     name = model_name or runtime.name
     created = int(time.time())
@@ -120,7 +124,8 @@ def create_app(runtime, model_name: str | None = None):
 
     @app.exception_handler(APIError)
     async def api_error(_, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        # ASCII JSON: a message quoting the client's lone surrogate ("\\ud800") must still encode
+        return Response(json.dumps(exc.body()), status_code=exc.status, media_type="application/json")
 
     @app.get("/health")
     async def health():
@@ -133,28 +138,63 @@ def create_app(runtime, model_name: str | None = None):
                                             "owned_by": "nemocompile", "modes": runtime.modes}]}
 
     async def read_json(request: Request) -> Any:
+        too_large = APIError(f"the request body exceeds {max_body_bytes} bytes", 413, "request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body_bytes:
+            raise too_large  # refused before reading a byte of it
+        body = bytearray()
+        async for part in request.stream():  # a missing or false content-length: count as it arrives
+            body += part
+            if len(body) > max_body_bytes:
+                raise too_large
         try:
-            return json.loads(await request.body())
+            return json.loads(bytes(body).decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(f"the request body is not valid JSON ({e})") from None
+            raise APIError(f"the request body is not valid JSON in UTF-8 ({e})") from None
 
-    def prepare(prompt, kwargs: dict, template_kwargs: dict | None = None) -> tuple[list[int], dict]:
-        """Encode and validate before the request is queued: bad requests never wait."""
+    def prepare(prompt, kwargs: dict, names: dict, template_kwargs: dict | None = None) -> tuple[list[int], dict]:
+        """Encode and validate before the request is queued: bad requests never wait.
+        Runs on a thread (a long prompt's tokenization must not hold the event loop)."""
         try:
             prompts, batched = runtime.encode(prompt, chat=kwargs.pop("chat", False),
                                               chat_template_kwargs=template_kwargs)
             if batched:
                 raise APIError("send one prompt per request")
-            runtime.validate(prompts, False, **kwargs)
+            runtime.validate(prompts, False, **kwargs, names=names)
+        except RequestError as e:
+            raise APIError(str(e), param=e.param) from None
         except NemocompileError as e:
             raise APIError(str(e)) from None
         return prompts[0], kwargs
 
-    async def run_blocking(fn):
+    async def run_generation(request: Request, ids: list[int], kwargs: dict):
+        """The whole generation on the worker; stopped at its next commit if the client goes away."""
+        cancelled = threading.Event()
+
+        def work():
+            if cancelled.is_set():
+                return None
+            stream = runtime.generate(ids, stream=True, **kwargs)
+            try:
+                for _ in stream:
+                    if cancelled.is_set():
+                        return None
+            finally:
+                stream.close()
+            return stream.result
+
+        future = asyncio.get_running_loop().run_in_executor(worker, work)
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # never an unobserved error
         try:
-            return await asyncio.get_running_loop().run_in_executor(worker, fn)
+            while not future.done():
+                if await request.is_disconnected():
+                    return None  # the worker stops at its next commit (finally below)
+                await asyncio.wait({future}, timeout=0.25)
+            return future.result()
         except NemocompileError as e:
             raise APIError(str(e)) from None
+        finally:
+            cancelled.set()  # also when this handler itself is cancelled
 
     def stream_events(ids: list[int], kwargs: dict, make_chunk, make_final):
         """SSE body: the worker thread decodes, this coroutine relays each commit."""
@@ -213,7 +253,7 @@ def create_app(runtime, model_name: str | None = None):
         return {"id": rid, "object": obj, "created": int(time.time()), "model": name,
                 "choices": [{"index": 0, **payload, "tokens": tokens, "logprobs": None, "finish_reason": finish}]}
 
-    async def answer(body: dict, ids: list[int], kwargs: dict, chunk, on_delta, reply):
+    async def answer(request: Request, body: dict, ids: list[int], kwargs: dict, chunk, on_delta, reply):
         """Decode ``ids``: a server-sent event stream of ``on_delta`` chunks closed by
         ``chunk``'s final ones, or one response that ``reply(result)`` builds."""
         include_usage = _include_usage(body)
@@ -223,7 +263,9 @@ def create_app(runtime, model_name: str | None = None):
 
         if body.get("stream"):
             return stream_events(ids, kwargs, on_delta, final)
-        result = await run_blocking(lambda: runtime.generate(ids, **kwargs))
+        result = await run_generation(request, ids, kwargs)
+        if result is None:  # the client went away; nobody reads this
+            return Response(status_code=499)
         return {**reply(result), "usage": usage(len(ids), result)}
 
     @app.post("/v1/completions")
@@ -238,7 +280,7 @@ def create_app(runtime, model_name: str | None = None):
                                                             for t in prompt)):
             raise APIError("'prompt' must be a non-empty string or a list of token ids (one prompt per request)",
                            param="prompt")
-        ids, kwargs = prepare(prompt, kwargs)
+        ids, kwargs = await asyncio.to_thread(prepare, prompt, kwargs, _names(body))
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
 
         def chunk(delta: str, tokens: list[int], finish=None) -> dict:
@@ -248,14 +290,15 @@ def create_app(runtime, model_name: str | None = None):
             return envelope(rid, "text_completion", {"text": result.text or ""}, result.tokens,
                             result.finish_reason)
 
-        return await answer(body, ids, kwargs, chunk, chunk, reply)
+        return await answer(request, body, ids, kwargs, chunk, chunk, reply)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_json(request)
         kwargs = parse_body(body, CHAT_FIELDS, name)
         messages = _messages(body.get("messages"))
-        ids, kwargs = prepare(messages, {**kwargs, "chat": True}, body.get("chat_template_kwargs"))
+        ids, kwargs = await asyncio.to_thread(prepare, messages, {**kwargs, "chat": True}, _names(body),
+                                              body.get("chat_template_kwargs"))
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
 
         def chunk(delta: str, tokens: list[int], finish=None, first=False) -> dict:
@@ -273,9 +316,14 @@ def create_app(runtime, model_name: str | None = None):
             message = {"role": "assistant", "content": result.text or ""}
             return envelope(rid, "chat.completion", {"message": message}, result.tokens, result.finish_reason)
 
-        return await answer(body, ids, kwargs, chunk, on_delta, reply)
+        return await answer(request, body, ids, kwargs, chunk, on_delta, reply)
 
     return app
+
+
+def _names(body: dict) -> dict[str, str]:
+    """The request's own spelling of the runtime's field names, for error messages."""
+    return {"max_new_tokens": "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"}
 
 
 def _include_usage(body: dict) -> bool:

@@ -17,11 +17,14 @@ final     {"id": 7, "done": true, "text": "...", "tokens": [..], "finish_reason"
            "message": "..."}}; a line that is not a JSON object gets "id": null.
 
 Requests are served one at a time in arrival order. EOF on stdin ends the process
-with status 0. Only protocol lines go to stdout; everything else to stderr.
+with status 0; SIGINT with status 130, after the final line of the request in flight
+(``"type": "interrupted"``). A line that is not UTF-8 gets an error line. Only
+protocol lines go to stdout; everything else to stderr.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from typing import Any, Callable, TextIO
@@ -92,6 +95,8 @@ def handle(runtime, raw: Any, write: Callable[[dict], None]) -> None:
     except NemocompileError as e:
         write({"id": rid, "done": True, "error": {"type": "invalid_request", "message": str(e)}})
         return
+    except BrokenPipeError:  # stdout's reader is gone: nothing can be reported to it
+        raise
     except Exception as e:  # a bug must not take the server down: report it and keep serving
         write({"id": rid, "done": True, "error": {"type": "runtime_error", "message": f"{type(e).__name__}: {e}"}})
         return
@@ -101,7 +106,7 @@ def handle(runtime, raw: Any, write: Callable[[dict], None]) -> None:
 
 def serve_stdio(runtime, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     """Serve requests from ``stdin`` until EOF."""
-    stdin = stdin or sys.stdin
+    stdin = stdin or sys.stdin.buffer  # bytes: a line that is not UTF-8 must not end the server
     out = stdout or sys.stdout
     if stdout is None:
         sys.stdout = sys.stderr  # stray prints must not corrupt the protocol stream
@@ -112,8 +117,16 @@ def serve_stdio(runtime, stdin: TextIO | None = None, stdout: TextIO | None = No
 
     print(f"nemocompile serve --stdio: {runtime.name} ({', '.join(runtime.modes)}) on {runtime.backend.name}; "
           "one JSON request per line", file=sys.stderr, flush=True)
+    in_flight: list = []  # the id of the request being served, while it is
     try:
         for line in stdin:
+            if isinstance(line, bytes):  # sys.stdin's bytes: a line that is not UTF-8 is one bad request
+                try:
+                    line = line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    write({"id": None, "done": True, "error": {
+                        "type": "invalid_request", "message": f"the line is not UTF-8 text (byte {e.start})"}})
+                    continue
             if not line.strip():
                 continue
             try:
@@ -121,9 +134,17 @@ def serve_stdio(runtime, stdin: TextIO | None = None, stdout: TextIO | None = No
             except json.JSONDecodeError as e:
                 write({"id": None, "done": True, "error": {"type": "invalid_json", "message": f"not valid JSON: {e}"}})
                 continue
+            in_flight[:] = [raw.get("id") if isinstance(raw, dict) else None]
             handle(runtime, raw, write)
+            in_flight.clear()
     except KeyboardInterrupt:
-        pass
+        # every request still gets exactly one final line, even the one the interrupt cut short
+        if in_flight:
+            with contextlib.suppress(OSError, ValueError):
+                write({"id": in_flight[0], "done": True, "error": {
+                    "type": "interrupted", "message": "the server was interrupted before the request finished"}})
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
     finally:
         if stdout is None:
             sys.stdout = out

@@ -44,7 +44,7 @@ def test_generate_on_embedded_model(embedded_dir, mode):
 
 def test_generate_chat_and_text_output(embedded_dir):
     proc = cli("generate", "--prompt", "Write a function.", "--chat", "--max-new-tokens", "8")
-    assert "mode=ar" in proc.stdout.splitlines()[-1]
+    assert "mode=ar" in proc.stderr.splitlines()[-1] and "mode=ar" not in proc.stdout  # stats on stderr
     # the embedded template ignores enable_thinking: --no-thinking renders the same chat
     quiet = cli("generate", "--prompt", "Write a function.", "--no-thinking", "--max-new-tokens", "8")
     assert quiet.stdout == proc.stdout

@@ -14,6 +14,7 @@ from conftest import make_model
 from tiny_artifacts import BLOCK, CAPACITY, PREFILL, embedded, lora_batch2
 
 import nemocompile.graphs.export as export_module
+from nemocompile.artifact_files import describe_files
 from nemocompile.cli import main
 from nemocompile.graphs import plan
 from nemocompile.graphs.export import ExportError, export_artifact
@@ -268,6 +269,9 @@ def test_check_reports_a_graph_tensorrt_would_reject(tmp_path, capsys):
         [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n"])],
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
     onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]), art / "ar_step.onnx")
+    raw = json.loads((art / "manifest.json").read_text())  # recorded as if exported so: not damage, a bad graph
+    raw["files"].update(describe_files(art, ["ar_step.onnx"]))
+    (art / "manifest.json").write_text(json.dumps(raw))
     assert main(["check", "--artifact", str(art)]) == 1
     out = capsys.readouterr().out
     assert "ar_step  5 problem(s)" in out and "Unique" in out and "non-static shape" in out

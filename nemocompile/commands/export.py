@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import json
+import sys
 
 
 def add_parser(sub) -> None:
-    from .common import add_model_arg
+    from .common import add_model_arg, positive_int
 
     p = sub.add_parser("export", help="export static ONNX decode graphs (one per step kind) and a manifest")
     add_model_arg(p)
-    p.add_argument("--mode", default="all", help="ar, diffusion, linear-spec, quadratic-spec, a comma list, or all (default: all)")
-    p.add_argument("--block-length", type=int, default=None,
+    p.add_argument("--mode", default="all",
+                   help="ar, diffusion, linear-spec, quadratic-spec, a comma list, or all (default: all)")
+    p.add_argument("--block-length", type=positive_int, default=None,
                    help="B of denoise/commit/draft/verify (default: the config's block_size)")
-    p.add_argument("--max-seq-len", type=int, default=512, help="cache capacity C in tokens (default: 512)")
-    p.add_argument("--batch-size", type=int, default=1, help="static batch (default: 1)")
-    p.add_argument("--prefill-length", type=int, default=None, help="prompt chunk P (default: min(64, C))")
+    p.add_argument("--max-seq-len", type=positive_int, default=512, help="cache capacity C in tokens (default: 512)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="static batch (default: 1)")
+    p.add_argument("--prefill-length", type=positive_int, default=None, help="prompt chunk P (default: min(64, C))")
     p.add_argument("--dtype", default="fp32", help="fp32 (default), fp16 or bf16: weights and cache")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18; TensorRT parses 9-20 in full)")
     p.add_argument("--out", required=True, metavar="DIR", help="artifact directory (written atomically)")
@@ -70,7 +72,12 @@ def run(args) -> int:
         draft_groups=args.draft_groups, quantize=quantize,
         calibration_prompts=read_prompts(args.quant_calibration) if args.quant_calibration else None,
     )
-    report = lint_artifact(args.out)
+    try:
+        report = lint_artifact(args.out)
+    except KeyboardInterrupt:  # the artifact is complete: say so rather than a bare "interrupted"
+        print(f"interrupted after {args.out} was written in full; the TensorRT lint did not run "
+              f"(nemocompile check --artifact {args.out})", file=sys.stderr)
+        return 130
     if args.json:
         print(json.dumps({"manifest": manifest.to_dict(), "tensorrt": report}, indent=2))
         return 0

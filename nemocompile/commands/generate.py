@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 
 def add_parser(sub) -> None:
@@ -33,5 +34,5 @@ def run(args) -> int:
         print(json.dumps({"text": result.text, "tokens": result.tokens, "stats": result.stats.to_dict()}))
     else:
         print(result.text)
-        print(f"[{result.stats.summary()}]")
+        print(f"[{result.stats.summary()}]", file=sys.stderr)  # as `run` does: stdout holds only the text
     return 0

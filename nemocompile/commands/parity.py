@@ -4,15 +4,17 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
+    from .common import positive_int
+
     p = sub.add_parser("parity", help="compare an artifact's graphs and generations with the eager model")
     p.add_argument("--artifact", required=True, metavar="DIR", help="directory written by `nemocompile export`")
     p.add_argument("--model", default=None, metavar="DIR",
                    help="checkpoint to compare with (default: the artifact's source, else the embedded model)")
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help='prompts for whole generations: JSON lines with "prompt" or "ids", or plain text lines')
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument("--steps-only", action="store_true", help="skip the whole-generation comparison")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads for the eager model (1 is fastest for tiny models on a busy machine)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=run)

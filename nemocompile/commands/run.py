@@ -14,7 +14,9 @@ def add_runtime_args(p) -> None:
                    help="cpu or cuda (default: cuda when onnxruntime-gpu sees an NVIDIA GPU, else cpu)")
     p.add_argument("--model", default=None, metavar="DIR",
                    help="torch backend: the checkpoint (default: the manifest's source)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the backend's)")
+    from .common import positive_int
+
+    p.add_argument("--threads", type=positive_int, default=None, help="intra-op threads (default: the backend's)")
 
 
 def load_runtime(args):

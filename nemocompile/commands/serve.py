@@ -5,6 +5,7 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
+    from .common import port
     from .run import add_runtime_args
 
     p = sub.add_parser("serve", help="serve an artifact over stdin/stdout (JSON lines) or HTTP (OpenAI API)")
@@ -13,7 +14,7 @@ def add_parser(sub) -> None:
     how.add_argument("--http", action="store_true", help="OpenAI-compatible HTTP API (needs nemocompile[serve])")
     add_runtime_args(p)
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback only)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port (0: pick a free one)")
+    p.add_argument("--port", type=port, default=8000, help="HTTP port (0: pick a free one)")
     p.add_argument("--model-name", default=None, help="model id the HTTP API reports (default: the checkpoint's name)")
     p.set_defaults(func=run)
 

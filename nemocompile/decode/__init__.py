@@ -53,7 +53,7 @@ def generate(
                                            seed, eos_token_id, draft_groups=draft_groups,
                                            budget=thinking_budget(max_thinking_tokens, end_think_token_id,
                                                                   model.tokenizer, model.config.vocab_size)),
-                         len(prompts))
+                         len(prompts), max(map(len, prompts)))
     outs, stats = _DECODERS[args.mode](model, prompts, args)
     results = []
     for tokens in outs:

@@ -128,17 +128,20 @@ class Sampler:
         return cand, conf
 
 
-def validate_args(model: TriModeModel, args: DecodeArgs, batch: int) -> DecodeArgs:
-    """Fill per-mode defaults and reject bad values before any forward runs."""
-    if args.mode not in MODES:
-        raise GenerationError(f"unknown mode {args.mode!r}; expected one of {', '.join(MODES)}")
-    if args.max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise GenerationError(f"temperature must be >= 0, got {args.temperature}")
+def validate_args(model: TriModeModel, args: DecodeArgs, batch: int, width: int | None = None) -> DecodeArgs:
+    """Fill per-mode defaults and reject bad values before any forward runs. With ``width``
+    (the longest prompt) also what cannot fit: positions past max_position_embeddings, more
+    memory than is available, a block longer than the tokens asked for."""
+    from ..request import check_eager_request, check_values
+
+    check_values(mode=args.mode, max_new_tokens=args.max_new_tokens, block_length=args.block_length,
+                 temperature=args.temperature, seed=args.seed, eos=args.eos_token_id, steps=args.steps,
+                 vocab_size=model.config.vocab_size)
     block = args.block_length if args.block_length is not None else model.config.block_size
     if args.mode != "ar" and block < 2:
         raise GenerationError(f"block_length must be at least 2, got {block}")
+    if width is not None:
+        check_eager_request(model, args, block, batch, width)
     threshold = parse_threshold(args.threshold)
     if threshold is DEFAULT:
         # diffusion: 0.9 unless a fixed step count was asked for; self-speculation: one-shot draft

@@ -77,7 +77,13 @@ class OnnxRuntimeBackend:
         path = self.dir / graph.file
         if not path.is_file():
             raise BackendUnavailableError(f"{path}: missing; the artifact is incomplete, re-export it")
-        session = self.ort.InferenceSession(str(path), self._session_options(path), providers=self.providers)
+        try:
+            session = self.ort.InferenceSession(str(path), self._session_options(path), providers=self.providers)
+        except Exception as e:  # ORT and protobuf raise their own types, with multi-line messages
+            reason = " ".join(str(e).split())[:300]
+            raise BackendUnavailableError(f"{path}: ONNX Runtime cannot load it ({reason}); the artifact may be "
+                                          f"damaged: run `nemocompile check --artifact {self.dir}` or re-export it"
+                                          ) from None
         names = {i.name for i in session.get_inputs()} | {o.name for o in session.get_outputs()}
         buffers = {"input_ids": io.input_ids, "cache_len": cache.cache_len, "row_start": cache.row_start,
                    "cache_k": cache.k, "cache_v": cache.v, "logits": io.logits,

@@ -1,0 +1,69 @@
+"""Parity fails closed: NaN, inf or a top-1 flip beyond the tolerance is a FAIL with a non-zero exit."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from tiny_artifacts import plain_batch1
+
+from nemocompile.cli import main
+from nemocompile.loader import save
+from nemocompile.manifest import Manifest
+from nemocompile.parity import LogitsComparison
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_a_nan_that_is_not_first_still_fails():
+    cmp = LogitsComparison()
+    ref = np.zeros((1, 2, 4), np.float32)
+    cmp.add(ref.copy(), ref)  # a clean case first: the builtin max() would keep 0.0 and drop the NaN
+    bad = ref.copy()
+    bad[0, 1, 2] = np.nan
+    cmp.add(bad, ref)
+    assert np.isnan(cmp.logits_max) and not cmp.logits_max <= 1.0
+    assert cmp.nonfinite == 1
+
+
+def test_inf_is_counted():
+    cmp = LogitsComparison()
+    ref = np.zeros((1, 1, 3), np.float32)
+    bad = ref.copy()
+    bad[0, 0, 0] = np.inf
+    cmp.add(bad, ref)
+    assert cmp.nonfinite == 1 and cmp.logits_max == np.inf
+
+
+def test_a_top1_flip_beyond_the_tolerance_counts_and_a_near_tie_does_not():
+    t = 1e-4
+    ref = np.array([[[1.0, 1.0 + 1.5 * t]]])  # eager prefers token 1 by 1.5 tolerances
+    got = np.array([[[1.0 + 0.8 * t, 1.0 + 0.7 * t]]])  # every logit within tolerance, argmax flipped to 0
+    cmp = LogitsComparison()
+    cmp.add(got, ref)
+    assert cmp.logits_max <= t and cmp.top1 == 0.0
+    assert cmp.flips(t) == 1
+    assert cmp.flips(2 * t) == 0  # within a wider tolerance the two tokens are a tie
+
+
+def _damaged_copy(tmp_path, value: float):
+    model, art = plain_batch1()
+    save(model, tmp_path / "ckpt")
+    copy = tmp_path / "art"
+    shutil.copytree(art, copy)
+    weights = copy / Manifest.load(copy).weights_file
+    data = np.fromfile(weights, dtype=np.float32)
+    data[len(data) // 2: len(data) // 2 + 64] = value  # same size: only the numbers are damaged
+    data.tofile(weights)
+    return copy
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_parity_cli_fails_on_nan_or_inf_weights(tmp_path, capsys, value):
+    copy = _damaged_copy(tmp_path, value)
+    code = main(["parity", "--artifact", str(copy), "--model", str(tmp_path / "ckpt"), "--steps-only"])
+    captured = capsys.readouterr()
+    out = captured.out
+    assert code == 1, captured.err
+    assert out.rstrip().endswith("FAIL") and "NaN/inf values in the graph's outputs" in out
