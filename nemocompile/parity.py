@@ -187,7 +187,7 @@ def step_parity(artifact_dir: str | Path, model: TriModeModel, *, manifest: Mani
             reason = " ".join(str(e).split())[:300]
             raise ParityError(f"{g.file}: ONNX Runtime (CPU) cannot load it ({reason}); {hint}") from None
         names = [o.name for o in session.get_outputs()]
-        direct, separate = _Tally(g.step, manifest.dtype), _Tally(f"{g.step}=separate", manifest.dtype)
+        direct, separate = OutputComparison(g.step, manifest.dtype), OutputComparison(f"{g.step}=separate", manifest.dtype)
         gen = torch.Generator().manual_seed(seed)
         for cache_len in lens:
             if cache_len < 0 or cache_len + L > C:
@@ -206,7 +206,7 @@ def step_parity(artifact_dir: str | Path, model: TriModeModel, *, manifest: Mani
     return out
 
 
-class _Tally:
+class OutputComparison:
     """One graph's outputs against eager over several cases, failing closed.
 
     Graphs that keep logits are compared on them, the others (fused, greedy-only)
@@ -219,7 +219,7 @@ class _Tally:
     positions are kept.
     """
 
-    def __init__(self, step: str, dtype: str):
+    def __init__(self, step: str = "step", dtype: str = "fp32"):
         self.step, self.dtype = step, dtype
         self.cases: list[str] = []
         self.diffs: list[float] = []
@@ -257,20 +257,30 @@ class _Tally:
                 self.cache_scale = max(self.cache_scale, float(np.abs(theirs).max()))
         self.cases.append(case)
 
+    @property
+    def logits_max(self) -> float:
+        return _nanmax(self.diffs)
+
+    @property
+    def top1(self) -> float:
+        return self.agree / self.total if self.total else float("nan")
+
+    def flips(self, tol: float) -> int:
+        """Top-1 disagreements that no tolerance excuses (a NaN margin counts)."""
+        return sum(int((~(m <= tol)).sum()) for m in self.margins)
+
     def result(self) -> StepParity:
         relative = RELATIVE[self.dtype]
         tol = TOLERANCE[self.dtype] * (self.scale if relative else 1.0)
         cache_tol = TOLERANCE[self.dtype] * (self.cache_scale if relative else 1.0)
-        logits_max = _nanmax(self.diffs)
         cache_max = _nanmax(self.cache_diffs) if self.cache_diffs else None
-        flips = sum(int((~(m <= tol)).sum()) for m in self.margins)  # a NaN margin counts
+        flips = self.flips(tol)
         # fail closed: a NaN compares False, so every bound is written as "x <= tol" and
         # non-finite outputs fail on their own
-        ok = (self.nonfinite == 0 and logits_max <= tol and flips == 0
+        ok = (self.nonfinite == 0 and self.logits_max <= tol and flips == 0
               and (cache_max is None or cache_max <= cache_tol))
-        top1 = self.agree / self.total if self.total else float("nan")
-        return StepParity(self.step, self.cases, logits_max, float(np.mean(self.means)), cache_max, top1, tol, ok,
-                          nonfinite=self.nonfinite, top1_flips=flips)
+        return StepParity(self.step, self.cases, self.logits_max, float(np.mean(self.means)), cache_max, self.top1,
+                          tol, ok, nonfinite=self.nonfinite, top1_flips=flips)
 
 
 def _nanmax(values) -> float:
