@@ -46,17 +46,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     interrupted = []
+    importing = [True]
 
     def on_sigint(signum, frame):
         interrupted.append(signum)
-        raise KeyboardInterrupt
+        if not importing[0]:
+            raise KeyboardInterrupt
 
     try:
         previous = signal.signal(signal.SIGINT, on_sigint)
     except ValueError:  # not the main thread: leave signals alone
         previous = None
     try:
-        args = build_parser().parse_args(argv)
+        # building the parser imports torch: a Ctrl-C raised inside a native extension's import
+        # can abort the interpreter, so it is only recorded there and raised right after
+        parser = build_parser()
+        importing[0] = False
+        if interrupted:
+            raise KeyboardInterrupt
+        args = parser.parse_args(argv)
         return int(args.func(args) or 0)
     except NemocompileError as e:
         print(f"error: {e}", file=sys.stderr)
