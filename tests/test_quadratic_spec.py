@@ -22,6 +22,7 @@ from nemocompile.model import KVCache
 from nemocompile.model.layout import Branch, Layout, full_input
 from nemocompile.parity import separate_steps
 from nemocompile.passes.base import PassError
+from nemocompile.passes.check_tensorrt import lint_artifact
 from nemocompile.passes.fuse_draft_verify import fuse_draft_verify
 from nemocompile.runtime import Runtime
 
@@ -231,6 +232,7 @@ def test_greedy_artifacts_have_no_vocabulary_sized_output(artifacts):
             rt.generate([5, 6], mode="ar", temperature=0.5)
 
 
+
 @pytest.mark.parametrize("block", [2, 4, 8, 16])
 def test_runtime_quadratic_equals_eager_and_ar(artifacts, block):
     model, arts = artifacts
@@ -321,3 +323,13 @@ def test_block_32_is_lossless_eager_and_on_onnx_runtime(tmp_path):
             ours = rt.generate(p, mode="quadratic-spec", max_new_tokens=64, eos=-1)
             assert ours.tokens == eager.tokens == ar.tokens
             assert ours.stats.forwards == eager.stats.forwards
+
+
+def test_the_b32_fused_graph_passes_the_tensorrt_lint(tmp_path):
+    """At B = 32 the fused step has 1056 tokens; its attention rule, built from integer
+    compares or torch.eye, was exported with UINT16 operands that TensorRT's Equal refuses."""
+    export_artifact(make_model(), tmp_path / "b32", modes=["quadratic-spec"], block_length=32, max_seq_len=96,
+                    prefill_length=8, logits=False)
+    findings = lint_artifact(tmp_path / "b32")
+    assert set(findings) == {"prefill", "prefill_draft", "verify_draft"}
+    assert not any(findings.values()), findings

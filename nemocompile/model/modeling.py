@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -317,15 +318,15 @@ class TriModeModel(nn.Module):
         T = ids.shape[1]
         slots = cache_len + torch.tensor(layout.offsets(), dtype=torch.long, device=device)  # [T]
         positions = (slots[None, :] - row_start[:, None]).clamp(min=0)  # [B, T]
-        # The attention rule among the forward's tokens, from the static layout:
-        # a spine key k is seen by queries whose reach is >= k; a branch key by its own branch.
-        group, reach = (torch.tensor(v, device=device) for v in layout.groups())  # [T], [T]
-        spine_key = (group[None, :] < 0) & (torch.arange(T, device=device)[None, :] <= reach[:, None])
-        own_branch = (group[:, None] >= 0) & (group[None, :] == group[:, None])
-        allowed = spine_key | own_branch  # [T(query), T(key)]
+        # The attention rule among the forward's tokens (Layout.groups: a spine key k is seen by
+        # queries whose reach is >= k, a branch key by its own branch) is a constant of the static
+        # layout: one boolean initializer in an exported graph, which TensorRT parses whatever the
+        # layout (the integer compares it replaced were narrowed to UINT16, which it does not take).
+        allowed = torch.tensor(layout.allowed(), dtype=torch.bool, device=device)  # [T(query), T(key)]
         key_real = slots[None, :] >= row_start[:, None]  # [B, T]
         # A padding query attends to itself only, so no softmax row is empty.
-        block_mask = (allowed[None] & key_real[:, None, :]) | torch.eye(T, dtype=torch.bool, device=device)[None]
+        itself = torch.from_numpy(np.eye(T, dtype=bool)).to(device)  # a constant too (torch.eye exports as compares)
+        block_mask = (allowed[None] & key_real[:, None, :]) | itself[None]
         cache_mask = None
         if cache_k is not None:
             cslots = torch.arange(cache_k.shape[3], device=device)  # [C]
