@@ -11,8 +11,8 @@ change and one weight at a time is held by ModelOpt.
     (QuantizeLinear/DequantizeLinear pairs on both MatMul inputs; opset 19),
   * ``int4-awq``: INT4 weights per block along K, AWQ-clip calibrated
     (DequantizeLinear(int4 W, scales) -> MatMul; opset 21); activations in float,
-  * ``nvfp4``: refused: ModelOpt 0.47's ONNX quantizer rejects the mode (its
-    NVFP4 path starts from a quantized torch model, which needs a GPU).
+  * ``nvfp4``: refused before any work: ModelOpt 0.47's ONNX ``quantize``
+    raises "Invalid quantization mode choice" for it (int8, fp8, int4 only).
 
 Not quantized, as in ModelOpt's own default configs (which disable ``*lm_head*``):
 the output head (on the embedded model int4 there cost the most top-1
@@ -43,8 +43,8 @@ from .share_weights import identity
 
 # --precision -> (ModelOpt quantize_mode, the opset its Q/DQ needs)
 PRECISIONS = {"fp8": ("fp8", 19), "int4-awq": ("int4", 21)}
-REFUSED = {"nvfp4": "nvfp4 cannot be produced here: NVIDIA Model Optimizer 0.47's ONNX quantizer rejects the "
-                    "mode (its NVFP4 export starts from a torch model quantized on a GPU); use --precision fp8 "
+REFUSED = {"nvfp4": "nvfp4 cannot be produced: NVIDIA Model Optimizer 0.47's ONNX quantizer has no nvfp4 mode "
+                    "(modelopt.onnx.quantization.quantize takes int8, fp8 and int4 only); use --precision fp8 "
                     "or int4-awq"}
 HIGH_PRECISION = {"fp32": "fp32", "fp16": "fp16"}  # export dtype -> ModelOpt high_precision_dtype
 INSTALL = ('pip install --no-deps nvidia-modelopt onnx-graphsurgeon onnxslim lief cppimport nvidia-ml-py '

@@ -39,7 +39,7 @@ def add_parser(sub) -> None:
                    help="rtn: round to nearest per block (default); hqq: half-quadratic, int4, no calibration data; "
                         "gptq: int4 calibrated on --quant-calibration prompts")
     p.add_argument("--quant-calibration", default=None, metavar="FILE",
-                   help="gptq's prompts: JSON lines with \"prompt\" or \"ids\", or text lines "
+                   help="what gptq and --precision calibrate on: JSON lines with \"prompt\" or \"ids\", or text lines "
                         "(default: nemocompile's own source)")
     p.add_argument("--quant-block", type=int, default=32, metavar="N",
                    help="weights per scale along the input dimension: 16, 32 (default), 64, 128 or 256")
