@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -31,6 +32,7 @@ from nemocompile.model import TriModeModel
 from nemocompile.passes.base import PassContext, PassResult
 from nemocompile.passes.check_onnx import check_onnx
 from nemocompile.passes.pipeline import STAGE_NAMES, PipelineOptions, run_description_pipeline, run_pipeline
+from nemocompile.passes.quantize_qdq import PRECISIONS, QdqSettings
 from nemocompile.passes.quantize_weights import QuantSettings
 from nemocompile.passes.share_weights import WEIGHTS_FILE, WeightStore
 from nemocompile.tokenizer import TOKENIZER_FILES
@@ -70,6 +72,7 @@ def export_artifact(
     draft_groups: int | None = None,
     quantize: QuantSettings | None = None,
     calibration_prompts: Sequence | None = None,
+    precision: str | QdqSettings | None = None,
 ) -> Manifest:
     """Export the graphs of ``modes`` ("all" or a list of ar, diffusion,
     linear-spec, quadratic-spec) and return the manifest written to ``out_dir``.
@@ -87,7 +90,9 @@ def export_artifact(
     the first G acceptance points only (default: all B). ``progress``: True prints
     to stderr, or a callable(str).
     ``quantize``: weight-only int4/int8 (passes/quantize_weights.py); None keeps the weights in ``dtype``.
-    ``calibration_prompts``: what gptq calibrates on (default: nemocompile's own source, never held-out text).
+    ``calibration_prompts``: what gptq and ``precision`` calibrate on (default: nemocompile's own source, never
+    held-out text). ``precision``: "fp8" or "int4-awq" Q/DQ graphs for TensorRT (passes/quantize_qdq.py), or
+    QdqSettings (its dtype is set to ``dtype``).
     """
     say = _progress(progress)
     # Everything that can be checked before loading a (possibly large) checkpoint is.
@@ -97,6 +102,7 @@ def export_artifact(
     if isinstance(opset, bool) or not isinstance(opset, int) or not 18 <= opset <= 23:
         raise ExportError(f"opset {opset!r} is not supported; use 18 to 23 (18, the default, suits TensorRT best)")
     quantizer = _quantizer(quantize, optimize)
+    qdq = _qdq_quantizer(precision, quantize, optimize, dtype)
     out_dir = Path(out_dir)
     check_export_destination(out_dir, overwrite, ExportError)
     if dump_after is not None and dump_after not in STAGE_NAMES:
@@ -111,6 +117,12 @@ def export_artifact(
 
         say("collecting gptq calibration activations")
         quantizer.calibration = collect_activations(
+            model, calibration_prompts or default_calibration_prompts(model), block_length=block_length)
+    if qdq is not None:
+        from nemocompile.calibration import collect_activations, default_calibration_prompts
+
+        say(f"collecting {precision} calibration activations")
+        qdq.calibration = collect_activations(
             model, calibration_prompts or default_calibration_prompts(model), block_length=block_length)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
 
@@ -128,7 +140,7 @@ def export_artifact(
         store = WeightStore(tmp) if share_weights else None
         specs = []
         options = PipelineOptions(optimize=optimize, share_weights=share_weights,
-                                  quantize_weights=quantizer is not None)
+                                  quantize_weights=quantizer is not None, quantize_qdq=qdq is not None)
         traced: dict[tuple, tuple] = {}  # (layout, logits) -> (graph, step): identical steps trace once
         for i, (spec, used_by) in enumerate(graphs, 1):
             t0 = time.perf_counter()
@@ -146,7 +158,7 @@ def export_artifact(
                 onnx_model = _trace(module, module.example_inputs(batch_size, max_seq_len), spec, opset)
                 ctx = PassContext(spec.step, inputs, outputs, weights=store, opset=opset,
                                   dump_dir=tmp.parent / f"{out_dir.name}.dump" if dump_after else None,
-                                  quantizer=quantizer)
+                                  quantizer=quantizer, qdq=qdq)
                 results = run_pipeline(onnx_model, ctx, options, dump_after=dump_after)
                 _save(onnx_model, tmp / file, share_weights)
                 traced[key] = (onnx_model, spec.step)
@@ -164,8 +176,9 @@ def export_artifact(
             model_config=cfg.to_dict(), config_hash=cfg.hash(), dtype=dtype, batch_size=batch_size,
             cache_capacity=max_seq_len, block_length=block_length, prefill_length=prefill_length,
             has_lora=model.has_lora, graphs=specs, tokenizer_files=tokenizer_files,
-            weights_file=WEIGHTS_FILE if share_weights else None, opset=opset, source=model.source, files=files,
-            **_quantization_fields(quantizer),
+            weights_file=WEIGHTS_FILE if share_weights else None, opset=_qdq_opset(qdq, opset), source=model.source,
+            files=files,
+            **_quantization_fields(quantizer), **_qdq_fields(qdq),
         )
         manifest.validate(str(tmp / MANIFEST))
         manifest.save(tmp)  # last file written: a directory without it is not an artifact
@@ -199,6 +212,38 @@ def _quantizer(quantize, optimize: bool):
         raise ExportError("weight quantization needs the graph passes (it rewrites the folded weight MatMuls); "
                           "drop --no-optimize")
     return WeightQuantizer(quantize)  # checks the settings: one-line errors before any loading
+
+
+def _qdq_quantizer(precision, quantize, optimize: bool, dtype: str):
+    if precision is None:
+        return None
+    from nemocompile.passes.quantize_qdq import QdqQuantizer
+
+    if quantize is not None:
+        raise ExportError("--precision (TensorRT Q/DQ) and --weights (ONNX Runtime MatMulNBits) exclude each other; "
+                          "choose one")
+    if not optimize:
+        raise ExportError("--precision needs the graph passes (it quantizes the folded weight MatMuls); "
+                          "drop --no-optimize")
+    settings = QdqSettings(precision=precision) if isinstance(precision, str) else precision
+    return QdqQuantizer(replace(settings, dtype=dtype))  # one-line errors before any loading
+
+
+def _qdq_opset(qdq, opset: int) -> int:
+    """The opset the graphs hold: quantize_qdq raises it to what its Q/DQ nodes need (fp8 19, int4 21)."""
+    return opset if qdq is None else max(opset, PRECISIONS[qdq.settings.precision][1])
+
+
+def _qdq_fields(qdq) -> dict:
+    if qdq is None:
+        return {}
+    s = qdq.settings
+    return {"precision": s.precision,
+            "precision_details": {"library": "nvidia-modelopt onnx ptq", "mode": PRECISIONS[s.precision][0],
+                                  "block_size": s.block_size if s.precision == "int4-awq" else None,
+                                  "calibration": "awq_clip" if s.precision == "int4-awq" else "entropy",
+                                  "activations": "fp8 per tensor" if s.precision == "fp8" else s.dtype,
+                                  "embedding": s.dtype, "lora": s.dtype}}
 
 
 def _quantization_fields(quantizer) -> dict:

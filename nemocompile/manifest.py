@@ -57,6 +57,7 @@ MODE_STEPS = {"ar": {"prefill", "ar_step"}, "diffusion": {"prefill", "denoise", 
 BLOCK_STEP = {"diffusion": "denoise", "linear-spec": "draft", "quadratic-spec": "verify_draft"}
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "int64")
 WEIGHT_PRECISIONS = ("float", "int4", "int8")
+PRECISIONS = ("float", "fp8", "int4-awq")  # TensorRT Q/DQ graphs (passes/quantize_qdq.py)
 
 
 class ManifestError(NemocompileError):
@@ -105,6 +106,9 @@ class Manifest:
     # weight-only quantization: "float" (weights in `dtype`), "int4" or "int8" (MatMulNBits, ONNX Runtime only)
     weight_precision: str = "float"
     quantization: dict[str, Any] | None = None  # method, block_size, symmetric, what stayed in float
+    # TensorRT Q/DQ precision: "float" or "fp8" / "int4-awq" (ModelOpt Q/DQ; TensorRT and ONNX Runtime)
+    precision: str = "float"
+    precision_details: dict[str, Any] | None = None  # library, mode, block size, calibration, what stayed float
     # file name -> {"size": bytes, "sha256": hex digest}, every file the export wrote but this
     # manifest (see nemocompile/artifact_files.py); empty in manifests written before it existed
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -192,6 +196,9 @@ class Manifest:
     def validate(self, source: str = MANIFEST) -> None:
         if self.dtype not in ("fp32", "fp16", "bf16"):
             raise ManifestError(f"{source}: field 'dtype' is {self.dtype!r}; expected fp32, fp16 or bf16")
+        if self.precision not in PRECISIONS:
+            raise ManifestError(f"{source}: field 'precision' is {self.precision!r}; expected one of "
+                                f"{', '.join(PRECISIONS)}")
         if self.weight_precision not in WEIGHT_PRECISIONS:
             raise ManifestError(f"{source}: field 'weight_precision' is {self.weight_precision!r}; expected one of "
                                 f"{', '.join(WEIGHT_PRECISIONS)}")

@@ -45,6 +45,9 @@ class QuantThresholds:
 QUANT_THRESHOLDS = {
     "int8": QuantThresholds(top1=0.95, kl=0.02, acceptance_ratio=0.90),
     "int4": QuantThresholds(top1=0.85, kl=0.15, acceptance_ratio=0.90),
+    # TensorRT Q/DQ (ModelOpt), measured on ONNX Runtime CPU (README): fp8 quantizes activations too
+    "fp8": QuantThresholds(top1=0.85, kl=0.15, acceptance_ratio=0.90),
+    "int4-awq": QuantThresholds(top1=0.85, kl=0.15, acceptance_ratio=0.90),
 }
 
 
@@ -171,7 +174,8 @@ def check_quantized_parity(artifact_dir: str | Path, model: TriModeModel | str |
     from .runtime import Runtime
 
     manifest = Manifest.load(artifact_dir)
-    if manifest.weight_precision not in QUANT_THRESHOLDS:
+    kind = quantized_kind(manifest)
+    if kind not in QUANT_THRESHOLDS:
         raise ParityError(f"{artifact_dir}: weights are {manifest.weight_precision}, not quantized; "
                           "use `nemocompile parity` (the fp32 tolerance applies)")
     fp32 = reference_model(_as_fp32(manifest), model)
@@ -192,9 +196,16 @@ def check_quantized_parity(artifact_dir: str | Path, model: TriModeModel | str |
                                block_length=manifest.block_length).stats.acceptance_lengths for p in sequences]
             acceptance, reference = mean_acceptance(ours), mean_acceptance(theirs)
     ref_all, got_all = np.concatenate(ref), np.concatenate(got)
-    return QuantParityReport(str(artifact_dir), manifest.weight_precision, (manifest.quantization or {}).get("method"),
+    method = (manifest.quantization or manifest.precision_details or {}).get("method",
+                                                                        (manifest.precision_details or {}).get("calibration"))
+    return QuantParityReport(str(artifact_dir), kind, method,
                              len(sequences), len(ref_all), top1_agreement(ref_all, got_all), mean_kl(ref_all, got_all),
-                             acceptance, reference, QUANT_THRESHOLDS[manifest.weight_precision])
+                             acceptance, reference, QUANT_THRESHOLDS[kind])
+
+
+def quantized_kind(manifest: Manifest) -> str:
+    """"int4"/"int8" (MatMulNBits), "fp8"/"int4-awq" (TensorRT Q/DQ) or "float"."""
+    return manifest.weight_precision if manifest.weight_precision != "float" else manifest.precision
 
 
 def _as_fp32(manifest: Manifest) -> Manifest:

@@ -18,6 +18,7 @@ from nemocompile.errors import NemocompileError
 from nemocompile.manifest import TensorSpec
 
 if TYPE_CHECKING:
+    from .quantize_qdq import QdqQuantizer
     from .quantize_weights import WeightQuantizer
     from .share_weights import WeightStore
 
@@ -46,3 +47,4 @@ class PassContext:
     opset: int = 18
     dump_dir: Path | None = None  # where dump_after writes its snapshot
     quantizer: "WeightQuantizer | None" = None  # weight-only quantization, shared by the export's graphs
+    qdq: "QdqQuantizer | None" = None  # TensorRT Q/DQ precision (ModelOpt), shared by the export's graphs

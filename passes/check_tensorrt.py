@@ -75,6 +75,11 @@ _TYPE_NAMES = {
 # (operator, input index) that TensorRT needs as a build-time constant
 _CONSTANT_INPUTS = {("CumSum", 1), ("Squeeze", 1), ("Unsqueeze", 1), ("TopK", 1), ("OneHot", 1),
                     ("Dropout", 2)} | {(op, 1) for op in SUPPORTED if op.startswith("Reduce")}
+# the scale of a Q/DQ pair too (TensorRT folds it into the quantized layer)
+_CONSTANT_INPUTS |= {("QuantizeLinear", 1), ("DequantizeLinear", 1)}
+# operators whose type list applies to the data input only: a Q/DQ scale is float and its zero point has
+# the quantized type whatever the data's (the onnx-tensorrt table lists the data's types)
+_DATA_ONLY = {"QuantizeLinear", "DequantizeLinear"}
 
 
 def check_tensorrt(model: ir.Model, ctx: PassContext) -> PassResult:
@@ -113,6 +118,8 @@ def _check_node(node: ir.Node) -> list[str]:
     out = []
     allowed = set(SUPPORTED[node.op_type].split())
     values = list(node.inputs) + (list(node.outputs) if node.op_type in ("Cast", "CastLike") else [])
+    if node.op_type in _DATA_ONLY:
+        values = values[:1]
     for v in values:
         if v is None or v.dtype is None:
             continue

@@ -23,6 +23,7 @@ from .check_tensorrt import check_tensorrt
 from .fold_weight_transposes import fold_weight_transposes
 from .fuse_draft_verify import fuse_draft_verify
 from .lower_integer_clip import lower_integer_clip
+from .quantize_qdq import quantize_qdq
 from .quantize_weights import quantize_weights
 from .share_weights import share_weights
 from .simplify_graph import simplify_graph
@@ -34,6 +35,7 @@ class PipelineOptions:
     optimize: bool = True  # fold weight transposes and simplify the graph (off: the exporter's raw graph)
     share_weights: bool = True  # one external-data file for all graphs (off: weights stay in each graph)
     quantize_weights: bool = False  # int4/int8 MatMulNBits weights (settings: PassContext.quantizer)
+    quantize_qdq: bool = False  # TensorRT fp8/int4-awq Q/DQ by ModelOpt (settings: PassContext.qdq)
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,10 @@ PIPELINE: list[Stage] = [
     # not Transpose(W)) and before share_weights, so the shared file holds the
     # packed weights (deduplicated across graphs: held once) and never the float ones.
     Stage("quantize_weights", quantize_weights, when=lambda o: o.quantize_weights),
+    # Same place and reasons as quantize_weights (never both: export refuses --weights with --precision):
+    # it needs each weight as a plain initializer, and share_weights must see the
+    # Q/DQ weights (int4: packed) rather than the float ones.
+    Stage("quantize_qdq", quantize_qdq, when=lambda o: o.quantize_qdq),
     # Before simplify_graph: from here on every weight is a reference into the
     # shared file, so no later stage can hold (or copy) weight bytes.
     Stage("share_weights", share_weights, when=lambda o: o.share_weights),

@@ -153,9 +153,10 @@ def run_bench(artifacts: Sequence[str | Path], prompts: list, backends: Sequence
     all_backends = backends
     for artifact in artifacts:
         manifest = Manifest.load(artifact)
-        backends = [b for b in all_backends if b == "onnxruntime" or manifest.weight_precision == "float"]
+        quantized = manifest.weight_precision if manifest.weight_precision != "float" else manifest.precision
+        backends = [b for b in all_backends if b == "onnxruntime" or quantized == "float"]
         if len(backends) < len(all_backends):
-            say(f"{artifact}: {manifest.weight_precision} weights run on onnxruntime only; skipping "
+            say(f"{artifact}: {quantized} weights run on onnxruntime only; skipping "
                 f"{', '.join(b for b in all_backends if b not in backends)}")
         if not backends:
             continue
@@ -190,7 +191,7 @@ def run_bench(artifacts: Sequence[str | Path], prompts: list, backends: Sequence
         for t in times:
             say(f"{t['backend']:<11} {t['step']:<13} B={t['block_length']:<3} {t['tokens']:>5} tokens "
                 f"{t['ms']:8.2f} ms/forward")
-        memory = {"weights": manifest.weight_precision if manifest.weight_precision != "float" else manifest.dtype,
+        memory = {"weights": quantized if quantized != "float" else manifest.dtype,
                   "weight_bytes": weight_bytes(artifact, manifest), "peak_rss_bytes": peak_rss_bytes()}
         for row in rows[first_row:]:
             row.update(memory)

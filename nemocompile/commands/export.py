@@ -39,7 +39,7 @@ def add_parser(sub) -> None:
                    help="rtn: round to nearest per block (default); hqq: half-quadratic, int4, no calibration data; "
                         "gptq: int4 calibrated on --quant-calibration prompts")
     p.add_argument("--quant-calibration", default=None, metavar="FILE",
-                   help="gptq's prompts: JSON lines with \"prompt\" or \"ids\", or text lines "
+                   help="what gptq and --precision calibrate on: JSON lines with \"prompt\" or \"ids\", or text lines "
                         "(default: nemocompile's own source)")
     p.add_argument("--quant-block", type=int, default=32, metavar="N",
                    help="weights per scale along the input dimension: 16, 32 (default), 64, 128 or 256")
@@ -49,6 +49,9 @@ def add_parser(sub) -> None:
                         "MatMulNBits, ~4x faster) or float (fp32 activations; int8 weights then run ~30x slower)")
     p.add_argument("--quant-head", default="int8", choices=("int4", "int8", "float"),
                    help="the output head's precision (default int8: int4 there costs the most top-1 agreement)")
+    p.add_argument("--precision", default=None, choices=("fp8", "int4-awq", "nvfp4"),
+                   help="TensorRT Q/DQ graphs by NVIDIA Model Optimizer (pip install -e \".[modelopt]\"), calibrated "
+                        "on --quant-calibration prompts; excludes --weights; nvfp4 is refused (not producible here)")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=run)
 
@@ -58,9 +61,13 @@ def run(args) -> int:
     from ..passes.check_tensorrt import lint_artifact
 
     from ..parity import read_prompts
+    from ..errors import NemocompileError
     from ..passes.quantize_weights import QuantSettings
 
     modes = [m.strip() for m in args.mode.split(",")] if "," in args.mode else args.mode
+    if args.precision is not None and args.weights != "float":
+        raise NemocompileError("--precision (TensorRT Q/DQ) and --weights (ONNX Runtime MatMulNBits) exclude each "
+                               "other; choose one")
     quantize = None if args.weights == "float" else QuantSettings(
         precision=args.weights, method=args.quant_method, block_size=args.quant_block,
         symmetric=args.quant_symmetric, head=args.quant_head, compute=args.quant_compute)
@@ -69,7 +76,7 @@ def run(args) -> int:
         batch_size=args.batch_size, dtype=args.dtype, prefill_length=args.prefill_length, progress=True,
         opset=args.opset, optimize=not args.no_optimize, share_weights=not args.no_share_weights,
         overwrite=args.force, dump_after=args.dump_after, logits=not args.greedy_only,
-        draft_groups=args.draft_groups, quantize=quantize,
+        draft_groups=args.draft_groups, quantize=quantize, precision=args.precision,
         calibration_prompts=read_prompts(args.quant_calibration) if args.quant_calibration else None,
     )
     try:
@@ -89,6 +96,9 @@ def run(args) -> int:
         q = manifest.quantization
         print(f"weights    {manifest.weight_precision} {q['method']} block {q['block_size']}, {q['compute']} compute, "
               f"head {q['head']} (MatMulNBits; embedding and LoRA float): runs on --backend onnxruntime only")
+    if manifest.precision != "float":
+        print(f"precision  {manifest.precision} Q/DQ by NVIDIA Model Optimizer (embedding and LoRA {manifest.dtype}): "
+              f"for TensorRT (nemocompile build), not run on a GPU here")
     for g in manifest.graphs:
         print(f"  {g.step:<13} L={g.block_length:<4} {g.pattern:<13} {'writes' if g.writes_cache else 'reads '} "
               f"{'LoRA' if g.lora else '    '}  {g.file}")

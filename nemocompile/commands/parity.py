@@ -29,7 +29,8 @@ def run(args) -> int:
 
         torch.set_num_threads(args.threads)
     prompts = read_prompts(args.prompts) if args.prompts else None
-    if Manifest.load(args.artifact).weight_precision != "float":  # int4/int8: its own measures and thresholds
+    manifest = Manifest.load(args.artifact)
+    if manifest.weight_precision != "float" or manifest.precision != "float":  # quantized: own measures, thresholds
         from ..quant_parity import check_quantized_parity
 
         quant = check_quantized_parity(args.artifact, args.model, prompts, max_new_tokens=args.max_new_tokens)

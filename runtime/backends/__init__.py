@@ -80,6 +80,9 @@ def create_backend(name: str, artifact_dir, manifest, device: str | None = None,
         raise NemocompileError(f"{artifact_dir}: {manifest.weight_precision} weights (ONNX Runtime's MatMulNBits) "
                                f"run on ONNX Runtime only; use --backend onnxruntime (or export float weights "
                                f"for --backend {name})")
+    if name == "torch" and getattr(manifest, "precision", "float") != "float":
+        raise NemocompileError(f"{artifact_dir}: {manifest.precision} Q/DQ graphs run on TensorRT or ONNX Runtime; "
+                               f"the torch backend runs the float model; use --backend onnxruntime or tensorrt")
     if name == "onnxruntime":
         from .onnxruntime import OnnxRuntimeBackend
 
