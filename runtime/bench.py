@@ -135,8 +135,9 @@ def step_times(runtime: Runtime, steps: Sequence[str] = ("verify", "verify_draft
 
 
 def _tokens(graph) -> int:
-    layout = graph.layout
-    return layout["spine"] + sum(b["length"] for b in layout.get("branches", ()))
+    from nemocompile.model.layout import Layout
+
+    return Layout.from_dict(graph.layout).tokens
 
 
 def run_bench(artifacts: Sequence[str | Path], prompts: list, backends: Sequence[str] = ("onnxruntime", "torch"),

@@ -153,7 +153,8 @@ def validate_args(model: TriModeModel, args: DecodeArgs, batch: int, width: int 
     if args.mode in SPECULATIVE and batch != 1:
         raise GenerationError(f"{args.mode} decodes one sequence at a time (batch 1); use ar or diffusion for batches")
     if args.mode == "quadratic-spec":
-        threshold = check_quadratic(args.threshold, args.temperature)
+        check_quadratic(args.threshold, args.temperature)
+        threshold = None  # one-shot drafts: quadratic-spec has no threshold
         check_draft_groups(args.draft_groups, block)
     elif args.draft_groups is not None:
         raise GenerationError("draft_groups is a quadratic-spec knob; leave it unset for other modes")
@@ -214,7 +215,6 @@ def check_quadratic(threshold, temperature: float) -> None:
     if threshold is not None and parse_threshold(threshold) not in (DEFAULT, 0.0):
         raise GenerationError("quadratic-spec drafts every block in one forward and takes no threshold; "
                               "leave threshold unset (or use linear-spec for iterative drafting)")
-    return None
 
 
 def check_draft_groups(groups, block: int) -> None:
