@@ -75,7 +75,10 @@ def identity(tensor: ir.TensorProtocol) -> tuple | None:
         inner = identity(tensor.source)
         return None if inner is None else (*inner, "T", tensor.perm)
     raw = getattr(tensor, "raw", None)
-    if isinstance(raw, torch.Tensor):  # the exporter's TorchTensor: a live model parameter
+    # Only a model parameter lives for the whole export. A constant the trace made (an attention
+    # rule of a layout) is freed after its graph, and the next graph's constant can get the same
+    # address: trusting its address once gave the denoise graph the causal mask of the prefill.
+    if isinstance(raw, torch.nn.Parameter):  # the exporter's TorchTensor of a live model parameter
         return ("torch", raw.data_ptr(), tuple(raw.shape), tuple(raw.stride()), str(raw.dtype))
     return None
 

@@ -188,3 +188,24 @@ def test_pipeline_order_and_dump(tmp_path):
     with pytest.raises(PassError, match="unknown stage 'nope'"):
         run_pipeline(linear_model(w), ctx, dump_after="nope")
     assert len(PIPELINE) == len(set(STAGE_NAMES))
+
+
+def test_the_weight_store_tells_traced_constants_apart_by_content(tmp_path):
+    """A constant the trace made (a layout's attention rule) is freed after its graph and the next
+    graph's constant may get its address; only model parameters may be recognised by address."""
+    import torch
+    from torch.onnx._internal.exporter._core import TorchTensor  # what the exporter's initializers are
+
+    from nemocompile.passes.share_weights import WeightStore, identity
+
+    buffer = torch.zeros(32, 32, dtype=torch.bool)
+    store = WeightStore(tmp_path)
+    buffer.copy_(torch.ones(32, 32, dtype=torch.bool).tril())
+    a = store.put(TorchTensor(buffer), "rule_prefill")
+    buffer.fill_(True)  # the next graph's constant at the same address, other content
+    b = store.put(TorchTensor(buffer), "rule_denoise")
+    store.close()
+    assert identity(TorchTensor(buffer)) is None
+    assert identity(TorchTensor(torch.nn.Parameter(torch.ones(16, 16)))) is not None  # parameters live on
+    assert a.offset != b.offset
+    assert np.array_equal(a.numpy(), np.tril(np.ones((32, 32), bool))) and b.numpy().all()
