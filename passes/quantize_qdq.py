@@ -26,7 +26,6 @@ this exporter emits mean the same there.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import sys
@@ -38,8 +37,8 @@ import onnx
 import onnx_ir as ir
 
 from .base import PassContext, PassError, PassResult
-from .quantize_weights import _is_head
-from .share_weights import identity
+from .quantize_weights import _is_head, weight_matmuls
+from .share_weights import weight_key
 
 # --precision -> (ModelOpt quantize_mode, the opset its Q/DQ needs)
 PRECISIONS = {"fp8": ("fp8", 19), "int4-awq": ("int4", 21)}
@@ -88,9 +87,7 @@ class QdqQuantizer:
 
     def quantize(self, weight: ir.TensorProtocol, name: str) -> onnx.ModelProto:
         """The one-MatMul model x @ ``weight`` with ModelOpt's Q/DQ (input "x", output "y")."""
-        key = identity(weight)
-        if key is None:
-            key = (weight.dtype, tuple(weight.shape), hashlib.blake2b(weight.tobytes(), digest_size=16).digest())
+        key = weight_key(weight)
         if key in self.quantized:
             self.reused += 1
             return self.quantized[key]
@@ -110,12 +107,7 @@ def quantize_qdq(model: ir.Model, ctx: PassContext) -> PassResult:
     if quantizer is None:
         return PassResult(model, modified=False, notes=["declined: no Q/DQ precision for this export"])
     graph, done, notes = model.graph, 0, []
-    for node in list(graph):
-        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
-            continue
-        w = node.inputs[1]
-        if w is None or not w.is_initializer() or w.const_value is None:
-            continue  # attention's activation x activation products
+    for node, w in weight_matmuls(graph):
         if len(w.const_value.shape) != 2:
             notes.append(f"{node.name}: kept in float, not a 2-D weight")
             continue

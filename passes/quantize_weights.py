@@ -24,7 +24,6 @@ What is quantized (decided for these models, measured in the README):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import warnings
 from dataclasses import dataclass, field, replace
@@ -34,7 +33,7 @@ import onnx
 import onnx_ir as ir
 
 from .base import PassContext, PassError, PassResult
-from .share_weights import identity
+from .share_weights import weight_key
 
 BITS = {"int4": 4, "int8": 8}
 METHODS = ("rtn", "hqq", "gptq")
@@ -95,10 +94,7 @@ class WeightQuantizer:
 
     def quantize(self, weight: ir.TensorProtocol, name: str, precision: str) -> tuple[list[ir.TensorProtocol], dict]:
         """(packed weight, scales[, zero points]) and MatMulNBits' attributes for ``weight`` [K, N]."""
-        key = identity(weight)
-        if key is None:
-            key = (weight.dtype, tuple(weight.shape), hashlib.blake2b(weight.tobytes(), digest_size=16).digest())
-        key = (*key, precision)
+        key = (*weight_key(weight), precision)
         if key in self.quantized:
             self.reused += 1
             return self.quantized[key]
@@ -123,12 +119,7 @@ def quantize_weights(model: ir.Model, ctx: PassContext) -> PassResult:
     if quantizer is None:
         return PassResult(model, modified=False, notes=["declined: no quantization settings for this export"])
     graph, done, notes = model.graph, 0, []
-    for node in list(graph):
-        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
-            continue
-        w = node.inputs[1]
-        if w is None or not w.is_initializer() or w.const_value is None:
-            continue  # attention's activation x activation products
+    for node, w in weight_matmuls(graph):
         why = _declined(w, quantizer.settings)
         if why:
             notes.append(f"{node.name}: kept in float, {why}")
@@ -150,6 +141,17 @@ def quantize_weights(model: ir.Model, ctx: PassContext) -> PassResult:
     if done:
         model.opset_imports.setdefault("com.microsoft", 1)
     return PassResult(model, modified=done > 0, count=done, notes=notes)
+
+
+def weight_matmuls(graph: ir.Graph):
+    """(node, weight) for every MatMul by a constant weight, in graph order, safe to rewrite while
+    iterating (attention's activation x activation products are skipped)."""
+    for node in list(graph):
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            continue
+        w = node.inputs[1]
+        if w is not None and w.is_initializer() and w.const_value is not None:
+            yield node, w
 
 
 def _declined(w: ir.Value, settings: QuantSettings) -> str | None:

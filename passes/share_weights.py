@@ -65,6 +65,15 @@ class WeightStore:
             self._file.close()
 
 
+def weight_key(tensor: ir.TensorProtocol) -> tuple:
+    """What tells one weight from another across graphs: its parameter identity when known,
+    else its dtype, shape and a digest of its bytes."""
+    known = identity(tensor)
+    if known is not None:
+        return known
+    return (tensor.dtype, tuple(tensor.shape), hashlib.blake2b(tensor.tobytes(), digest_size=16).digest())
+
+
 def identity(tensor: ir.TensorProtocol) -> tuple | None:
     """Which model parameter (and transpose of it) ``tensor`` is, when that is
     known without reading it: the same parameter seen again by the next graph
