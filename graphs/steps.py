@@ -99,7 +99,7 @@ class StepModule(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,  # [B, L] int64, L = layout.input_length
-        cache_len: torch.Tensor,  # [] int64
+        cache_len: torch.Tensor,  # [B] int64: each row's committed slots
         row_start: torch.Tensor,  # [B] int64
         cache_k: torch.Tensor,  # [layers, B, kv_heads, C, head_dim]
         cache_v: torch.Tensor,  # [layers, B, kv_heads, C, head_dim]
@@ -121,7 +121,7 @@ class StepModule(nn.Module):
         """Inputs with the export-time shapes (values are irrelevant: shapes are static)."""
         L, dtype = self.spec.block_length, self.model.dtype
         cache = torch.zeros(self.cache_shape(batch_size, capacity), dtype=dtype)
-        return (torch.zeros(batch_size, L, dtype=torch.long), torch.tensor(0, dtype=torch.long),
+        return (torch.zeros(batch_size, L, dtype=torch.long), torch.zeros(batch_size, dtype=torch.long),
                 torch.zeros(batch_size, dtype=torch.long), cache, cache.clone())
 
     def io_specs(self, batch_size: int, capacity: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -130,7 +130,7 @@ class StepModule(nn.Module):
         dt = DTYPE_NAMES[self.model.dtype]
         cache = self.cache_shape(batch_size, capacity)
         inputs = [TensorSpec("input_ids", [batch_size, layout.input_length], "int64"),
-                  TensorSpec("cache_len", [], "int64"), TensorSpec("row_start", [batch_size], "int64"),
+                  TensorSpec("cache_len", [batch_size], "int64"), TensorSpec("row_start", [batch_size], "int64"),
                   TensorSpec("cache_k", cache, dt), TensorSpec("cache_v", cache, dt)]
         T = layout.tokens
         shapes = {"logits": ([batch_size, T, cfg.vocab_size], "float32"), "candidate": ([batch_size, T], "int64"),

@@ -8,7 +8,8 @@ Graph I/O (names are fixed; shapes are static, fixed at export time):
 
 inputs
   input_ids   int64 [B, L]                      the block (L = the step's block length)
-  cache_len   int64 []                          committed cache slots; block slots are cache_len..cache_len+L-1
+  cache_len   int64 [B]                         each row's committed cache slots; row b's block slots are
+                                                cache_len[b]..cache_len[b]+L-1 (rows at different lengths share a step)
   row_start   int64 [B]                         first real slot of each row (left padding); positions = slot - row_start
   cache_k     dtype [layers, B, kv_heads, C, head_dim]   the preallocated cache, C = cache capacity
   cache_v     dtype [layers, B, kv_heads, C, head_dim]
@@ -35,7 +36,9 @@ from typing import Any
 from .errors import NemocompileError
 
 FORMAT = "nemocompile-artifact"
-FORMAT_VERSION = 2  # 2: token layouts, candidate outputs on every graph, fused steps
+# The graph contract's version. 2: token layouts, candidate outputs on every graph, fused steps;
+# 3: cache_len per row ([B]), so rows at different lengths (continuous batching) share one step
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 
 # step kind -> (attention pattern, writes the cache, modes that use it)
@@ -154,8 +157,13 @@ class Manifest:
         if raw.get("format") != FORMAT:
             raise ManifestError(f"{source}: field 'format' is {raw.get('format')!r}, expected {FORMAT!r}; "
                                 "is this a nemocompile artifact? (create one with `nemocompile export`)")
-        if raw.get("format_version") != FORMAT_VERSION:
-            raise ManifestError(f"{source}: format_version {raw.get('format_version')!r} is not supported "
+        version = raw.get("format_version")
+        if version == 2:
+            raise ManifestError(f"{source}: this artifact has graph contract version 2, one cache length for the "
+                                f"whole batch; this nemocompile's graphs take one per row (version {FORMAT_VERSION}, "
+                                "for continuous batching): re-export the artifact with `nemocompile export`")
+        if version != FORMAT_VERSION:
+            raise ManifestError(f"{source}: format_version {version!r} is not supported "
                                 f"(this nemocompile reads version {FORMAT_VERSION}); re-export the artifact")
         kwargs = _take(cls, raw, source, ("graphs",))
         graphs_raw = raw.get("graphs")

@@ -294,12 +294,12 @@ def separate_steps(model: TriModeModel, layout: Layout, inputs: dict) -> tuple[t
     causal step over the spine, and of each branch as its own draft on the cache extended
     by the spine tokens 0..anchor; the spine's K/V rows. (passes/fuse_draft_verify's invariant.)"""
     ids, ck, cv, n, row_start = (inputs[k] for k in ("input_ids", "cache_k", "cache_v", "cache_len", "row_start"))
-    n = int(n)
     with torch.no_grad():
         spine_logits, k, v = model.step(ids[:, :layout.spine], ck, cv, n, row_start, layout=Layout.causal(layout.spine))
         ck, cv = ck.clone(), cv.clone()
-        ck[..., n:n + layout.spine, :] = k
-        cv[..., n:n + layout.spine, :] = v
+        for b, start in enumerate(n.reshape(-1).expand(ids.shape[0]).tolist()):  # each row at its own length
+            ck[:, b, :, start:start + layout.spine] = k[:, b]
+            cv[:, b, :, start:start + layout.spine] = v[:, b]
         parts = [spine_logits]
         for b in layout.branches:
             draft = Layout.bidirectional(b.length, lora=b.lora, source=b.source)
@@ -310,10 +310,13 @@ def separate_steps(model: TriModeModel, layout: Layout, inputs: dict) -> tuple[t
 
 def _step_inputs(model: TriModeModel, layout: Layout, B: int, C: int, cache_len: int,
                  gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """A step's inputs against a cache holding ``cache_len`` slots of the model's own K/V
-    (row b left-padded by b slots) and noise beyond them."""
+    """A step's inputs against a cache holding the model's own K/V and noise beyond it.
+    Rows sit at different lengths (row b holds ``cache_len - b`` slots, at least 0, the
+    slots past its length hold stale K/V of the longest row) and row b is left-padded by
+    up to b slots: one step serves rows of a continuous batch at their own positions."""
     cfg, dtype, L = model.config, model.dtype, layout.input_length
-    row_start = torch.tensor([min(b, max(cache_len + L - 1, 0)) for b in range(B)], dtype=torch.long)
+    lens = torch.tensor([max(cache_len - b, 0) for b in range(B)], dtype=torch.long)
+    row_start = torch.tensor([min(b, max(int(lens[b]) + L - 1, 0)) for b in range(B)], dtype=torch.long)
     shape = (cfg.num_hidden_layers, B, cfg.num_key_value_heads, C, cfg.head_dim)
     cache_k = torch.randn(shape, generator=gen).to(dtype) * 3  # noise: must be masked away
     cache_v = torch.randn(shape, generator=gen).to(dtype) * 3
@@ -328,8 +331,7 @@ def _step_inputs(model: TriModeModel, layout: Layout, B: int, C: int, cache_len:
         keep = torch.rand(B, L, generator=gen) < 0.3
         keep[:, 0] = True
         ids = torch.where(keep, ids, torch.full_like(ids, cfg.mask_token_id))
-    return {"input_ids": ids, "cache_len": torch.tensor(cache_len, dtype=torch.long), "row_start": row_start,
-            "cache_k": cache_k, "cache_v": cache_v}
+    return {"input_ids": ids, "cache_len": lens, "row_start": row_start, "cache_k": cache_k, "cache_v": cache_v}
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:

@@ -96,7 +96,7 @@ def artifact_teacher_forced(rt, ids: Sequence[int]) -> np.ndarray:
         raise NemocompileError("quantized parity compares logits, and this artifact was exported with "
                                "--greedy-only (no logits); re-export it without --greedy-only")
     out = []
-    with rt._lock:  # the runtime's one cache: no generation may run meanwhile
+    with rt.exclusive():  # the runtime's one cache: no generation may run meanwhile
         rt.cache.reset(np.zeros(B, dtype=np.int64))  # every row decodes the same sequence
         for start in range(0, T, P):
             n = min(P, T - start)

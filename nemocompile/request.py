@@ -30,9 +30,13 @@ def _is_int(v) -> bool:
 
 
 def check_values(*, mode, max_new_tokens, block_length=None, temperature=0.0, seed=None, eos=None, steps=None,
-                 vocab_size: int | None = None, names: dict[str, str] | None = None) -> None:
-    """Types and ranges of the knobs every mode shares (threshold: ``parse_threshold``)."""
+                 vocab_size: int | None = None, names: dict[str, str] | None = None, auto: bool = False) -> None:
+    """Types and ranges of the knobs every mode shares (threshold: ``parse_threshold``).
+    ``auto``: the front door also takes mode "auto" (the runtime's engine)."""
     from .decode.common import MODES
+
+    if auto:
+        MODES = (*MODES, "auto")
 
     def name(field: str) -> str:
         return (names or {}).get(field, field)

@@ -1,6 +1,8 @@
 """The runtime: compiled graphs scheduled for every decode mode (see ``runtime.py``)."""
 
-from .runtime import Decode, Request, Runtime, RuntimeResult, TokenStream
+from .engine import Cancelled, Job, Overloaded, RequestTimeout
+from .runtime import Request, Runtime, RuntimeResult, TokenStream
 from .stats import RuntimeStats
 
-__all__ = ["Decode", "Request", "Runtime", "RuntimeResult", "RuntimeStats", "TokenStream"]
+__all__ = ["Cancelled", "Job", "Overloaded", "Request", "RequestTimeout", "Runtime", "RuntimeResult", "RuntimeStats",
+           "TokenStream"]

@@ -122,13 +122,13 @@ def step_times(runtime: Runtime, steps: Sequence[str] = ("verify", "verify_draft
     for g in runtime.manifest.graphs:
         if g.step not in steps:
             continue
-        runtime.cache.reset(length=(runtime.capacity - g.block_length) // 2)
-        times = []
-        for _ in range(repeats + 2):
-            t0 = time.perf_counter()
-            runtime.backend.run((g.step, g.block_length))
-            times.append(time.perf_counter() - t0)
-        runtime.cache.reset()
+        with runtime.exclusive():
+            runtime.cache.reset(length=(runtime.capacity - g.block_length) // 2)
+            times = []
+            for _ in range(repeats + 2):
+                t0 = time.perf_counter()
+                runtime.backend.run((g.step, g.block_length))
+                times.append(time.perf_counter() - t0)
         out.append({"step": g.step, "block_length": g.block_length, "tokens": _tokens(g),
                     "ms": statistics.median(times[2:]) * 1e3})
     return out

@@ -1,4 +1,5 @@
-"""The runtime's KV cache: one static-capacity buffer per artifact, rollback by moving a length."""
+"""The runtime's KV cache: one static-capacity buffer per artifact, one length per row,
+rollback by moving a length."""
 
 from __future__ import annotations
 
@@ -13,17 +14,21 @@ class KVCache:
     Layout: ``data`` is ``[2, layers, B, kv_heads, C, head_dim]``; ``k = data[0]``
     and ``v = data[1]`` are the graphs' ``cache_k`` / ``cache_v`` inputs
     (``[layers, B, kv_heads, C, head_dim]``, contiguous views bound once to every
-    graph). ``C`` is the manifest's ``cache_capacity``. Slots ``[0, length)`` are
-    valid; the graphs mask every slot at or past ``cache_len``, so stale rows
-    from an earlier request are never read and nothing is ever cleared.
+    graph). ``C`` is the manifest's ``cache_capacity``.
 
-    ``cache_len`` ([] int64) and ``row_start`` ([B] int64) are the graph inputs
-    of the same names, host arrays updated in place. Row ``b`` of a left-padded
-    batch holds real tokens from slot ``row_start[b]`` on.
+    Every row ``b`` is its own sequence (a request of a continuous batch): slots
+    ``[row_start[b], cache_len[b])`` are valid, and the graphs mask every slot at
+    or past ``cache_len[b]``, so stale rows from an earlier request are never read
+    and nothing is ever cleared. A row's tokens start at ``row_start[b]`` (left
+    padding, 0 unless a prompt is padded to a full chunk).
 
-    API: ``write`` places a step's present rows at ``length`` (a slice
-    assignment of L rows, never a whole-cache copy), ``crop`` rolls back by
-    moving ``length``, ``reset`` starts a new request.
+    ``cache_len`` ([B] int64) and ``row_start`` ([B] int64) are the graph inputs of
+    the same names, host arrays updated in place.
+
+    API: ``write`` places a step's present rows at each row's length (a slice
+    assignment of n slots per row, never a whole-cache copy), ``crop`` rolls a
+    row back by moving its length, ``reset_row`` starts a new request in a row,
+    ``reset`` empties every row.
 
     ``data`` is a numpy array on the CPU, or a torch tensor on an accelerator
     (both support the slice assignment ``write`` does).
@@ -33,48 +38,48 @@ class KVCache:
         self.data = data  # [2, layers, B, kv_heads, C, head_dim]
         self.k, self.v = data[0], data[1]
         self.capacity = int(data.shape[4])
-        self.cache_len = np.zeros((), dtype=np.int64)  # graph input: committed slots
+        self.cache_len = np.zeros(batch_size, dtype=np.int64)  # graph input [B]: committed slots per row
         self.row_start = np.zeros(batch_size, dtype=np.int64)  # graph input [B]
-        self._length = 0
 
-    @property
-    def length(self) -> int:
-        return self._length
+    def length(self, row: int) -> int:
+        return int(self.cache_len[row])
 
-    def __len__(self) -> int:
-        return self._length
+    def write(self, present_k, present_v, n: int | None = None, rows=None) -> None:
+        """Place the first ``n`` (default: all S) present rows ``[layers, B, kv_heads, S, head_dim]``
+        of each of ``rows`` (default: every row) at that row's slots ``length .. length+n-1``."""
+        S = present_k.shape[3]
+        n = S if n is None else n
+        rows = range(len(self.cache_len)) if rows is None else rows
+        for b in rows:
+            start = int(self.cache_len[b])
+            end = start + n
+            if end > self.capacity:
+                # The runtime checks capacity before a request starts; reaching this is a bug.
+                raise GenerationError(f"KV cache full: row {b} at {start} + {n} slots exceeds its capacity of "
+                                      f"{self.capacity}")
+            if n == S:
+                self.k[:, b, :, start:end] = present_k[:, b]
+                self.v[:, b, :, start:end] = present_v[:, b]
+            else:
+                self.k[:, b, :, start:end] = present_k[:, b, :, :n]
+                self.v[:, b, :, start:end] = present_v[:, b, :, :n]
+            self.cache_len[b] = end
 
-    def _set_length(self, n: int) -> None:
-        self._length = n
-        self.cache_len[()] = n
+    def crop(self, row: int, length: int) -> None:
+        """Roll row ``row`` back to ``length`` committed slots: O(1), nothing is copied."""
+        if not 0 <= length <= self.cache_len[row]:
+            raise ValueError(f"cannot crop row {row} of length {int(self.cache_len[row])} to {length}")
+        self.cache_len[row] = length
 
-    def write(self, present_k, present_v, n: int | None = None) -> None:
-        """Place the first ``n`` (default: all L) rows of a step's presents
-        ``[layers, B, kv_heads, L, head_dim]`` at slots ``length .. length+n-1``."""
-        if n is None:
-            n = present_k.shape[3]
-        start, end = self._length, self._length + n
-        if end > self.capacity:
-            # The runtime checks capacity before a request starts; reaching this is a bug.
-            raise GenerationError(f"KV cache full: {start} + {n} slots exceed its capacity of {self.capacity}")
-        if n == present_k.shape[3]:
-            self.k[:, :, :, start:end] = present_k
-            self.v[:, :, :, start:end] = present_v
-        else:
-            self.k[:, :, :, start:end] = present_k[:, :, :, :n]
-            self.v[:, :, :, start:end] = present_v[:, :, :, :n]
-        self._set_length(end)
-
-    def crop(self, length: int) -> None:
-        """Roll back to ``length`` committed slots: O(1), nothing is copied."""
-        if not 0 <= length <= self._length:
-            raise ValueError(f"cannot crop a cache of length {self._length} to {length}")
-        self._set_length(length)
+    def reset_row(self, row: int, row_start: int = 0) -> None:
+        """Empty one row for a new request whose tokens start at slot ``row_start``."""
+        self.cache_len[row] = 0
+        self.row_start[row] = row_start
 
     def reset(self, row_start=None, length: int = 0) -> None:
-        """Empty the cache for a new request; ``row_start`` [B] sets the rows' left padding.
-        ``length`` > 0 treats that many slots as committed, whatever they hold (timing a step)."""
+        """Empty every row; ``row_start`` [B] sets the rows' left padding. ``length`` > 0 treats
+        that many slots of every row as committed, whatever they hold (timing a step)."""
         if not 0 <= length <= self.capacity:
             raise ValueError(f"cannot reset a cache of capacity {self.capacity} to length {length}")
-        self._set_length(length)
+        self.cache_len[:] = length
         self.row_start[:] = 0 if row_start is None else row_start

@@ -2,18 +2,16 @@
 
 ``Runtime.load`` reads the manifest, opens every graph once on a backend and
 allocates the KV cache and the step buffers once (static shapes from the
-manifest). ``generate`` validates a request completely before any step runs,
-then hands it to the mode's scheduler (``schedulers/``), which drives named
-steps through a :class:`Decode`: the request's state (cache, sampler, output
-rows, stats) and the one place where graphs are executed and timed.
+manifest). ``submit`` / ``generate`` validate a request completely before any
+step runs, then hand it to the :class:`~.engine.Engine`, which gives each of its
+sequences a row of the batch graphs and runs the mode's scheduler
+(``schedulers/``) for it among the other requests' rows (continuous batching).
+Any number of threads may call ``generate`` at once.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import sys
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -21,8 +19,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from nemocompile.artifact_files import usable_graphs
-from nemocompile.decode.common import (DEFAULT, SPECULATIVE, ThinkingBudget, budgeted, check_quadratic, eos_id_set,
-                                       parse_threshold, thinking_budget)
+from nemocompile.decode.common import (DEFAULT, ThinkingBudget, check_quadratic, eos_id_set, parse_threshold,
+                                       thinking_budget)
 from nemocompile.errors import GenerationError, NemocompileError
 from nemocompile.manifest import Manifest, ManifestError
 from nemocompile.request import RequestError, check_room, check_values
@@ -30,15 +28,17 @@ from nemocompile.tokenizer import encode_prompts
 
 from .backends import NUMPY_DTYPES, Backend, StepIO, create_backend
 from .cache import KVCache
-from .sampling import Sampler
-from .stats import RuntimeStats, StepTimer
+from .engine import Engine, Job
+from .stats import RuntimeStats
+
+AUTO_MODES = ("ar", "linear-spec", "quadratic-spec")  # the lossless modes mode="auto" chooses among
 
 @dataclass(frozen=True)
 class Request:
     """A validated request: every default filled, every value checked."""
 
     prompts: list[list[int]]  # token ids per prompt (1..batch_size prompts)
-    mode: str
+    mode: str  # "auto": the engine picks a lossless mode per cycle
     max_new_tokens: int
     block_length: int | None  # None for ar
     threshold: float | None  # diffusion: None = fixed schedule; linear-spec: 0 = one-shot draft
@@ -59,13 +59,11 @@ class RuntimeResult:
 
 
 class Runtime:
-    """Compiled graphs of one artifact on one backend, with one KV cache.
+    """Compiled graphs of one artifact on one backend, with one KV cache whose rows
+    are shared out to concurrent requests by the engine (``max_queue``: requests that
+    may wait for a row before ``submit`` refuses more; None: unbounded)."""
 
-    One request runs at a time (a lock queues concurrent callers); the cache
-    and buffers are reused by every request.
-    """
-
-    def __init__(self, artifact_dir: Path, manifest: Manifest, backend: Backend):
+    def __init__(self, artifact_dir: Path, manifest: Manifest, backend: Backend, max_queue: int | None = None):
         self.artifact_dir = artifact_dir
         self.manifest = manifest
         self.backend = backend
@@ -77,8 +75,6 @@ class Runtime:
         self.batch_size = manifest.batch_size
         self.modes = manifest.modes
         self.tokenizer = _tokenizer(artifact_dir, manifest)
-        self._lock = threading.Lock()
-        self._owner: int | None = None
 
         cache_spec = _tensor(manifest.graphs[0].inputs, "cache_k", manifest.graphs[0])
         self.capacity = cache_spec.shape[3]
@@ -100,10 +96,10 @@ class Runtime:
         self.draft_groups = {g.block_length: len(g.layout["branches"]) for g in manifest.graphs
                              if g.step == "verify_draft"}
         self.prefill_length = manifest.graph("prefill").block_length
-        # host scratch for the candidates of a block's masked positions, touched once here so
-        # denoising never allocates (a fresh multi-100 KB array per step costs page faults)
-        longest = max((g.block_length for g in manifest.graphs if g.step in ("denoise", "draft")), default=1)
-        self.scratch = np.zeros((self.batch_size * longest, self.vocab_size), np.float32) if self.sampling else None
+        self.auto_modes = [m for m in AUTO_MODES if m in self.modes]
+        if len(self.auto_modes) > 1:
+            self.modes = [*self.modes, "auto"]
+        self.engine = Engine(self, max_queue=max_queue)
 
     # ---- construction ------------------------------------------------------------
     @classmethod
@@ -119,7 +115,9 @@ class Runtime:
         manifest, damaged = usable_graphs(artifact_dir, manifest)
         for line in damaged:
             print(f"warning: {line}", file=sys.stderr)
-        return cls(artifact_dir, manifest, create_backend(backend, artifact_dir, manifest, device=device, **options))
+        max_queue = options.pop("max_queue", None)
+        return cls(artifact_dir, manifest, create_backend(backend, artifact_dir, manifest, device=device, **options),
+                   max_queue=max_queue)
 
     def _step_io(self, graph) -> StepIO:
         """``graph``'s buffers. Graphs share a buffer where name, shape and dtype agree: a
@@ -152,7 +150,19 @@ class Runtime:
         return io
 
     def close(self) -> None:
+        self.engine.close()
         self.backend.close()
+
+    def exclusive(self):
+        """A context in which the caller alone uses the cache and graphs (the engine
+        waits; running requests finish first)."""
+        return self.engine.exclusive()
+
+    def scheduler(self, row):
+        """The generator that decodes ``row`` in its request's mode."""
+        from .schedulers import SCHEDULERS
+
+        return SCHEDULERS[row.mode](row)
 
     def __enter__(self) -> "Runtime":
         return self
@@ -189,10 +199,11 @@ class Runtime:
         Values are checked by ``nemocompile.request``, the checks every front door shares;
         ``names`` renames fields in its messages (HTTP: max_new_tokens -> max_tokens)."""
         check_values(mode=mode, max_new_tokens=max_new_tokens, block_length=block_length, temperature=temperature,
-                     seed=seed, eos=eos, steps=steps, vocab_size=self.vocab_size, names=names)
+                     seed=seed, eos=eos, steps=steps, vocab_size=self.vocab_size, names=names, auto=True)
         if mode not in self.modes:
             raise RequestError(f"this artifact has no {mode} graphs (it has: {', '.join(self.modes)}); "
-                               f"re-export it with that mode", param="mode")
+                               + ("auto needs two of ar, linear-spec, quadratic-spec: re-export with them"
+                                  if mode == "auto" else "re-export it with that mode"), param="mode")
         eos = eos_id_set(self.eos_token_ids if eos is None else eos, self.vocab_size)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise GenerationError("empty prompt: give at least one token")
@@ -201,16 +212,14 @@ class Runtime:
                                   "use temperature 0, or re-export without --greedy-only to sample")
         if mode == "quadratic-spec":
             check_quadratic(threshold, temperature)
-        limit = 1 if mode in SPECULATIVE else self.batch_size
-        if len(prompts) > limit:
-            raise GenerationError(
-                f"{mode} decodes one sequence at a time (batch 1); use ar or diffusion for batches"
-                if mode in SPECULATIVE else
-                f"{len(prompts)} prompts exceed the artifact's batch size {self.batch_size}; send at most "
-                f"{self.batch_size} at a time or re-export with a larger batch size")
+        if len(prompts) > self.batch_size:
+            raise GenerationError(f"{len(prompts)} prompts exceed the artifact's batch size {self.batch_size}; send "
+                                  f"at most {self.batch_size} at a time or re-export with a larger batch size")
 
         block = None
-        if mode != "ar":
+        if mode == "auto":
+            block = self._auto_block(block_length, threshold, steps)
+        elif mode != "ar":
             block = self.manifest.block_length if block_length is None else block_length
             if isinstance(block, bool) or not isinstance(block, int) or block < 2:
                 raise GenerationError(f"block_length must be an integer >= 2, got {block!r}")
@@ -223,7 +232,7 @@ class Runtime:
             thr = (None if steps is not None else 0.9) if mode == "diffusion" else 0.0
         if mode == "linear-spec" and thr is None:
             thr = 0.0
-        if mode in ("ar", "quadratic-spec"):
+        if mode in ("ar", "quadratic-spec", "auto"):
             thr = None
 
         check_room(self.prompt_width(prompts, mode), max_new_tokens, block, self.capacity,
@@ -233,40 +242,75 @@ class Runtime:
         return Request(prompts, mode, max_new_tokens, block, thr, steps, float(temperature), seed, eos, batched,
                        budget)
 
+    def _auto_block(self, block_length, threshold, steps) -> int | None:
+        """mode="auto": the largest block any of its speculative modes may use (room to
+        keep in the cache), after refusing the knobs it sets itself."""
+        if parse_threshold(threshold) is not DEFAULT or steps is not None:
+            raise RequestError("mode auto sets its own drafting (one-shot drafts, no threshold or steps); drop "
+                               "threshold/steps or name a mode", param="threshold" if steps is None else "steps")
+        lengths = sorted({L for m in self.auto_modes if m != "ar" for L in self.manifest.block_lengths(m)})
+        if block_length is not None and block_length not in lengths:
+            raise GenerationError(f"this artifact's self-speculation graphs are for block length(s) {lengths}, not "
+                                  f"{block_length}; pick one of those or leave block_length unset")
+        return block_length if block_length is not None else max(lengths, default=None)
+
+    def submit(self, prompt_or_ids, mode: str = "ar", max_new_tokens: int = 64, block_length: int | None = None,
+               threshold=None, temperature: float = 0.0, seed: int | None = None, eos: int | None = None,
+               steps: int | None = None, chat: bool = False, chat_template_kwargs: dict | None = None,
+               max_thinking_tokens: int | None = None, end_think_token_id: int | None = None,
+               timeout: float | None = None, names: dict[str, str] | None = None) -> Job:
+        """Validate a request and queue it for the engine without waiting: a :class:`Job`
+        (iterate it, or ``async for``, for ``(sequence, tokens)`` commits; ``result()``).
+        ``timeout``: seconds from now after which the request ends with ``RequestTimeout``.
+        Raises ``Overloaded`` when ``max_queue`` requests already wait."""
+        return self._submit(prompt_or_ids, mode, max_new_tokens, block_length, threshold, temperature, seed, eos,
+                            steps, chat, chat_template_kwargs, max_thinking_tokens, end_think_token_id, timeout,
+                            names, stream=False)
+
+    def _submit(self, prompt_or_ids, mode, max_new_tokens, block_length, threshold, temperature, seed, eos, steps,
+                chat, chat_template_kwargs, max_thinking_tokens, end_think_token_id, timeout, names, stream) -> Job:
+        prompts, batched = self.encode(prompt_or_ids, chat, chat_template_kwargs)
+        request = self.validate(prompts, batched, mode, max_new_tokens, block_length, threshold, temperature,
+                                seed, eos, steps, max_thinking_tokens=max_thinking_tokens,
+                                end_think_token_id=end_think_token_id, names=names)
+        if stream and batched:
+            raise GenerationError("stream=True takes a single prompt; call generate once per prompt")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not timeout > 0):
+            raise RequestError(f"timeout must be a number of seconds > 0, got {timeout!r:.60}", param="timeout")
+        return self.engine.submit(request, timeout)
+
     def generate(self, prompt_or_ids, mode: str = "ar", max_new_tokens: int = 64, block_length: int | None = None,
                  threshold=None, temperature: float = 0.0, seed: int | None = None, eos: int | None = None,
                  stream: bool = False, steps: int | None = None, chat: bool = False,
                  chat_template_kwargs: dict | None = None, max_thinking_tokens: int | None = None,
-                 end_think_token_id: int | None = None):
+                 end_think_token_id: int | None = None, timeout: float | None = None):
         """Generate for one prompt (text or ids) -> :class:`RuntimeResult`, or a list of
-        prompts -> a list (ar and diffusion decode them as one batch).
+        prompts -> a list (each prompt takes a row; they decode together, with any other
+        caller's requests). Thread-safe: concurrent callers share the batch graphs.
 
         ``stream=True`` (one prompt) returns a :class:`TokenStream` that yields the
         token ids of each commit as it happens; its ``result`` is set at the end.
         """
-        prompts, batched = self.encode(prompt_or_ids, chat, chat_template_kwargs)
-        request = self.validate(prompts, batched, mode, max_new_tokens, block_length, threshold, temperature,
-                                seed, eos, steps, max_thinking_tokens=max_thinking_tokens,
-                                end_think_token_id=end_think_token_id)
+        job = self._submit(prompt_or_ids, mode, max_new_tokens, block_length, threshold, temperature, seed, eos,
+                           steps, chat, chat_template_kwargs, max_thinking_tokens, end_think_token_id, timeout, None,
+                           stream)
         if stream:
-            if batched:
-                raise GenerationError("stream=True takes a single prompt; call generate once per prompt")
-            return TokenStream(self, request)
-        decode = Decode(self, request)
-        for _ in decode:
-            pass
-        return decode.results if batched else decode.results[0]
+            return TokenStream(job)
+        results = job.result()
+        return results if job.request.batched else results[0]
 
 
 class TokenStream:
     """Iterates a streamed generation: each item is the list of token ids one commit emitted.
 
-    The runtime is held until the stream ends: iterate it to the end, or ``close()`` it.
+    ``result`` is set at the end; ``close()`` abandons the generation (its row is
+    freed at the next step boundary).
     """
 
-    def __init__(self, runtime: Runtime, request: Request):
-        self._decode = Decode(runtime, request)
-        self._events = iter(self._decode)
+    def __init__(self, job):
+        self.job = job
+        self._events = iter(job)
         self.result: RuntimeResult | None = None
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -274,152 +318,14 @@ class TokenStream:
 
     def __next__(self) -> list[int]:
         try:
-            return next(self._events)
+            return next(self._events)[1]
         except StopIteration:
-            self.result = self._decode.results[0]
+            self.result = self.job.results[0]
             raise
 
     def close(self) -> None:
-        """Abandon the generation and release the runtime."""
-        self._events.close()
-
-
-class Decode:
-    """One request in flight: the runtime's buffers, its sampler, output rows and stats.
-
-    Iterating it runs the mode's scheduler and yields row 0's newly emitted
-    tokens at each commit. Schedulers call :meth:`run` for every graph step
-    (timed, counted as a forward), :meth:`prefill`, and :meth:`emit`.
-    """
-
-    def __init__(self, runtime: Runtime, request: Request):
-        self.rt, self.request = runtime, request
-        self.results: list[RuntimeResult] = []
-
-    # ---- the request's lifetime --------------------------------------------------
-    def __iter__(self) -> Iterator[list[int]]:
-        rt = self.rt
-        if rt._owner == threading.get_ident():
-            raise GenerationError("a streamed generation is still open on this runtime in this thread: iterate it "
-                                  "to the end or close() it first")
-        with rt._lock:
-            rt._owner = threading.get_ident()
-            try:
-                yield from self._decode()
-            finally:
-                rt._owner = None
-
-    def _decode(self) -> Iterator[list[int]]:
-        from .schedulers import SCHEDULERS
-
-        rt, req = self.rt, self.request
-        B = rt.batch_size
-        self.cache, self.backend = rt.cache, rt.backend
-        self.mask_token_id = rt.mask_token_id
-        self.sampler = Sampler(req.temperature, req.seed)
-        self.stats = RuntimeStats(mode=req.mode, backend=rt.backend.name, block_length=req.block_length,
-                                  threshold=req.threshold, batch_size=len(req.prompts))
-        rows = len(req.prompts)
-        self.out: list[list[int]] = [[] for _ in range(B)]
-        # rows past the request's prompts ride along, finished from the start (plain lists:
-        # per-token bookkeeping on a handful of rows is cheaper in Python than in numpy)
-        self.done: list[bool] = [b >= rows for b in range(B)]
-        self.timer = StepTimer()
-        sent = 0
-        for _ in SCHEDULERS[req.mode](self):
-            if len(self.out[0]) > sent:
-                yield self.out[0][sent:]
-                sent = len(self.out[0])
-        self.timer.fill(self.stats)
-        eos = req.eos
-        for b in range(rows):
-            tokens = self.out[b]
-            stats = dataclasses.replace(self.stats, acceptance_lengths=list(self.stats.acceptance_lengths))
-            text = rt.tokenizer.decode(tokens) if rt.tokenizer is not None else None
-            reason = "stop" if tokens and tokens[-1] in eos else "length"
-            self.results.append(RuntimeResult(tokens, text, stats.finish(len(tokens)), reason))
-
-    # ---- what schedulers call ----------------------------------------------------
-    def io(self, step: str, block_length: int) -> StepIO:
-        return self.rt.io[(step, block_length)]
-
-    def run(self, step: str, block_length: int) -> StepIO:
-        """Execute one graph step (a model forward) on its bound buffers."""
-        timer = self.timer
-        t0, c0 = time.perf_counter(), time.process_time()
-        self.backend.run((step, block_length))
-        timer.graph_cpu_s += time.process_time() - c0
-        timer.graph_s += time.perf_counter() - t0
-        timer.calls += 1
-        self.stats.forwards += 1
-        return self.rt.io[(step, block_length)]
-
-    def choose(self, io: StepIO, column: int) -> np.ndarray:
-        """Each row's token [B] at ``column`` of a step's output: the graph's argmax when
-        greedy (the host never reads the logits), else a draw from the logits."""
-        if self.sampler.greedy:
-            return io.candidate[:, column]
-        return self.sampler.sample(io.logits[:, column])
-
-    def prefill(self, last: str = "prefill") -> tuple[StepIO, int]:
-        """Run the (left-padded) prompts causally into the cache in prefill-graph chunks,
-        the last chunk through the graph ``last`` (quadratic-spec: the fused prefill that
-        also drafts). Returns the last chunk's outputs and the column of each row's last
-        prompt token. Counts as one forward."""
-        prompts, B, P = self.request.prompts, self.rt.batch_size, self.rt.prefill_length
-        width = self.rt.prompt_width(prompts, self.request.mode)
-        ids = np.zeros((B, width), dtype=np.int64)  # pad id 0: padded slots are masked
-        row_start = np.full(B, width - 1, dtype=np.int64)  # spare rows: one pad token
-        for b, p in enumerate(prompts):
-            ids[b, width - len(p):] = p
-            row_start[b] = width - len(p)
-        self.cache.reset(row_start)
-        # a fused last graph needs a full last chunk: then the short chunk goes first
-        first = P if last == "prefill" else width % P or P
-        bounds = [0, *range(first, width, P), width]
-        for start, end in zip(bounds, bounds[1:]):
-            n = end - start
-            io = self.rt.io[("prefill", P)]  # every chunk's input buffer: prefill and `last` share it
-            io.input_ids[:, :n] = ids[:, start:end]
-            io.input_ids[:, n:] = 0  # right padding of a short chunk: computed, never placed in the cache
-            io = self.run(last if end == width else "prefill", P)
-            self.cache.write(io.present_k, io.present_v, n)
-        self.stats.forwards -= len(bounds) - 2  # the spec counts the prefill as one forward
-        return io, n - 1
-
-    def prefill_tokens(self) -> np.ndarray:
-        """Prefill, then each row's first token [B]."""
-        io, last = self.prefill()
-        return self.choose(io, last)
-
-    def emit(self, row: int, tokens: Sequence[int]) -> None:
-        """Append ``tokens`` to an unfinished row, stopping after an EOS or at max_new_tokens."""
-        out, eos, limit = self.out[row], self.request.eos, self.request.max_new_tokens
-        for t in tokens:
-            t = int(t)
-            out.append(t)
-            if t in eos or len(out) >= limit:
-                self.done[row] = True
-                break
-        self.timer.mark_first_token()
-
-    def emit_rows(self, tokens: np.ndarray) -> None:
-        """One token per unfinished row ([B]), the thinking budget applied in place (so the
-        next step runs the token that was emitted)."""
-        for b in self.unfinished():
-            tokens[b] = self.budgeted(b, [int(tokens[b])])[0]
-            self.emit(b, (tokens[b],))
-
-    def budgeted(self, row: int, new: list[int]) -> list[int]:
-        """``new`` tokens about to be emitted on ``row``, with the request's thinking budget applied."""
-        return budgeted(self.request.budget, self.out[row], new)
-
-    def unfinished(self) -> list[int]:
-        return [b for b, done in enumerate(self.done) if not done]
-
-    @property
-    def all_done(self) -> bool:
-        return all(self.done)
+        """Abandon the generation and free its row."""
+        self.job.cancel()
 
 
 def _tensor(specs, name: str, graph):

@@ -15,9 +15,10 @@ class RuntimeStats(GenerationStats):
     prefill, one forward however many prefill-graph calls a long prompt takes:
     see ``graph_calls``) plus where the time went.
 
-    Times are seconds of one ``generate`` call from its first step to its last
-    commit; ``graph_s`` sums the backend's step executions and ``runtime_s`` is
-    everything else (host sampling, cache writes, scheduling). ``overhead_share``
+    Times are seconds of one sequence from its submission to its last commit
+    (``queue_s`` of it waiting for a free row); ``graph_s`` sums the backend's
+    executions of the steps it took part in (shared with the other rows of each
+    step) and ``runtime_s`` is everything else (host work, other rows' steps). ``overhead_share``
     is runtime_s / wall_s; ``overhead_cpu_share`` the same ratio in CPU seconds.
     """
 
@@ -34,6 +35,9 @@ class RuntimeStats(GenerationStats):
     # moments the OS gave the core to another process (a busy, shared machine)
     overhead_cpu_share: float = 0.0
     tokens_per_second: float = 0.0  # this row's tokens / wall_s
+    queue_s: float = 0.0  # waiting for a free row (included in wall_s and time_to_first_token_s)
+    mode_mix: dict[str, int] = field(default_factory=dict)  # decode cycles run per mode (auto: its choices)
+    auto_reason: str | None = None  # mode "auto": why the last cycle's mode was chosen
 
     def finish(self, generated: int) -> "RuntimeStats":
         super().finish(generated)
@@ -62,8 +66,8 @@ class StepTimer:
 
     __slots__ = ("start", "start_cpu", "graph_s", "graph_cpu_s", "calls", "first_token")
 
-    def __init__(self):
-        self.start = time.perf_counter()
+    def __init__(self, start: float | None = None):
+        self.start = time.perf_counter() if start is None else start
         self.start_cpu = time.process_time()
         self.graph_s = 0.0
         self.graph_cpu_s = 0.0

@@ -161,18 +161,26 @@ def test_linear_spec_iterative_draft_matches_eager(model, ort):
     assert got.stats.forwards > 1 + 2 * len(got.stats.acceptance_lengths)  # drafts took several forwards
 
 
-@pytest.mark.parametrize("mode", ["ar", "diffusion"])
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "linear-spec", "quadratic-spec"])
 def test_batches_match_eager(mode):
+    """Each row of a batch decodes as its prompt alone (tokens and forwards: a row takes
+    only the forwards it needs), whatever the other row does; ar and diffusion also
+    equal the eager decoders' batch."""
     model, path = tiny_artifacts.lora_batch2()  # batch 2, block 8
     block = tiny_artifacts.BLOCK
     with Runtime.load(path, backend="onnxruntime", threads=1) as rt:
         prompts = PROMPTS[:2]
-        ref = eager(model, prompts, mode=mode, max_new_tokens=13, block_length=block, eos_token_id=-1)
         got = rt.generate(prompts, mode=mode, max_new_tokens=13, eos=-1)
         assert len(got) == 2
-        for r, g in zip(ref, got):
-            assert_same(r, g, f"{mode} batch of 2")
+        for prompt, g in zip(prompts, got):
+            alone = eager(model, prompt, mode=mode, max_new_tokens=13, block_length=block, eos_token_id=-1)
+            assert_same(alone, g, f"{mode} batch of 2")
             assert g.stats.batch_size == 2
+        if mode in ("ar", "diffusion"):
+            ref = eager(model, prompts, mode=mode, max_new_tokens=13, block_length=block, eos_token_id=-1)
+            assert [g.tokens for g in got] == [r.tokens for r in ref]
+        else:
+            ref = [eager(model, p, mode=mode, max_new_tokens=13, block_length=block, eos_token_id=-1) for p in prompts]
         single = rt.generate(PROMPTS[1], mode=mode, max_new_tokens=13, eos=-1)  # one row spare
         assert single.tokens == ref[1].tokens
         with pytest.raises(GenerationError, match="3 prompts exceed the artifact's batch size 2"):
@@ -238,13 +246,27 @@ def test_stream_yields_each_commit(mode, ort):
     assert len(chunks) == commits[mode]
 
 
-def test_abandoned_stream_releases_the_runtime(ort):
+def test_an_open_stream_does_not_block_the_runtime(ort):
+    """The engine decodes a stream whether or not it is read: another request from the same
+    thread runs meanwhile (batch 1: after the stream's row frees), and the stream still
+    yields everything."""
+    full = ort.generate(PROMPTS[0], mode="ar", max_new_tokens=10, eos=-1)
     stream = ort.generate(PROMPTS[0], mode="ar", max_new_tokens=10, eos=-1, stream=True)
+    first = next(stream)
+    assert len(ort.generate(PROMPTS[1], mode="ar", max_new_tokens=3, eos=-1).tokens) == 3
+    assert first + [t for c in stream for t in c] == full.tokens == stream.result.tokens
+
+
+def test_a_closed_stream_frees_its_row(ort):
+    from nemocompile.runtime import Cancelled
+
+    stream = ort.generate(PROMPTS[0], mode="ar", max_new_tokens=80, eos=-1, stream=True)
     next(stream)
-    with pytest.raises(GenerationError, match="still open"):
-        ort.generate(PROMPTS[0], mode="ar", max_new_tokens=3)
     stream.close()
-    assert len(ort.generate(PROMPTS[0], mode="ar", max_new_tokens=3, eos=-1).tokens) == 3
+    with pytest.raises(Cancelled):
+        list(stream)
+    r = ort.generate(PROMPTS[1], mode="ar", max_new_tokens=3, eos=-1)  # batch 1: it needs the freed row
+    assert len(r.tokens) == 3
 
 
 def test_stats_split_time_and_count_the_prefill_once(ort):
@@ -279,7 +301,7 @@ def test_buffers_are_bound_once_and_present_rows_land_at_cache_len(model, ort):
     prompt = PROMPTS[2]  # two prefill chunks, the second right-padded
     r = ort.generate(prompt, mode="ar", max_new_tokens=5, eos=-1)
     n = len(prompt) + len(r.tokens) - 1  # no forward runs for the last token
-    assert cache.length == n and cache.data.ctypes.data == data_ptr
+    assert cache.length(0) == n and cache.data.ctypes.data == data_ptr
     np.testing.assert_allclose(cache.k[:, :, :, :n], _eager_keys(model, prompt + r.tokens[:-1]), atol=1e-4)
     assert not cache.k[:, :, :, n:].any(), "rows past cache_len were written (padding placed in the cache?)"
 
@@ -289,7 +311,7 @@ def test_linear_spec_rollback_moves_the_length(model, ort):
     r = ort.generate(prompt, mode="linear-spec", max_new_tokens=30, eos=-1)
     cache = ort.cache
     # the cache keeps the pending token and the accepted drafts of every verify, never the bonus
-    assert cache.length == len(prompt) + sum(r.stats.acceptance_lengths)
+    assert cache.length(0) == len(prompt) + sum(r.stats.acceptance_lengths)
     n = len(prompt) + len(r.tokens) - 1
     np.testing.assert_allclose(cache.k[:, :, :, :n], _eager_keys(model, prompt + r.tokens[:-1]), atol=1e-4)
 
@@ -311,7 +333,7 @@ def _counting(rt):
     (dict(max_new_tokens=0), "max_new_tokens must be"),
     (dict(temperature=-1.0), "temperature must be"),
     (dict(mode="diffusion", threshold=1.5), "threshold must be"),
-    (dict(mode="linear-spec", prompt=[[5, 6], [7, 8]]), "batch 1"),
+    (dict(mode="linear-spec", prompt=[[5, 6], [7, 8]]), "exceed the artifact's batch size 1"),
     (dict(prompt=[[5, 6], [7, 8]]), "exceed the artifact's batch size 1"),
     (dict(prompt=[]), "empty prompt"),
     (dict(prompt=[5, 96]), "outside the vocabulary"),

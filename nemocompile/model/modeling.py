@@ -285,7 +285,7 @@ class TriModeModel(nn.Module):
         input_ids: torch.Tensor,  # [B, layout.input_length]
         cache_k: torch.Tensor | None,  # [layers, B, kv_heads, C, head_dim]
         cache_v: torch.Tensor | None,
-        cache_len: torch.Tensor | int,  # committed slots; token positions count from here
+        cache_len: torch.Tensor | int,  # committed slots, [] or per row [B]; positions count from here
         row_start: torch.Tensor | None = None,  # [B] first real slot per row (left padding)
         *,
         pattern: Pattern | None = None,
@@ -314,16 +314,17 @@ class TriModeModel(nn.Module):
             row_start = torch.zeros(B, dtype=torch.long, device=device)
         if not torch.is_tensor(cache_len):
             cache_len = torch.tensor(cache_len, dtype=torch.long, device=device)
+        cache_len = cache_len.reshape(-1, 1)  # [B or 1, 1]: every row has its own committed length
         ids = full_input(layout, input_ids, self.config.mask_token_id)  # [B, T]
         T = ids.shape[1]
-        slots = cache_len + torch.tensor(layout.offsets(), dtype=torch.long, device=device)  # [T]
-        positions = (slots[None, :] - row_start[:, None]).clamp(min=0)  # [B, T]
+        slots = cache_len + torch.tensor(layout.offsets(), dtype=torch.long, device=device)[None, :]  # [B, T]
+        positions = (slots - row_start[:, None]).clamp(min=0)  # [B, T]
         # The attention rule among the forward's tokens (Layout.groups: a spine key k is seen by
         # queries whose reach is >= k, a branch key by its own branch) is a constant of the static
         # layout: one boolean initializer in an exported graph, which TensorRT parses whatever the
         # layout (the integer compares it replaced were narrowed to UINT16, which it does not take).
         allowed = torch.tensor(layout.allowed(), dtype=torch.bool, device=device)  # [T(query), T(key)]
-        key_real = slots[None, :] >= row_start[:, None]  # [B, T]
+        key_real = slots >= row_start[:, None]  # [B, T]
         # A padding query attends to itself only, so no softmax row is empty.
         itself = torch.from_numpy(np.eye(T, dtype=bool)).to(device)  # a constant too (torch.eye exports as compares)
         block_mask = (allowed[None] & key_real[:, None, :]) | itself[None]

@@ -198,7 +198,7 @@ class TensorRTBackend:
         self.steps: dict[GraphKey, tuple] = {}
         self._engines: list = []
         # host inputs staged on the device once per step; shared by every engine
-        self._cache_len = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._cache_len = torch.zeros(manifest.batch_size, dtype=torch.int64, device=self.device)
         self._row_start = torch.zeros(manifest.batch_size, dtype=torch.int64, device=self.device)
 
     def allocate(self, shape, dtype: str):
@@ -245,7 +245,7 @@ class TensorRTBackend:
         t = self.torch
         with t.cuda.stream(self.stream):
             ids.copy_(t.from_numpy(io.input_ids), non_blocking=True)
-            self._cache_len.fill_(int(cache.cache_len))
+            self._cache_len.copy_(t.from_numpy(cache.cache_len), non_blocking=True)
             self._row_start.copy_(t.from_numpy(cache.row_start), non_blocking=True)
             if not context.execute_async_v3(self.stream.cuda_stream):
                 raise BackendUnavailableError(f"TensorRT failed to run the {key[0]!r} engine")

@@ -64,16 +64,17 @@ class TorchBackend:
 
         self.steps[(graph.step, graph.block_length)] = (
             Layout.from_dict(graph.layout), t.from_numpy(io.input_ids), t.from_numpy(cache.row_start),
+            t.from_numpy(cache.cache_len),
             view(cache.k), view(cache.v), cache, view(io.logits), view(io.present_k), view(io.present_v),
             self.device == "cpu", view(io.candidate), view(io.confidence))
 
     def run(self, key: GraphKey) -> None:
-        layout, ids, row_start, ck, cv, cache, logits, pk, pv, on_host, cand, conf = self.steps[key]
-        n = cache.length
+        layout, ids, row_start, lengths, ck, cv, cache, logits, pk, pv, on_host, cand, conf = self.steps[key]
+        n = int(lengths.max())  # the longest row: no slot past it is read
         if not on_host:
-            ids, row_start = ids.to(self.device), row_start.to(self.device)
+            ids, row_start, lengths = ids.to(self.device), row_start.to(self.device), lengths.to(self.device)
         with self.torch.inference_mode():
-            out, k, v = self.model.step(ids, ck[:, :, :, :n], cv[:, :, :, :n], n, row_start, layout=layout)
+            out, k, v = self.model.step(ids, ck[:, :, :, :n], cv[:, :, :, :n], lengths, row_start, layout=layout)
             if logits is not None:
                 logits.copy_(out)
             c, p = greedy_candidates(out)  # the graphs' argmax and its probability

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import numpy as np
+from ..row import Forward
 
 
-def decode_ar(d):
-    token = d.prefill_tokens()  # [B]
+def decode_ar(row):
+    token = yield from row.prefill_token()
     while True:
-        d.emit_rows(token)
-        yield
-        if d.all_done:  # no forward runs once the last token is known
+        token = row.budgeted([token])[0]  # the next step runs the token that was emitted
+        row.emit((token,))
+        if row.done:  # no forward runs once the last token is known
             return
-        token = ar_step(d, token)
+        token = yield from ar_step(row, token)
+        row.cycle("ar")
 
 
-def ar_step(d, token: np.ndarray) -> np.ndarray:
-    """Run each row's last token causally (writes its cache row); the next token per row [B]."""
-    d.io("ar_step", 1).input_ids[:, 0] = token
-    io = d.run("ar_step", 1)
-    d.cache.write(io.present_k, io.present_v)
-    return d.choose(io, 0)
+def ar_step(row, token: int):
+    """Run the row's last token causally (writes its cache slot); the next token."""
+    io = yield Forward("ar_step", 1, (token,), write=1)
+    return row.choose(io, 0)

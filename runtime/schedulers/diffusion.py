@@ -1,9 +1,10 @@
 """Block-diffusion scheduler (spec 3.2): denoise each block bidirectionally, commit it causally.
 
-The block lives in the step buffer ``input_ids`` of its block length: ``denoise``
-unmasks it in place and ``commit`` runs the very same buffer, so a block is
-never copied. Which positions are still masked is tracked in Python lists:
-for one block of a few rows that is cheaper than a dozen numpy calls per step.
+A block is the row's L tokens: ``denoise`` unmasks them, ``commit`` runs them
+causally into the cache row. Which positions are still masked is tracked in
+Python lists: for one block of a row that is cheaper than numpy calls per step.
+Rows of a batch are independent: each stops denoising when its own block is
+decided (all of it, up to an EOS, or as far as max_new_tokens wants).
 """
 
 from __future__ import annotations
@@ -12,122 +13,100 @@ import numpy as np
 
 from nemocompile.decode.common import first_eos_trim, has_eos, split_evenly
 
+from ..row import Forward
 
-def decode_diffusion(d):
-    req = d.request
+
+def decode_diffusion(row):
+    req = row.request
     L, eos = req.block_length, req.eos
-    x = d.io("denoise", L).input_ids  # [B, L]: commit reads the same buffer
     schedule = split_evenly(L - 1, req.steps or L)  # fixed schedule (no threshold)
     threshold = as_float32(req.threshold)
-    seed = d.prefill_tokens()  # [B]
+    seed = yield from row.prefill_token()
     while True:
-        block = Block(x, seed, d.unfinished(), d.mask_token_id)  # finished rows ride along, deciding nothing
+        block = Block(seed, L, row.mask_token_id)
         if req.budget is not None:  # spec 3.5: the budget's position is committed to E up front
-            for b in d.unfinished():
-                pos = req.budget.forced_at(d.out[b], L)
-                if pos is not None:
-                    block.commit_to(b, pos, req.budget.end)
-        need = min(L, req.max_new_tokens - min(len(d.out[b]) for b in d.unfinished()))
+            pos = req.budget.forced_at(row.out, L)
+            if pos is not None:
+                block.commit_to(pos, req.budget.end)
+        need = min(L, req.max_new_tokens - len(row.out))
         step = 0
         while not block.finished(eos, need):
             k = schedule[step] if step < len(schedule) else L
-            denoise(d, "denoise", block, threshold, k)
+            yield from denoise(row, "denoise", block, threshold, k)
             step += 1
-        for b in d.unfinished():
-            d.emit(b, first_eos_trim(block.decided_prefix(b), eos))
-        yield
-        if d.all_done:
+        row.emit(first_eos_trim(block.decided_prefix(), eos))
+        row.cycle("diffusion")
+        if row.done:
             return
-        seed = commit(d, L)
+        seed = yield from commit(row, block.tokens)
 
 
 class Block:
-    """A block being unmasked: the step buffer ``x`` [B, L] the graphs read, plus per
-    deciding row its tokens and its still-masked positions (ascending)."""
+    """A row's block being unmasked: its tokens and its still-masked positions (ascending)."""
 
-    def __init__(self, x: np.ndarray, first, rows: list[int], mask_token_id: int):
-        x[:, 0] = first
-        x[:, 1:] = mask_token_id
-        self.x = x
-        self.tokens = x.tolist()  # per row
-        self.masked = {b: list(range(1, x.shape[1])) for b in rows}
-
-    def any_masked(self) -> bool:
-        return any(self.masked.values())
+    def __init__(self, first: int, L: int, mask_token_id: int):
+        self.tokens = [int(first)] + [mask_token_id] * (L - 1)
+        self.masked = list(range(1, L))
 
     def finished(self, eos: frozenset[int], need: int) -> bool:
-        """Every row: no mask left, an EOS with no mask to its left, or its first ``need``
-        positions (what max_new_tokens still wants) all decided."""
-        for b, pos in self.masked.items():
-            if pos and pos[0] < need and not has_eos(self.tokens[b][: pos[0]], eos):
-                return False
-        return True
+        """No mask left, an EOS with no mask to its left, or the first ``need`` positions
+        (what max_new_tokens still wants) all decided."""
+        pos = self.masked
+        return not (pos and pos[0] < need and not has_eos(self.tokens[: pos[0]], eos))
 
-    def fill(self, b: int, picked: list[int], values: list[int]) -> None:
-        """Decide positions ``pos[j]`` for j in ``picked`` (indices into row b's masked list)."""
-        pos, x, tokens = self.masked[b], self.x, self.tokens[b]
+    def fill(self, picked: list[int], values: list[int]) -> None:
+        """Decide positions ``masked[j]`` for j in ``picked``."""
         for j, v in zip(picked, values):
-            x[b, pos[j]] = v
-            tokens[pos[j]] = v
+            self.tokens[self.masked[j]] = v
         drop = set(picked)
-        self.masked[b] = [p for j, p in enumerate(pos) if j not in drop]
+        self.masked = [p for j, p in enumerate(self.masked) if j not in drop]
 
-    def commit_to(self, b: int, pos: int, token: int) -> None:
-        """Decide position ``pos`` of row b before any denoising (the seed too, at 0)."""
+    def commit_to(self, pos: int, token: int) -> None:
+        """Decide position ``pos`` before any denoising (the seed too, at 0)."""
         if pos == 0:
-            self.x[b, 0] = self.tokens[b][0] = token
+            self.tokens[0] = token
         else:
-            self.fill(b, [self.masked[b].index(pos)], [token])
+            self.fill([self.masked.index(pos)], [token])
 
-    def decided_prefix(self, b: int) -> list[int]:
-        """Row b's tokens up to its first still-masked position."""
-        pos = self.masked.get(b)
-        return self.tokens[b][: pos[0]] if pos else self.tokens[b]
+    def decided_prefix(self) -> list[int]:
+        """The tokens up to the first still-masked position."""
+        return self.tokens[: self.masked[0]] if self.masked else self.tokens
 
 
-def denoise(d, step: str, block: Block, threshold: float | None, k: int) -> None:
+def denoise(row, step: str, block: Block, threshold: float | None, k: int):
     """One bidirectional forward (no cache write) that unmasks positions of the block:
     every masked position whose confidence reaches ``threshold`` and always the most
     confident one; with no threshold, the ``k`` most confident."""
-    io = d.run(step, block.x.shape[1])
-    L = block.x.shape[1]
-    where = [b * L + p for b, pos in block.masked.items() for p in pos]
-    if d.sampler.greedy and io.candidate is not None:
+    io = yield Forward(step, len(block.tokens), block.tokens)
+    pos = block.masked
+    if row.sampler.greedy:
         # the graph computed argmax and confidence: the host never touches the logits
-        cand = io.candidate.reshape(-1)[where].tolist()
-        conf = io.confidence.reshape(-1)[where].tolist()
+        cand = io.candidate[row.b, pos].tolist()
+        conf = io.confidence[row.b, pos].tolist()
     else:
-        logits = d.rt.scratch[: len(where)]  # [n, V]
-        np.take(io.logits.reshape(-1, io.logits.shape[-1]), where, axis=0, out=logits)
         # candidates only where a mask is (the softmax over the vocabulary is the costly host
         # work); threshold 0 commits every masked position, so it needs no confidences
-        cand, conf = d.sampler.candidates(logits, with_confidence=threshold != 0, scratch=True)
+        logits = io.logits[row.b, pos]  # [n, V], a copy: the sampler may overwrite it
+        cand, conf = row.sampler.candidates(logits, with_confidence=threshold != 0, scratch=True)
         cand = cand.tolist()
         conf = conf.tolist() if conf is not None else None
-    i = 0
-    for b, pos in list(block.masked.items()):
-        n = len(pos)
-        if n == 0:
-            continue
-        c = conf[i:i + n] if conf is not None else None
-        if threshold == 0:
-            picked = list(range(n))
-        elif threshold is not None:
-            picked = [j for j in range(n) if c[j] >= threshold]
-            best = max(range(n), key=c.__getitem__)  # the always-one rule; ties: leftmost
-            if best not in picked:
-                picked.append(best)
-        else:
-            picked = sorted(range(n), key=lambda j: -c[j])[:k]  # stable: ties keep position order
-        block.fill(b, picked, [cand[i + j] for j in picked])
-        i += n
+    n = len(pos)
+    if threshold == 0:
+        picked = list(range(n))
+    elif threshold is not None:
+        picked = [j for j in range(n) if conf[j] >= threshold]
+        best = max(range(n), key=conf.__getitem__)  # the always-one rule; ties: leftmost
+        if best not in picked:
+            picked.append(best)
+    else:
+        picked = sorted(range(n), key=lambda j: -conf[j])[:k]  # stable: ties keep position order
+    block.fill(picked, [cand[j] for j in picked])
 
 
-def commit(d, L: int) -> np.ndarray:
-    """One causal forward over the finished block that writes it into the cache; the next seeds [B]."""
-    io = d.run("commit", L)
-    d.cache.write(io.present_k, io.present_v)
-    return d.choose(io, L - 1)
+def commit(row, tokens: list[int]):
+    """One causal forward over the finished block that writes it into the cache row; the next seed."""
+    io = yield Forward("commit", len(tokens), tokens, write=len(tokens))
+    return row.choose(io, len(tokens) - 1)
 
 
 def as_float32(threshold: float | None) -> float | None:

@@ -12,52 +12,52 @@ Glossary:
 - bonus: ``a[n-1]``, the verifier's token after the last accepted draft; it is
   emitted and becomes the next ``p``.
 - acceptance length: ``n`` = accepted drafts + the bonus, per verify.
-- rollback: the cache keeps ``p`` and the accepted drafts (crop to before + n),
+- rollback: the cache row keeps ``p`` and the accepted drafts (crop to before + n),
   by moving its length; the bonus is written by the next verify.
-At temperature 0 the output equals AR greedy decoding token for token (lossless).
+At temperature 0 the output equals AR greedy decoding token for token (lossless),
+whatever the other rows of the batch do: drafts, acceptance and crop are per row.
 """
 
 from __future__ import annotations
 
+from ..row import Forward
 from .diffusion import Block, as_float32, denoise
 
 
-def decode_linear_spec(d):
-    req = d.request
-    L = req.block_length
-    x = d.io("draft", L).input_ids  # [B, L]: row 0 is the block, other rows ride along; verify reads it too
-    threshold = as_float32(req.threshold)
-    p = d.budgeted(0, [int(d.prefill_tokens()[0])])[0]
-    d.emit(0, (p,))
-    yield
-    while not d.done[0]:
-        drafted = draft(d, x, p, threshold)
-        before = d.cache.length
-        a = verify(d, L)
-        new = d.budgeted(0, a[:accept(drafted, a)])  # accepted drafts + the bonus
-        n = len(new)
-        d.cache.crop(before + n)
-        d.stats.acceptance_lengths.append(n)
-        d.emit(0, new)
-        yield
+def decode_linear_spec(row):
+    L = row.request.block_length
+    threshold = as_float32(row.request.threshold)
+    p = row.budgeted([(yield from row.prefill_token())])[0]
+    row.emit((p,))
+    while not row.done:
+        new = yield from linear_cycle(row, p, L, threshold)
+        row.emit(new)
         p = new[-1]
 
 
-def draft(d, x, p: int, threshold: float) -> list[int]:
-    """Fill ``x[0] = [p, MASK...]`` in place: one forward at threshold 0, else iterative unmasking."""
-    block = Block(x, p, [0], d.mask_token_id)
-    while block.any_masked():
-        denoise(d, "draft", block, threshold, 0)
-    return block.tokens[0]
+def linear_cycle(row, p: int, L: int, threshold: float | None):
+    """Draft a block after ``p``, verify it, keep what is accepted: the new tokens."""
+    drafted = yield from draft(row, p, L, threshold)
+    before = row.length
+    a = yield from verify(row, drafted)
+    new = row.budgeted(a[:accept(drafted, a)])  # accepted drafts + the bonus
+    row.crop(before + len(new))
+    row.cycle("linear-spec", len(new))
+    return new
 
 
-def verify(d, L: int) -> list[int]:
-    """The causal forward over the drafted block (writes all L rows); the verifier's tokens a [L]."""
-    io = d.run("verify", L)
-    d.cache.write(io.present_k, io.present_v)
-    if d.sampler.greedy:
-        return io.candidate[0].tolist()
-    return d.sampler.sample(io.logits[0]).tolist()
+def draft(row, p: int, L: int, threshold: float | None):
+    """``[p, MASK...]`` filled: one forward at threshold 0, else iterative unmasking."""
+    block = Block(p, L, row.mask_token_id)
+    while block.masked:
+        yield from denoise(row, "draft", block, threshold or 0.0, 0)
+    return block.tokens
+
+
+def verify(row, drafted: list[int]):
+    """The causal forward over the drafted block (writes all L slots); the verifier's tokens a [L]."""
+    io = yield Forward("verify", len(drafted), drafted, write=len(drafted))
+    return row.choose_all(io, len(drafted))
 
 
 def accept(x: list[int], a: list[int]) -> int:

@@ -1,0 +1,350 @@
+"""Continuous batching: many requests share the batch graphs, one row each.
+
+The engine owns the runtime's KV cache and graphs and runs on one thread. A
+request (a :class:`Job`) waits in a bounded queue until enough rows are free,
+then each of its sequences joins a free row at a step boundary and leaves it the
+moment it finishes (EOS, max_new_tokens, cancel, timeout), freeing the row for
+the next request.
+
+One tick: every active row states the graph it needs next (its scheduler yields
+a :class:`~.row.Forward`), rows that need the same graph (step, block length)
+share one forward, and each distinct graph runs once. So rows share a step when
+they are at the same point of the same kind of cycle:
+
+- every mode's prefill chunks share ``prefill`` (a new prompt is prefilled while
+  the other rows keep decoding: their steps run in the same tick);
+- ar rows share ``ar_step``; diffusion rows of one block length share ``denoise``
+  and ``commit``; linear-spec rows share ``draft`` and ``verify``; quadratic-spec
+  rows share ``verify_draft``: rows at different positions and lengths, since
+  every row has its own ``cache_len``;
+- different block lengths, or different phases of a cycle (one row drafting
+  while another verifies), run as separate forwards of the same tick;
+- sampling settings (temperature, seed) and thinking budgets are per row, on the
+  host: they never split a step.
+Rows a graph does not serve ride along idle: their outputs are ignored and
+nothing of theirs is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import threading
+import time
+import traceback
+from typing import Any, Callable, Iterator
+
+from nemocompile.errors import GenerationError, NemocompileError
+
+from .row import Forward, Row
+
+
+class Overloaded(NemocompileError):
+    """The request queue is full: retry later (HTTP 429)."""
+
+
+class RequestTimeout(NemocompileError):
+    """The request ran past its timeout."""
+
+
+class Cancelled(NemocompileError):
+    """The request was cancelled by its caller."""
+
+
+_END = object()
+
+
+class Job:
+    """A submitted request: its sequences' events and, once done, their results.
+
+    Iterate it (any thread) for ``(index, tokens)`` events as sequences emit, or
+    ``async for`` in an event loop; ``result()`` waits for the end. ``cancel()``
+    frees its rows at the next step boundary.
+    """
+
+    def __init__(self, request, timeout: float | None):
+        self.request = request
+        self.submitted = time.perf_counter()
+        self.deadline = None if timeout is None else self.submitted + timeout
+        self.timeout = timeout
+        self.results: list = [None] * len(request.prompts)
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.started = 0  # sequences admitted to rows
+        self._pending = len(request.prompts)
+        self._events: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._async_wakeup: asyncio.Event | None = None
+        self.finished = threading.Event()
+
+    # ---- engine side ---------------------------------------------------------
+    def emit(self, index: int, tokens: list[int]) -> None:
+        if tokens:
+            self._push((index, tokens))
+
+    def finish_row(self, index: int, result) -> None:
+        self.results[index] = result
+        self._pending -= 1
+        if self._pending == 0:
+            self._push(_END)
+            self.finished.set()
+
+    def fail(self, error: BaseException) -> None:
+        if self.finished.is_set():
+            return
+        self.error = error
+        self._push(_END)
+        self.finished.set()
+
+    def _push(self, event) -> None:
+        with self._cond:
+            self._events.append(event)
+            self._cond.notify_all()
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._async_wakeup.set)
+
+    # ---- caller side ---------------------------------------------------------
+    def cancel(self) -> None:
+        """Stop the request at the next step boundary and free its rows."""
+        self.cancelled = True
+
+    def __iter__(self) -> Iterator[tuple[int, list[int]]]:
+        while True:
+            with self._cond:
+                while not self._events:
+                    self._cond.wait()
+                event = self._events.popleft()
+            if event is _END:
+                self._raise()
+                return
+            yield event
+
+    async def __aiter__(self):
+        with self._cond:
+            self._loop = asyncio.get_running_loop()
+            self._async_wakeup = asyncio.Event()
+        while True:
+            with self._cond:
+                event = self._events.popleft() if self._events else None
+                if event is None:
+                    self._async_wakeup.clear()
+            if event is None:
+                await self._async_wakeup.wait()
+                continue
+            if event is _END:
+                self._raise()
+                return
+            yield event
+
+    def result(self) -> list:
+        """Every sequence's :class:`RuntimeResult`, once the request is done."""
+        self.finished.wait()
+        self._raise()
+        return self.results
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+class Engine:
+    """The scheduling thread: admission, ticks, and each row's scheduler."""
+
+    def __init__(self, runtime, max_queue: int | None = None, policy: Any = None):
+        self.rt = runtime
+        self.max_queue = max_queue
+        self.policy = policy  # mode "auto": runtime/policy.py's choice per cycle
+        self.queue: collections.deque[Job] = collections.deque()
+        self.rows: list[tuple[Row, Any, Forward] | None] = [None] * runtime.batch_size
+        self._cond = threading.Condition()
+        self._stop = False
+        self._paused = 0
+        self._thread: threading.Thread | None = None
+        self.listeners: list[Callable[[str, Any], None]] = []  # metrics: ("step", ...), ("finish", ...)
+        self.steps = 0  # forwards run
+
+    # ---- submission --------------------------------------------------------------
+    def submit(self, request, timeout: float | None = None) -> Job:
+        job = Job(request, timeout)
+        with self._cond:
+            if self._stop:
+                raise GenerationError("the runtime is closed")
+            if self.max_queue is not None and len(self.queue) >= self.max_queue:
+                raise Overloaded(f"the server is overloaded: {len(self.queue)} requests are already waiting "
+                                 f"(--max-queue {self.max_queue}); retry later")
+            self.queue.append(job)
+            self._start()
+            self._cond.notify_all()
+        return job
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="nemocompile-engine", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """Hold the cache and graphs outside the engine (timing a step, teacher-forced
+        parity): new requests wait, running ones finish first."""
+        with self._cond:
+            self._paused += 1
+            while any(self.rows):
+                self._cond.wait()
+            try:
+                yield
+            finally:
+                self._paused -= 1
+                self.rt.cache.reset()
+                self._cond.notify_all()
+
+    @property
+    def active_rows(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.queue)
+
+    # ---- the loop ------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and (self._paused or (not any(self.rows) and not self.queue)):
+                    self._cond.wait()
+                if self._stop:
+                    self._fail_all(GenerationError("the runtime was closed before the request finished"))
+                    return
+                self._admit()
+                # the tick runs under the lock: exclusive() waits for it, submit() only appends
+                try:
+                    self._tick()
+                except Exception as e:  # a bug or a backend failure: fail the rows, keep serving
+                    traceback.print_exc()
+                    self._fail_all(GenerationError(f"the runtime failed: {type(e).__name__}: {e}"), queued=False)
+                self._cond.notify_all()
+
+    def _admit(self) -> None:
+        """Move queued jobs into free rows (a job's sequences together, in arrival order),
+        and drop the cancelled and the timed out."""
+        now = time.perf_counter()
+        for job in list(self.queue):
+            reason = self._stopped(job, now)
+            if reason is not None:
+                self.queue.remove(job)
+                job.fail(reason)
+        while self.queue:
+            job = self.queue[0]
+            free = [b for b, r in enumerate(self.rows) if r is None]
+            if len(free) < len(job.request.prompts):
+                return
+            self.queue.popleft()
+            admitted = time.perf_counter()
+            for index, b in enumerate(free[: len(job.request.prompts)]):
+                row = Row(self.rt, job.request, index, b, job)
+                row.stats.queue_s = admitted - job.submitted
+                self._advance(b, row, self.rt.scheduler(row), None)
+            job.started = len(job.request.prompts)
+
+    def _tick(self) -> None:
+        """One forward per graph that some row needs; each row advances past it."""
+        now = time.perf_counter()
+        for b, entry in enumerate(self.rows):
+            if entry is not None:
+                reason = self._stopped(entry[0].job, now)
+                if reason is not None:
+                    self._drop(b, reason)
+        groups: dict[tuple[str, int], list[int]] = {}
+        for b, entry in enumerate(self.rows):
+            if entry is not None:
+                groups.setdefault(entry[2].key, []).append(b)
+        for key, members in groups.items():
+            self._forward(key, members)
+
+    def _forward(self, key: tuple[str, int], members: list[int]) -> None:
+        rt, cache = self.rt, self.rt.cache
+        io = rt.io[key]
+        width = io.input_ids.shape[1]
+        for b in members:
+            tokens = self.rows[b][2].tokens
+            n = len(tokens)
+            io.input_ids[b, :n] = tokens
+            io.input_ids[b, n:] = 0  # right padding of a short chunk: computed, never placed in the cache
+            if n > width:
+                raise GenerationError(f"row {b} sent {n} tokens to the {key[0]!r} graph of width {width}")
+        t0, c0 = time.perf_counter(), time.process_time()
+        rt.backend.run(key)
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
+        self.steps += 1
+        for b in members:
+            row, _, forward = self.rows[b]
+            if forward.write:
+                cache.write(io.present_k, io.present_v, forward.write, rows=(b,))
+            timer = row.timer
+            timer.graph_s += dt
+            timer.graph_cpu_s += dc
+            timer.calls += 1
+            row.stats.forwards += 1
+        for listener in self.listeners:
+            listener("step", (key, len(members), dt))
+        for b in members:
+            row, scheduler, _ = self.rows[b]
+            self._advance(b, row, scheduler, io)
+
+    def _advance(self, b: int, row: Row, scheduler, io) -> None:
+        """Run the row's scheduler up to its next forward, or finish the row."""
+        try:
+            forward = scheduler.send(io) if io is not None else next(scheduler)
+        except StopIteration:
+            self._finish(b, row)
+            return
+        self.rows[b] = (row, scheduler, forward)
+
+    def _finish(self, b: int, row: Row) -> None:
+        self.rows[b] = None  # its cache row stays as it is until the next request resets it
+        stats = row.finished_stats()
+        tokens = row.out
+        text = self.rt.tokenizer.decode(tokens) if self.rt.tokenizer is not None else None
+        reason = "stop" if tokens and tokens[-1] in row.request.eos else "length"
+        from .runtime import RuntimeResult
+
+        result = RuntimeResult(tokens, text, stats, reason)
+        for listener in self.listeners:
+            listener("finish", result)
+        row.job.finish_row(row.index, result)
+
+    def _drop(self, b: int, error: BaseException) -> None:
+        row = self.rows[b][0]
+        self.rows[b] = None
+        for listener in self.listeners:
+            listener("drop", error)
+        row.job.fail(error)
+
+    def _stopped(self, job: Job, now: float) -> BaseException | None:
+        if job.cancelled:
+            return Cancelled("the request was cancelled")
+        if job.error is not None:  # a sibling row already failed the job
+            return job.error
+        if job.deadline is not None and now > job.deadline:
+            return RequestTimeout(f"the request ran past its timeout of {job.timeout:g} s")
+        return None
+
+    def choose_mode(self, row: Row) -> tuple[str, int]:
+        """mode "auto": the (mode, block length) of ``row``'s next cycle."""
+        return "ar", 1
+
+    def _fail_all(self, error: BaseException, queued: bool = True) -> None:
+        for b, entry in enumerate(self.rows):
+            if entry is not None:
+                self._drop(b, error)
+        if queued:
+            while self.queue:
+                self.queue.popleft().fail(error)

@@ -1,0 +1,128 @@
+"""One sequence in flight: a row of the batch graphs, driven by its mode's scheduler.
+
+A scheduler (``schedulers/``) is a generator over a :class:`Row`. It yields a
+:class:`Forward` (which graph it needs next and the row's input tokens), and the
+engine sends back that graph's outputs once it has run the graph for every row
+that asked for it in the same tick. Between forwards the scheduler decides
+tokens (``choose``), emits them (``emit``), and rolls its cache row back
+(``crop``). It never sees the other rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from nemocompile.decode.common import budgeted
+
+from .backends import StepIO
+from .sampling import Sampler
+from .stats import RuntimeStats, StepTimer
+
+
+@dataclass(frozen=True)
+class Forward:
+    """What a row needs next: graph ``step`` of block length ``L`` over ``tokens`` (the row's
+    input, right-padded by the engine to the graph's width), placing the first ``write``
+    present rows at the row's cache length (0: the step writes nothing)."""
+
+    step: str
+    L: int
+    tokens: Sequence[int]
+    write: int = 0
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.step, self.L
+
+
+class Row:
+    """A request's sequence in row ``b``: its prompt, sampler, output, stats and cache row."""
+
+    def __init__(self, runtime, request, index: int, b: int, job):
+        self.rt, self.request, self.index, self.b, self.job = runtime, request, index, b, job
+        self.prompt = request.prompts[index]
+        self.mode = request.mode
+        self.cache = runtime.cache
+        self.mask_token_id = runtime.mask_token_id
+        seed = request.seed if request.seed is None or len(request.prompts) == 1 else [request.seed, index]
+        self.sampler = Sampler(request.temperature, seed)  # per row: a draw never depends on the other rows
+        self.stats = RuntimeStats(mode=request.mode, backend=runtime.backend.name, block_length=request.block_length,
+                                  threshold=request.threshold, batch_size=len(request.prompts))
+        self.timer = StepTimer(start=job.submitted)
+        self.out: list[int] = []
+        self.done = False
+        self.acceptance = None  # auto mode: the online acceptance record (runtime/policy.py)
+
+    # ---- cache row -----------------------------------------------------------
+    @property
+    def length(self) -> int:
+        return self.cache.length(self.b)
+
+    def crop(self, length: int) -> None:
+        self.cache.crop(self.b, length)
+
+    # ---- named steps -----------------------------------------------------------
+    def prefill(self, last: str = "prefill"):
+        """Run the prompt causally into the row's cache in prefill-graph chunks, the last
+        through graph ``last`` (quadratic-spec: the fused prefill that also drafts after
+        the prompt, so the last chunk must be full: a short chunk goes first, and a prompt
+        shorter than a chunk is left padded). Generator; returns the last chunk's outputs
+        and the column of the last prompt token. Counts as one forward."""
+        P = self.rt.prefill_length
+        width = self.rt.prompt_width([self.prompt], self.mode if last == "prefill" else "quadratic-spec")
+        pad = width - len(self.prompt)
+        ids = [0] * pad + list(self.prompt)  # pad id 0: slots before row_start are masked
+        self.cache.reset_row(self.b, row_start=pad)
+        first = P if last == "prefill" else width % P or P
+        bounds = [0, *range(first, width, P), width]
+        for start, end in zip(bounds, bounds[1:]):
+            io = yield Forward(last if end == width else "prefill", P, ids[start:end], write=end - start)
+        self.stats.forwards -= len(bounds) - 2  # the spec counts the prefill as one forward
+        return io, end - start - 1
+
+    def prefill_token(self):
+        """Prefill, then the row's first token (generator)."""
+        io, last = yield from self.prefill()
+        return int(self.choose(io, last))
+
+    # ---- deciding and emitting ---------------------------------------------------
+    def choose(self, io: StepIO, column: int) -> int:
+        """The row's token at ``column``: the graph's argmax when greedy (the host never
+        reads the logits), else a draw from the logits."""
+        if self.sampler.greedy:
+            return int(io.candidate[self.b, column])
+        return int(self.sampler.sample(io.logits[self.b, column]))
+
+    def choose_all(self, io: StepIO, n: int) -> list[int]:
+        """The row's tokens at columns 0..n-1."""
+        if self.sampler.greedy:
+            return io.candidate[self.b, :n].tolist()
+        return self.sampler.sample(io.logits[self.b, :n]).tolist()
+
+    def budgeted(self, new: list[int]) -> list[int]:
+        """``new`` tokens about to be emitted, with the request's thinking budget applied."""
+        return budgeted(self.request.budget, self.out, new)
+
+    def emit(self, tokens: Sequence[int]) -> None:
+        """Append ``tokens``, stopping after an EOS or at max_new_tokens, and stream them."""
+        out, eos, limit = self.out, self.request.eos, self.request.max_new_tokens
+        sent = len(out)
+        for t in tokens:
+            t = int(t)
+            out.append(t)
+            if t in eos or len(out) >= limit:
+                self.done = True
+                break
+        self.timer.mark_first_token()
+        self.job.emit(self.index, out[sent:])
+
+    def cycle(self, mode: str, accepted: int | None = None) -> None:
+        """Count one decode cycle of ``mode`` (and its acceptance length, for self-speculation)."""
+        self.stats.mode_mix[mode] = self.stats.mode_mix.get(mode, 0) + 1
+        if accepted is not None:
+            self.stats.acceptance_lengths.append(accepted)
+
+    def finished_stats(self) -> RuntimeStats:
+        self.timer.fill(self.stats)
+        return self.stats.finish(len(self.out))
