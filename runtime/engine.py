@@ -28,6 +28,7 @@ nothing of theirs is written.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import contextlib
 import threading
@@ -183,13 +184,17 @@ class Engine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="nemocompile-engine", daemon=True)
             self._thread.start()
+            # a process that exits without close() must not kill the thread inside a backend call
+            atexit.register(self.close)
 
     def close(self) -> None:
+        """Stop the thread after its current step; requests still running or queued fail."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
+            atexit.unregister(self.close)
 
     @contextlib.contextmanager
     def exclusive(self):

@@ -116,6 +116,8 @@ class Row:
                 break
         self.timer.mark_first_token()
         self.job.emit(self.index, out[sent:])
+        for listener in self.rt.engine.listeners:
+            listener("tokens", (self.mode, len(out) - sent))
 
     def cycle(self, mode: str, accepted: int | None = None) -> None:
         """Count one decode cycle of ``mode`` (and its acceptance length, for self-speculation)."""

@@ -1,35 +1,42 @@
 """`nemocompile serve --http`: an OpenAI-compatible HTTP API over the runtime (FastAPI + uvicorn).
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
-``"stream": true`` as server-sent events), ``GET /v1/models``, ``GET /health``.
+``"stream": true`` as server-sent events), ``GET /v1/models``, ``GET /health``,
+``GET /metrics`` (Prometheus text: queue depth, active rows, tokens/s, time to
+first token and latency histograms, decode cycles per mode).
 
 The decode mode and its knobs are extra body fields: ``mode`` ("ar",
-"diffusion", "linear-spec", "quadratic-spec"), ``block_length``, ``threshold``,
+"diffusion", "linear-spec", "quadratic-spec", "auto"), ``block_length``, ``threshold``,
 ``steps``, ``eos``, and the thinking budget ``max_thinking_tokens`` /
 ``end_think_token_id``; chat requests also take ``chat_template_kwargs``
 (vLLM/SGLang's field, e.g. ``{"enable_thinking": false}``), passed to the
 checkpoint's chat template.
 ``temperature`` defaults to 0 (greedy) and ``max_tokens`` to 64. ``usage``
 also reports ``forwards``, ``tokens_per_forward``, ``acceptance_length``,
-``time_to_first_token_s`` and ``tokens_per_second``. Requests are executed one at
-a time by a single worker thread, in arrival order (a queue: generations never
-interleave on the shared KV cache).
+``time_to_first_token_s``, ``tokens_per_second``, ``queue_s`` and ``mode_mix``
+(decode cycles per mode: what ``auto`` chose).
+
+Requests run concurrently: the runtime's engine gives each a row of the batch
+graphs (continuous batching). Pressure: at most ``max_queue`` requests wait for
+a row, a further one gets ``429`` (type ``overloaded``, retry later); a request
+past its ``timeout`` (body field, or the server's ``request_timeout``) ends with
+``504`` (type ``timeout``), or an in-band error event when streaming; a client
+that disconnects frees its row at the next step.
 """
 
 # no `from __future__ import annotations`: FastAPI must resolve the handlers' Request annotation
 import asyncio
-import contextlib
 import json
 import socket
 import sys
-import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from nemocompile.errors import NemocompileError
 from nemocompile.request import RequestError
+
+from .engine import Overloaded, RequestTimeout
 
 DEFAULT_MAX_TOKENS = 64
 MAX_BODY_BYTES = 1 << 20  # larger request bodies get 413 before they are read in full
@@ -40,7 +47,7 @@ NEUTRAL = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (None, Fals
            "frequency_penalty": (0, 0.0), "logit_bias": (None, {}), "user": None, "stream_options": None,
            "parallel_tool_calls": None, "response_format": (None, {"type": "text"})}
 KNOBS = ("mode", "block_length", "threshold", "steps", "eos", "temperature", "seed", "max_thinking_tokens",
-         "end_think_token_id")
+         "end_think_token_id", "timeout")
 COMMON = {"model", "stream", "max_tokens", *KNOBS, *NEUTRAL}
 COMPLETION_FIELDS = COMMON | {"prompt"}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "chat_template_kwargs"}  # the vLLM/SGLang field
@@ -58,9 +65,11 @@ def final_chunks(chunk, usage: dict, finish_reason: str, include_usage: bool) ->
 def check_dependencies() -> None:
     try:
         import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
-        raise NemocompileError("the HTTP server needs fastapi and uvicorn: pip install 'nemocompile[serve]'") from None
+        raise NemocompileError("the HTTP server needs fastapi, uvicorn and prometheus_client: "
+                               "pip install 'nemocompile[serve]'") from None
 
 
 class APIError(Exception):
@@ -99,28 +108,25 @@ def usage(prompt_tokens: int, result) -> dict:
             "total_tokens": prompt_tokens + len(result.tokens), "forwards": s.forwards,
             "tokens_per_forward": s.tokens_per_forward, "acceptance_length": s.acceptance_length,
             "time_to_first_token_s": s.time_to_first_token_s, "tokens_per_second": s.tokens_per_second,
-            "mode": s.mode}
+            "queue_s": s.queue_s, "mode": s.mode, "mode_mix": s.mode_mix}
 
 
-def create_app(runtime, model_name: str | None = None, max_body_bytes: int = MAX_BODY_BYTES):
+def create_app(runtime, model_name: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               request_timeout: float | None = None):
     """The FastAPI application serving ``runtime``. The event loop only parses and
-    relays: tokenization runs on a thread and generation on the one worker thread;
-    a generation whose client disconnected stops at its next commit."""
+    relays: tokenization runs on a thread and generation on the runtime's engine;
+    a generation whose client disconnected is cancelled at its next step."""
     check_dependencies()
     from fastapi import FastAPI, Request
     from fastapi.responses import Response, StreamingResponse
 
+    from .metrics import ServerMetrics
+
     name = model_name or runtime.name
     created = int(time.time())
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nemocompile-runtime")
+    metrics = ServerMetrics(runtime)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_):
-        yield
-        worker.shutdown(wait=True)
-
-    app = FastAPI(title="nemocompile", description="OpenAI-compatible API over a tri-mode runtime",
-                  lifespan=lifespan)
+    app = FastAPI(title="nemocompile", description="OpenAI-compatible API over a tri-mode runtime")
 
     @app.exception_handler(APIError)
     async def api_error(_, exc: APIError):
@@ -131,6 +137,11 @@ def create_app(runtime, model_name: str | None = None, max_body_bytes: int = MAX
     async def health():
         return {"status": "ok", "model": name, "backend": runtime.backend.name, "modes": runtime.modes,
                 "block_lengths": runtime.block_lengths, "cache_capacity": runtime.capacity}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        data, content_type = metrics.render()
+        return Response(data, media_type=content_type)
 
     @app.get("/v1/models")
     async def models():
@@ -152,99 +163,73 @@ def create_app(runtime, model_name: str | None = None, max_body_bytes: int = MAX
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(f"the request body is not valid JSON in UTF-8 ({e})") from None
 
-    def prepare(prompt, kwargs: dict, names: dict, template_kwargs: dict | None = None) -> tuple[list[int], dict]:
-        """Encode and validate before the request is queued: bad requests never wait.
-        Runs on a thread (a long prompt's tokenization must not hold the event loop)."""
+    def submit(prompt, kwargs: dict, names: dict, template_kwargs: dict | None = None):
+        """Encode, validate and queue: bad requests never wait. Runs on a thread (a long
+        prompt's tokenization must not hold the event loop). Returns the prompt ids and the job."""
+        kwargs.setdefault("timeout", request_timeout)
         try:
             prompts, batched = runtime.encode(prompt, chat=kwargs.pop("chat", False),
                                               chat_template_kwargs=template_kwargs)
             if batched:
                 raise APIError("send one prompt per request")
-            runtime.validate(prompts, False, **kwargs, names=names)
+            return prompts[0], runtime.submit(prompts[0], **kwargs, names=names)
+        except Overloaded as e:
+            metrics.reject("overloaded")
+            raise APIError(str(e), 429, "overloaded") from None
         except RequestError as e:
             raise APIError(str(e), param=e.param) from None
         except NemocompileError as e:
             raise APIError(str(e)) from None
-        return prompts[0], kwargs
 
-    async def run_generation(request: Request, ids: list[int], kwargs: dict):
-        """The whole generation on the worker; stopped at its next commit if the client goes away."""
-        cancelled = threading.Event()
+    def failure(e: BaseException) -> APIError:
+        if isinstance(e, RequestTimeout):
+            return APIError(str(e), 504, "timeout")
+        if isinstance(e, NemocompileError):
+            return APIError(str(e), 500, "server_error")
+        return APIError(f"{type(e).__name__}: {e}", 500, "server_error")
 
-        def work():
-            if cancelled.is_set():
-                return None
-            stream = runtime.generate(ids, stream=True, **kwargs)
-            try:
-                for _ in stream:
-                    if cancelled.is_set():
-                        return None
-            finally:
-                stream.close()
-            return stream.result
+    async def run_generation(request: Request, job):
+        """Wait for the whole generation (no thread held); cancelled if the client goes away."""
 
-        future = asyncio.get_running_loop().run_in_executor(worker, work)
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # never an unobserved error
+        async def drain():
+            async for _ in job:
+                pass
+
+        done = asyncio.ensure_future(drain())
         try:
-            while not future.done():
+            while not done.done():
                 if await request.is_disconnected():
-                    return None  # the worker stops at its next commit (finally below)
-                await asyncio.wait({future}, timeout=0.25)
-            return future.result()
+                    return None
+                await asyncio.wait({done}, timeout=0.25)
+            done.result()
+            return job.results[0]
         except NemocompileError as e:
-            raise APIError(str(e)) from None
+            raise failure(e) from None
         finally:
-            cancelled.set()  # also when this handler itself is cancelled
+            done.cancel()
+            job.cancel()  # a no-op once finished; frees the row otherwise (also when this handler is cancelled)
 
-    def stream_events(ids: list[int], kwargs: dict, make_chunk, make_final):
-        """SSE body: the worker thread decodes, this coroutine relays each commit."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        cancelled = threading.Event()
-
-        def produce() -> None:
-            try:
-                stream = runtime.generate(ids, stream=True, **kwargs)
-                try:
-                    for chunk in stream:
-                        if cancelled.is_set():
-                            break
-                        loop.call_soon_threadsafe(queue.put_nowait, ("tokens", chunk))
-                finally:
-                    stream.close()
-                if not cancelled.is_set():
-                    loop.call_soon_threadsafe(queue.put_nowait, ("done", stream.result))
-            except Exception as e:  # reported in-band: the status line is already sent
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
+    def stream_events(ids: list[int], job, make_chunk, make_final):
+        """SSE body: relays each commit of the job as the engine emits it."""
 
         async def body():
-            worker.submit(produce)
             tokens: list[int] = []
             shown = ""
             try:
-                while True:
-                    kind, value = await queue.get()
-                    if kind == "tokens":
-                        tokens += value
-                        text = runtime.tokenizer.decode(tokens) if runtime.tokenizer is not None else ""
-                        if text.endswith("\ufffd"):
-                            continue  # a partial UTF-8 character: wait for the rest
-                        delta, shown = text[len(shown):], text
-                        yield _sse(make_chunk(delta, value))
-                    elif kind == "done":
-                        for c in make_final(value, ids):
-                            yield _sse(c)
-                        yield "data: [DONE]\n\n"
-                        return
-                    else:
-                        err = APIError(str(value), 400 if isinstance(value, NemocompileError) else 500,
-                                       "invalid_request_error" if isinstance(value, NemocompileError)
-                                       else "server_error")
-                        yield _sse(err.body())
-                        yield "data: [DONE]\n\n"
-                        return
+                async for _, value in job:
+                    tokens += value
+                    text = runtime.tokenizer.decode(tokens) if runtime.tokenizer is not None else ""
+                    if text.endswith("\ufffd"):
+                        continue  # a partial UTF-8 character: wait for the rest
+                    delta, shown = text[len(shown):], text
+                    yield _sse(make_chunk(delta, value))
+                for c in make_final(job.results[0], ids):
+                    yield _sse(c)
+            except Exception as e:  # reported in-band: the status line is already sent
+                yield _sse(failure(e).body())
             finally:
-                cancelled.set()  # the client went away: stop decoding at the next commit
+                job.cancel()  # the client went away: free the row at the next step
+            yield "data: [DONE]\n\n"
 
         return StreamingResponse(body(), media_type="text/event-stream")
 
@@ -253,7 +238,7 @@ def create_app(runtime, model_name: str | None = None, max_body_bytes: int = MAX
         return {"id": rid, "object": obj, "created": int(time.time()), "model": name,
                 "choices": [{"index": 0, **payload, "tokens": tokens, "logprobs": None, "finish_reason": finish}]}
 
-    async def answer(request: Request, body: dict, ids: list[int], kwargs: dict, chunk, on_delta, reply):
+    async def answer(request: Request, body: dict, ids: list[int], job, chunk, on_delta, reply):
         """Decode ``ids``: a server-sent event stream of ``on_delta`` chunks closed by
         ``chunk``'s final ones, or one response that ``reply(result)`` builds."""
         include_usage = _include_usage(body)
@@ -262,8 +247,8 @@ def create_app(runtime, model_name: str | None = None, max_body_bytes: int = MAX
             return final_chunks(chunk, usage(len(ids), result), result.finish_reason, include_usage)
 
         if body.get("stream"):
-            return stream_events(ids, kwargs, on_delta, final)
-        result = await run_generation(request, ids, kwargs)
+            return stream_events(ids, job, on_delta, final)
+        result = await run_generation(request, job)
         if result is None:  # the client went away; nobody reads this
             return Response(status_code=499)
         return {**reply(result), "usage": usage(len(ids), result)}
@@ -280,7 +265,7 @@ def create_app(runtime, model_name: str | None = None, max_body_bytes: int = MAX
                                                             for t in prompt)):
             raise APIError("'prompt' must be a non-empty string or a list of token ids (one prompt per request)",
                            param="prompt")
-        ids, kwargs = await asyncio.to_thread(prepare, prompt, kwargs, _names(body))
+        ids, job = await asyncio.to_thread(submit, prompt, kwargs, _names(body))
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
 
         def chunk(delta: str, tokens: list[int], finish=None) -> dict:
@@ -290,15 +275,15 @@ def create_app(runtime, model_name: str | None = None, max_body_bytes: int = MAX
             return envelope(rid, "text_completion", {"text": result.text or ""}, result.tokens,
                             result.finish_reason)
 
-        return await answer(request, body, ids, kwargs, chunk, chunk, reply)
+        return await answer(request, body, ids, job, chunk, chunk, reply)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_json(request)
         kwargs = parse_body(body, CHAT_FIELDS, name)
         messages = _messages(body.get("messages"))
-        ids, kwargs = await asyncio.to_thread(prepare, messages, {**kwargs, "chat": True}, _names(body),
-                                              body.get("chat_template_kwargs"))
+        ids, job = await asyncio.to_thread(submit, messages, {**kwargs, "chat": True}, _names(body),
+                                           body.get("chat_template_kwargs"))
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
 
         def chunk(delta: str, tokens: list[int], finish=None, first=False) -> dict:
@@ -316,7 +301,7 @@ def create_app(runtime, model_name: str | None = None, max_body_bytes: int = MAX
             message = {"role": "assistant", "content": result.text or ""}
             return envelope(rid, "chat.completion", {"message": message}, result.tokens, result.finish_reason)
 
-        return await answer(request, body, ids, kwargs, chunk, on_delta, reply)
+        return await answer(request, body, ids, job, chunk, on_delta, reply)
 
     return app
 
@@ -355,12 +340,13 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def serve_http(runtime, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None) -> int:
+def serve_http(runtime, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
+               request_timeout: float | None = None) -> int:
     """Serve until interrupted. Port 0 picks a free port; the address is printed to stderr."""
     check_dependencies()
     import uvicorn
 
-    app = create_app(runtime, model_name)
+    app = create_app(runtime, model_name, request_timeout=request_timeout)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

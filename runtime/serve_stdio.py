@@ -7,18 +7,24 @@ request   {"id": 7, "prompt": "def f(", "mode": "linear-spec", "max_new_tokens":
           the checkpoint's template). Optional: mode, max_new_tokens, block_length,
           threshold, temperature, seed, eos, steps, max_thinking_tokens, end_think_token_id,
           chat, chat_template_kwargs (with a chat: template variables such as
-          {"enable_thinking": false}), stream. ``id`` is any JSON
-          value, echoed back.
+          {"enable_thinking": false}), stream, timeout (seconds). ``id`` is any JSON
+          value, echoed back; ``mode`` may be "auto".
+cancel    {"cancel": 7}: stop request 7 and free its row; its final line is an error of
+          type "cancelled" (a cancel of an unknown or finished id is ignored).
 events    {"id": 7, "event": "tokens", "tokens": [..], "text": "..."}  only with "stream": true,
           one per commit; ``text`` is the new text since the previous event.
 final     {"id": 7, "done": true, "text": "...", "tokens": [..], "finish_reason": "stop"|"length",
            "stats": {...}}
-          or {"id": 7, "done": true, "error": {"type": "invalid_request"|"runtime_error",
-           "message": "..."}}; a line that is not a JSON object gets "id": null.
+          or {"id": 7, "done": true, "error": {"type": "invalid_request"|"overloaded"|"timeout"|
+           "cancelled"|"runtime_error", "message": "..."}}; a line that is not a JSON object gets
+           "id": null.
 
-Requests are served one at a time in arrival order. EOF on stdin ends the process
-with status 0; SIGINT with status 130, after the final line of the request in flight
-(``"type": "interrupted"``). A line that is not UTF-8 gets an error line. Only
+Requests run concurrently (the runtime's engine gives each a row of the batch graphs):
+lines of different requests interleave, each tagged with its id. At most
+``max_queue`` requests wait for a row; a further one gets an "overloaded" error at
+once. EOF on stdin ends the process with status 0 once every request in flight has
+its final line; SIGINT with status 130, after a final line (``"type": "interrupted"``)
+for every request in flight. A line that is not UTF-8 gets an error line. Only
 protocol lines go to stdout; everything else to stderr.
 """
 
@@ -27,12 +33,15 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import threading
 from typing import Any, Callable, TextIO
 
 from nemocompile.errors import NemocompileError
 
+from .engine import Cancelled, Overloaded, RequestTimeout
+
 KNOBS = ("mode", "max_new_tokens", "block_length", "threshold", "temperature", "seed", "eos", "steps",
-         "chat_template_kwargs", "max_thinking_tokens", "end_think_token_id")
+         "chat_template_kwargs", "max_thinking_tokens", "end_think_token_id", "timeout")
 FIELDS = {"id", "prompt", "messages", "chat", "stream", *KNOBS}
 
 
@@ -68,56 +77,110 @@ def parse_request(raw: dict) -> tuple[Any, dict, bool]:
     return prompt, {**kwargs, "chat": bool(raw.get("chat", False))}, bool(raw.get("stream", False))
 
 
+def error_type(e: BaseException) -> str:
+    for cls, name in ((Overloaded, "overloaded"), (RequestTimeout, "timeout"), (Cancelled, "cancelled")):
+        if isinstance(e, cls):
+            return name
+    return "invalid_request" if isinstance(e, NemocompileError) else "runtime_error"
+
+
+def submit(runtime, raw: Any, request_timeout: float | None = None):
+    """Queue one decoded request line: (its id, its job, whether to stream). Raises a
+    ``NemocompileError`` for a request that cannot run."""
+    if not isinstance(raw, dict):
+        raise RequestError("each line must be a JSON object")
+    prompt, kwargs, stream = parse_request(raw)
+    kwargs.setdefault("timeout", request_timeout)
+    chat, template = kwargs.pop("chat", False), kwargs.pop("chat_template_kwargs", None)
+    return runtime.submit(prompt, chat=chat, chat_template_kwargs=template, **kwargs), stream
+
+
+def relay(runtime, rid, job, stream: bool, write: Callable[[dict], None]) -> dict:
+    """Write a job's events (when streaming); its final line."""
+    try:
+        tokens: list[int] = []
+        shown = ""
+        for _, chunk in job:
+            if not stream:
+                continue
+            tokens += chunk
+            event = {"id": rid, "event": "tokens", "tokens": chunk}
+            if runtime.tokenizer is not None:
+                text = runtime.tokenizer.decode(tokens)
+                if text.endswith("\ufffd"):  # a partial UTF-8 character: wait for the rest
+                    event["text"] = ""
+                else:
+                    event["text"], shown = text[len(shown):], text
+            write(event)
+        result = job.results[0]
+    except Exception as e:  # a bug must not take the server down: report it and keep serving
+        message = str(e) if isinstance(e, NemocompileError) else f"{type(e).__name__}: {e}"
+        return {"id": rid, "done": True, "error": {"type": error_type(e), "message": message}}
+    return {"id": rid, "done": True, "text": result.text, "tokens": result.tokens,
+            "finish_reason": result.finish_reason, "stats": result.stats.to_dict()}
+
+
 def handle(runtime, raw: Any, write: Callable[[dict], None]) -> None:
-    """Serve one decoded request line, writing its events and final line."""
+    """Serve one decoded request line to the end, writing its events and final line."""
     rid = raw.get("id") if isinstance(raw, dict) else None
     try:
-        if not isinstance(raw, dict):
-            raise RequestError("each line must be a JSON object")
-        prompt, kwargs, stream = parse_request(raw)
-        if stream:
-            tokens: list[int] = []
-            shown = ""
-            it = runtime.generate(prompt, stream=True, **kwargs)
-            for chunk in it:
-                tokens += chunk
-                event = {"id": rid, "event": "tokens", "tokens": chunk}
-                if runtime.tokenizer is not None:
-                    text = runtime.tokenizer.decode(tokens)
-                    if text.endswith("\ufffd"):  # a partial UTF-8 character: wait for the rest
-                        event["text"] = ""
-                    else:
-                        event["text"], shown = text[len(shown):], text
-                write(event)
-            result = it.result
-        else:
-            result = runtime.generate(prompt, **kwargs)
+        job, stream = submit(runtime, raw)
     except NemocompileError as e:
-        write({"id": rid, "done": True, "error": {"type": "invalid_request", "message": str(e)}})
+        write({"id": rid, "done": True, "error": {"type": error_type(e), "message": str(e)}})
         return
-    except BrokenPipeError:  # stdout's reader is gone: nothing can be reported to it
-        raise
-    except Exception as e:  # a bug must not take the server down: report it and keep serving
-        write({"id": rid, "done": True, "error": {"type": "runtime_error", "message": f"{type(e).__name__}: {e}"}})
-        return
-    write({"id": rid, "done": True, "text": result.text, "tokens": result.tokens,
-           "finish_reason": result.finish_reason, "stats": result.stats.to_dict()})
+    write(relay(runtime, rid, job, stream, write))
 
 
-def serve_stdio(runtime, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
-    """Serve requests from ``stdin`` until EOF."""
+def serve_stdio(runtime, stdin: TextIO | None = None, stdout: TextIO | None = None,
+                request_timeout: float | None = None) -> int:
+    """Serve requests from ``stdin`` until EOF, concurrently."""
     stdin = stdin or sys.stdin.buffer  # bytes: a line that is not UTF-8 must not end the server
     out = stdout or sys.stdout
     if stdout is None:
         sys.stdout = sys.stderr  # stray prints must not corrupt the protocol stream
+    lock = threading.Lock()
+    in_flight: dict[int, tuple[Any, Any, threading.Thread]] = {}  # serial -> (id, job, relay thread)
+    closed = threading.Event()  # interrupted: only the "interrupted" final lines are written
 
-    def write(obj: dict) -> None:
-        out.write(json.dumps(obj) + "\n")
-        out.flush()
+    broken = threading.Event()  # stdout's reader went away: stop like a Unix tool (exit 141)
+
+    def write(obj: dict, last: bool = False, key: int | None = None) -> None:
+        with lock:
+            in_flight.pop(key, None)  # a request's final line and its leaving in_flight are one step
+            if (closed.is_set() and not last) or broken.is_set():
+                return
+            try:
+                out.write(json.dumps(obj) + "\n")
+                out.flush()
+            except BrokenPipeError:
+                broken.set()
+                for _, job, _ in in_flight.values():
+                    job.cancel()
 
     print(f"nemocompile serve --stdio: {runtime.name} ({', '.join(runtime.modes)}) on {runtime.backend.name}; "
           "one JSON request per line", file=sys.stderr, flush=True)
-    in_flight: list = []  # the id of the request being served, while it is
+    serial = 0
+
+    def start(raw) -> None:
+        nonlocal serial
+        rid = raw.get("id") if isinstance(raw, dict) else None
+        try:
+            job, stream = submit(runtime, raw, request_timeout)
+        except NemocompileError as e:
+            write({"id": rid, "done": True, "error": {"type": error_type(e), "message": str(e)}})
+            return
+        serial += 1
+        key = serial
+        thread = threading.Thread(target=lambda: write(relay(runtime, rid, job, stream, write), key=key),
+                                  name=f"nemocompile-stdio-{key}", daemon=True)
+        in_flight[key] = (rid, job, thread)
+        thread.start()
+
+    def cancel(rid) -> None:
+        for other, job, _ in list(in_flight.values()):
+            if other == rid:
+                job.cancel()
+
     try:
         for line in stdin:
             if isinstance(line, bytes):  # sys.stdin's bytes: a line that is not UTF-8 is one bad request
@@ -134,15 +197,27 @@ def serve_stdio(runtime, stdin: TextIO | None = None, stdout: TextIO | None = No
             except json.JSONDecodeError as e:
                 write({"id": None, "done": True, "error": {"type": "invalid_json", "message": f"not valid JSON: {e}"}})
                 continue
-            in_flight[:] = [raw.get("id") if isinstance(raw, dict) else None]
-            handle(runtime, raw, write)
-            in_flight.clear()
+            if isinstance(raw, dict) and set(raw) == {"cancel"}:
+                cancel(raw["cancel"])
+                continue
+            start(raw)
+            if broken.is_set():
+                break
+        for _, _, thread in list(in_flight.values()):
+            thread.join()  # EOF: every request gets its final line before the process ends
+        if broken.is_set():
+            raise BrokenPipeError("stdout's reader went away")
     except KeyboardInterrupt:
-        # every request still gets exactly one final line, even the one the interrupt cut short
-        if in_flight:
+        # every request still gets exactly one final line, even those the interrupt cut short
+        with lock:
+            closed.set()
+            unfinished = [(rid, job) for rid, job, _ in in_flight.values()]  # no final line yet
+        for rid, job in unfinished:
+            job.cancel()
             with contextlib.suppress(OSError, ValueError):
-                write({"id": in_flight[0], "done": True, "error": {
-                    "type": "interrupted", "message": "the server was interrupted before the request finished"}})
+                write({"id": rid, "done": True, "error": {
+                    "type": "interrupted", "message": "the server was interrupted before the request finished"}},
+                      last=True)
         print("interrupted", file=sys.stderr, flush=True)
         return 130
     finally:

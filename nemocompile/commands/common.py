@@ -59,6 +59,13 @@ def port(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     """A finite number >= 0 (inf and nan are refused: no decoder means anything by them)."""
     try:

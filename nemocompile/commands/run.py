@@ -19,10 +19,9 @@ def add_runtime_args(p) -> None:
     p.add_argument("--threads", type=positive_int, default=None, help="intra-op threads (default: the backend's)")
 
 
-def load_runtime(args):
+def load_runtime(args, **options):
     from ..runtime import Runtime
 
-    options = {}
     if args.threads:
         options["threads"] = args.threads
     if args.backend == "torch" and args.model:
@@ -41,9 +40,13 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    with load_runtime(args) as runtime:
+        return _run(args, runtime)
+
+
+def _run(args, runtime) -> int:
     from .common import chat_options
 
-    runtime = load_runtime(args)
     kw = dict(mode=args.mode, max_new_tokens=args.max_new_tokens, block_length=args.block_length,
               threshold=args.threshold, temperature=args.temperature, seed=args.seed,
               max_thinking_tokens=args.max_thinking_tokens, end_think_token_id=args.end_think_token_id,
