@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 from nemocompile.errors import NemocompileError
 
 from .bench import _fit, median_step_s
-from .policy import LOSSLESS, Acceptance, Choice, CostTable, choose, graph_key
+from .policy import Acceptance, Choice, CostTable, choose, graph_key, lossless_options
 from .runtime import Runtime
 
 SPECULATIVE_MODES = ("linear-spec", "quadratic-spec")
@@ -59,12 +59,6 @@ def calibrate(runtime: Runtime, prompts: Sequence, repeats: int = 20, warmup: in
                      datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
-def lossless_options(runtime: Runtime) -> list[tuple[str, int | None]]:
-    """The (mode, block length) pairs auto may pick on this artifact."""
-    return [(m, None) if m == "ar" else (m, L) for m in LOSSLESS if m in runtime.modes
-            for L in ((None,) if m == "ar" else runtime.manifest.block_lengths(m))]
-
-
 def format_table(table: CostTable, choice: Choice | None = None) -> str:
     """The table as `nemocompile calibrate` prints it."""
     threads = table.threads if table.threads is not None else "default"
@@ -81,5 +75,5 @@ def format_table(table: CostTable, choice: Choice | None = None) -> str:
 
 def one_row_choice(table: CostTable, runtime: Runtime) -> Choice | None:
     """What auto would pick for a lone request that has no record of its own yet."""
-    options = lossless_options(runtime)
+    options = lossless_options(runtime.manifest)
     return choose(table, options, [Acceptance()]) if options else None

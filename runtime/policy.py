@@ -66,6 +66,12 @@ def cycle_graphs(mode: str, block_length: int | None) -> tuple[str, ...]:
     raise ValueError(f"{mode!r} is not a lossless mode auto can pick ({', '.join(LOSSLESS)})")
 
 
+def lossless_options(manifest) -> list[tuple[str, int | None]]:
+    """The (mode, block length) pairs auto may pick on an artifact (ar's block length: None)."""
+    return [(m, L) for m in LOSSLESS if m in manifest.modes
+            for L in ((None,) if m == "ar" else manifest.block_lengths(m))]
+
+
 @dataclass(frozen=True)
 class CostTable:
     """What one artifact's graphs cost on one machine and backend, and how well it self-speculates."""
@@ -235,7 +241,8 @@ def choose(table: CostTable, options: Iterable[tuple[str, int | None]], rows: Se
     ``options``: the lossless (mode, L) pairs the artifact has (ar's L is ignored);
     ``rows``: the Acceptance records of the auto rows that run this cycle;
     ``fixed_graphs`` / ``fixed_tokens``: graph keys and expected tokens of rows whose
-    mode is fixed (they run anyway). Ties go to ar.
+    mode is fixed (they run anyway: the union of their ``cycle_graphs``, or a diffusion
+    row's ``denoise@L``/``commit@L``). Ties go to ar.
     """
     options = list(dict.fromkeys((m, None if m == "ar" else L) for m, L in options))
     if not options:

@@ -14,7 +14,8 @@ from tiny_artifacts import lora_batch2
 from nemocompile.artifact_files import check_export_destination, damaged_files
 from nemocompile.cli import main
 from nemocompile.manifest import Manifest
-from runtime.policy import (PRIOR_WEIGHT, Acceptance, CostTable, CostTableError, choose, cycle_graphs, cycle_s)
+from runtime.policy import (PRIOR_WEIGHT, Acceptance, CostTable, CostTableError, choose, cycle_graphs, cycle_s,
+                            lossless_options)
 
 MS = 1e-3
 OPTIONS = [("ar", None), ("linear-spec", 8), ("quadratic-spec", 8)]
@@ -191,6 +192,7 @@ def test_calibrate_writes_every_graph_of_the_artifact(artifact, tmp_path, capsys
     assert set(table.step_s) == {f"{g.step}@{g.block_length}" for g in manifest.graphs}
     assert all(math.isfinite(s) and 0 < s < 10 for s in table.step_s.values())
     assert set(table.acceptance) == {"linear-spec@8", "quadratic-spec@8"}
+    assert lossless_options(manifest) == [("ar", None), ("linear-spec", 8), ("quadratic-spec", 8)]
     assert all(1 <= a <= 8 for a in table.acceptance.values())  # at least the bonus, at most a block
     assert "verify_draft@8" in out and "auto, one row at the priors: " in out and "wrote " in out
     # the artifact stays intact for `nemocompile check`, and `export --force` may still replace it
