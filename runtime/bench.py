@@ -112,32 +112,26 @@ def grid(runtime: Runtime, diffusion_thresholds: Sequence, linear_spec_threshold
     return out
 
 
-def step_times(runtime: Runtime, steps: Sequence[str] | None = ("verify", "verify_draft"), repeats: int = 20,
-               warmup: int = 2) -> list[dict]:
-    """Median milliseconds per forward of each of ``steps`` (None: every graph) at each of its
-    block lengths, with the cache half full: what the fused step's B x (B+1) rows cost against
-    a plain verify."""
-    return [{"step": g.step, "block_length": g.block_length, "tokens": _tokens(g),
-             "ms": median_step_s(runtime, g.step, g.block_length, repeats, warmup) * 1e3}
-            for g in runtime.manifest.graphs if steps is None or g.step in steps]
-
-
-def median_step_s(runtime: Runtime, step: str, block_length: int, repeats: int = 20, warmup: int = 2) -> float:
-    """Median seconds of one forward of a graph on the runtime's own buffers, the cache half full
-    (its length sets how much of the cache attention reads); the first ``warmup`` runs are dropped."""
+def step_times(runtime: Runtime, steps: Sequence[str] = ("verify", "verify_draft"), repeats: int = 20) -> list[dict]:
+    """Median milliseconds per forward of each of ``steps`` at each of its block lengths, with
+    the cache half full: what the fused step's B x (B+1) rows cost against a plain verify."""
     import statistics
     import time
 
-    runtime.cache.reset(length=(runtime.capacity - block_length) // 2)
-    try:
+    out = []
+    for g in runtime.manifest.graphs:
+        if g.step not in steps:
+            continue
+        runtime.cache.reset(length=(runtime.capacity - g.block_length) // 2)
         times = []
-        for _ in range(repeats + warmup):
+        for _ in range(repeats + 2):
             t0 = time.perf_counter()
-            runtime.backend.run((step, block_length))
+            runtime.backend.run((g.step, g.block_length))
             times.append(time.perf_counter() - t0)
-    finally:
         runtime.cache.reset()
-    return statistics.median(times[warmup:])
+        out.append({"step": g.step, "block_length": g.block_length, "tokens": _tokens(g),
+                    "ms": statistics.median(times[2:]) * 1e3})
+    return out
 
 
 def _tokens(graph) -> int:

@@ -14,16 +14,18 @@ from typing import Callable, Sequence
 
 from nemocompile.errors import NemocompileError
 
-from .bench import _fit, median_step_s
+from .bench import _fit, step_times
 from .policy import Acceptance, Choice, CostTable, choose, graph_key, lossless_options
 from .runtime import Runtime
 
 SPECULATIVE_MODES = ("linear-spec", "quadratic-spec")
 
 
-def measure_steps(runtime: Runtime, repeats: int = 20, warmup: int = 2) -> dict[str, float]:
-    """``{"step@L": median seconds per forward}`` for every graph the runtime opened."""
-    return {graph_key(step, L): median_step_s(runtime, step, L, repeats, warmup) for step, L in runtime.io}
+def measure_steps(runtime: Runtime, repeats: int = 20) -> dict[str, float]:
+    """``{"step@L": median seconds per forward}`` for every graph the runtime opened: `bench`'s
+    step_times over every step (two untimed warm-up forwards each, the cache half full)."""
+    steps = {step for step, _ in runtime.io}
+    return {graph_key(t["step"], t["block_length"]): t["ms"] / 1e3 for t in step_times(runtime, steps, repeats)}
 
 
 def measure_acceptance(runtime: Runtime, prompts: Sequence, max_new_tokens: int = 64) -> dict[str, float]:
@@ -46,13 +48,13 @@ def measure_acceptance(runtime: Runtime, prompts: Sequence, max_new_tokens: int 
     return out
 
 
-def calibrate(runtime: Runtime, prompts: Sequence, repeats: int = 20, warmup: int = 2, max_new_tokens: int = 64,
+def calibrate(runtime: Runtime, prompts: Sequence, repeats: int = 20, max_new_tokens: int = 64,
               threads: int | None = None, progress: Callable[[str], None] | None = None) -> CostTable:
     """Measure the artifact's cost table on ``runtime``'s backend (``threads``: what the runtime
     was loaded with, recorded in the table)."""
     say = progress or (lambda msg: None)
-    say(f"timing {len(runtime.io)} graphs ({repeats} forwards each after {warmup} warm-up)")
-    step_s = measure_steps(runtime, repeats, warmup)
+    say(f"timing {len(runtime.io)} graphs ({repeats} forwards each after 2 warm-up)")
+    step_s = measure_steps(runtime, repeats)
     say(f"measuring acceptance over {len(prompts)} prompt(s), {max_new_tokens} new tokens each")
     acceptance = measure_acceptance(runtime, prompts, max_new_tokens)
     return CostTable(runtime.backend.name, threads, runtime.batch_size, step_s, acceptance,

@@ -182,7 +182,7 @@ def test_a_table_for_another_backend_batch_or_export_is_ignored_with_a_warning(a
 def test_calibrate_writes_every_graph_of_the_artifact(artifact, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"ids": [5 + i, 17, 40 + i, 9, 11 + i]}) + "\n" for i in range(2)))
-    rc = main(["calibrate", "--artifact", str(artifact), "--threads", "1", "--repeats", "2", "--warmup", "1",
+    rc = main(["calibrate", "--artifact", str(artifact), "--threads", "1", "--repeats", "2",
                "--prompts", str(prompts), "--max-new-tokens", "12", "--quiet"])
     out = capsys.readouterr().out
     assert rc == 0

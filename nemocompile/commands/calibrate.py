@@ -19,8 +19,7 @@ def add_parser(sub) -> None:
                    help="torch backend: the checkpoint (default: the manifest's source)")
     p.add_argument("--threads", type=positive_int, default=1,
                    help="intra-op threads, as the server will run (default 1; recorded in the table)")
-    p.add_argument("--repeats", type=positive_int, default=20, help="timed forwards per graph (median; default 20)")
-    p.add_argument("--warmup", type=positive_int, default=2, help="untimed forwards per graph first (default 2)")
+    p.add_argument("--repeats", type=positive_int, default=20, help="timed forwards per graph, after 2 untimed (median; default 20)")
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help='acceptance prompts: JSON lines with "prompt" or "ids", or plain text lines '
                         '(default: built-in held-out code prompts)')
@@ -58,7 +57,7 @@ def run(args) -> int:
     runtime = load_runtime(args)
     try:
         progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-        table = calibrate(runtime, prompts, repeats=args.repeats, warmup=args.warmup,
+        table = calibrate(runtime, prompts, repeats=args.repeats,
                           max_new_tokens=args.max_new_tokens, threads=args.threads, progress=progress)
         print(format_table(table, one_row_choice(table, runtime)), flush=True)
         path = table.save(target)
