@@ -94,7 +94,8 @@ def check_files(directory: str | Path, manifest, hashes: bool = False) -> None:
 # Files an export (or `build`, beside the graphs) writes into an artifact directory; --force
 # replaces a directory holding only these and refuses to delete anything else.
 _ARTIFACT_SUFFIXES = (".onnx", ".data", ".bin", ".engine")
-_ARTIFACT_NAMES = ("manifest.json", "engines.json", "tokenizer.json", "tokenizer_config.json")
+# costs.json: `nemocompile calibrate` writes it beside the manifest; it describes the graphs it sits with
+_ARTIFACT_NAMES = ("manifest.json", "engines.json", "tokenizer.json", "tokenizer_config.json", "costs.json")
 
 
 def check_export_destination(out_dir: str | Path, overwrite: bool, error=NemocompileError) -> None:

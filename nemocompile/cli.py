@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "run": "run",
     "serve": "serve",
     "bench": "bench",
+    "calibrate": "calibrate",
 }
 
 
