@@ -153,10 +153,9 @@ class Job:
 class Engine:
     """The scheduling thread: admission, ticks, and each row's scheduler."""
 
-    def __init__(self, runtime, max_queue: int | None = None, policy: Any = None):
+    def __init__(self, runtime, max_queue: int | None = None):
         self.rt = runtime
         self.max_queue = max_queue
-        self.policy = policy  # mode "auto": runtime/policy.py's choice per cycle
         self.queue: collections.deque[Job] = collections.deque()
         self.rows: list[tuple[Row, Any, Forward] | None] = [None] * runtime.batch_size
         self._cond = threading.Condition()
@@ -165,6 +164,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.listeners: list[Callable[[str, Any], None]] = []  # metrics: ("step", ...), ("finish", ...)
         self.steps = 0  # forwards run
+        self.costs = None  # mode auto's cost table (runtime/policy.py), loaded at first use
+        self._choices: dict = {}  # this tick's auto choices, per option set
 
     # ---- submission --------------------------------------------------------------
     def submit(self, request, timeout: float | None = None) -> Job:
@@ -267,6 +268,9 @@ class Engine:
                 reason = self._stopped(entry[0].job, now)
                 if reason is not None:
                     self._drop(b, reason)
+        self._choices.clear()
+        if any(entry[0].acceptance is not None for entry in filter(None, self.rows)):
+            self._ensure_costs()
         groups: dict[tuple[str, int], list[int]] = {}
         for b, entry in enumerate(self.rows):
             if entry is not None:
@@ -342,9 +346,78 @@ class Engine:
             return RequestTimeout(f"the request ran past its timeout of {job.timeout:g} s")
         return None
 
-    def choose_mode(self, row: Row) -> tuple[str, int]:
-        """mode "auto": the (mode, block length) of ``row``'s next cycle."""
-        return "ar", 1
+    # ---- mode "auto" ----------------------------------------------------------------
+    def choose_mode(self, row: Row) -> tuple[str, int | None]:
+        """mode "auto": the (mode, block length) of ``row``'s next cycle. One choice per
+        tick for all auto rows with the same options (they share its graphs), from the
+        cost table and every row's acceptance so far (runtime/policy.py)."""
+        from .policy import choose
+
+        if row.sampler.greedy is False:
+            row.stats.auto_reason = "temperature > 0: ar (the only mode auto samples in)"
+            return "ar", None
+        options = self._auto_options(row.request)
+        key = tuple(options)
+        if key not in self._choices:
+            autos = [r for r, _, _ in filter(None, self.rows) if r.acceptance is not None
+                     and self._auto_options(r.request) == options]
+            graphs, tokens = self._fixed_load()
+            self._choices[key] = choose(self.costs, options, [r.acceptance for r in autos] or [row.acceptance],
+                                        graphs, tokens)
+        choice = self._choices[key]
+        row.stats.auto_reason = choice.reason
+        return choice.mode, choice.block_length
+
+    def _auto_options(self, request) -> list[tuple[str, int | None]]:
+        from .policy import lossless_options
+
+        options = lossless_options(self.rt.manifest)
+        if request.temperature > 0:
+            return [("ar", None)]
+        return [(m, L) for m, L in options if m == "ar" or request.block_length in (None, L)]
+
+    def _fixed_load(self) -> tuple[frozenset[str], float]:
+        """The graphs that rows of fixed modes run per cycle, and the tokens they expect from it."""
+        from .policy import cycle_graphs, graph_key
+
+        graphs: set[str] = set()
+        tokens = 0.0
+        for row, _, _ in filter(None, self.rows):
+            if row.acceptance is not None:
+                continue
+            L = row.request.block_length
+            if row.mode == "diffusion":
+                graphs |= {graph_key("denoise", L), graph_key("commit", L)}
+            else:
+                graphs |= set(cycle_graphs(row.mode, L))
+            lengths = row.stats.acceptance_lengths
+            tokens += sum(lengths) / len(lengths) if lengths else 1.0
+        return frozenset(graphs), tokens
+
+    def _ensure_costs(self) -> None:
+        """Auto needs the artifact's cost table: its costs.json, else step times measured now
+        (between two ticks, no output pending) and a neutral acceptance prior."""
+        if self.costs is not None:
+            return
+        import sys
+
+        from .policy import DEFAULT_PRIOR, CostTable, graph_key, lossless_options
+
+        table = CostTable.load(self.rt.artifact_dir, self.rt.backend.name)
+        if table is None:
+            step_s = {}
+            for key in self.rt.io:
+                times = []
+                for _ in range(4):
+                    t0 = time.perf_counter()
+                    self.rt.backend.run(key)
+                    times.append(time.perf_counter() - t0)
+                step_s[graph_key(*key)] = sorted(times)[len(times) // 2]
+            prior = {f"{m}@{L}": DEFAULT_PRIOR for m, L in lossless_options(self.rt.manifest) if m != "ar"}
+            table = CostTable(self.rt.backend.name, None, self.rt.batch_size, step_s, prior, "at first use")
+            print(f"warning: {self.rt.artifact_dir}: no cost table for mode auto; step times measured now, "
+                  f"acceptance prior {DEFAULT_PRIOR} (run `nemocompile calibrate --artifact DIR`)", file=sys.stderr)
+        self.costs = table
 
     def _fail_all(self, error: BaseException, queued: bool = True) -> None:
         for b, entry in enumerate(self.rows):

@@ -39,6 +39,9 @@ LOSSLESS = ("ar", "linear-spec", "quadratic-spec")  # the modes auto may pick (l
 # only part way (one lucky or unlucky cycle does not flip the mode), after ~W cycles its own
 # record weighs as much as the prior
 PRIOR_WEIGHT = 4.0
+# the acceptance prior of an artifact nobody calibrated: a guess that lets auto try self-speculation
+# (a prior below what a mode achieves would keep auto from ever running it, and so from learning it)
+DEFAULT_PRIOR = 2.0
 _TIE = 1e-9  # relative: scores this close are equal (then ar: cheapest, always lossless)
 
 

@@ -52,7 +52,11 @@ class Row:
         self.timer = StepTimer(start=job.submitted)
         self.out: list[int] = []
         self.done = False
-        self.acceptance = None  # auto mode: the online acceptance record (runtime/policy.py)
+        self.acceptance = None  # mode auto: this row's acceptance record (runtime/policy.py)
+        if self.mode == "auto":
+            from .policy import Acceptance
+
+            self.acceptance = Acceptance()
 
     # ---- cache row -----------------------------------------------------------
     @property

@@ -235,7 +235,8 @@ class Runtime:
         if mode in ("ar", "quadratic-spec", "auto"):
             thr = None
 
-        check_room(self.prompt_width(prompts, mode), max_new_tokens, block, self.capacity,
+        room = self._auto_room(block) if mode == "auto" else block
+        check_room(self.prompt_width(prompts, mode), max_new_tokens, room, self.capacity,
                    "the artifact's KV cache capacity",
                    "shorten the prompt, lower max_new_tokens, or re-export with a larger --max-seq-len", names)
         budget = thinking_budget(max_thinking_tokens, end_think_token_id, self.tokenizer, self.vocab_size)
@@ -243,16 +244,23 @@ class Runtime:
                        budget)
 
     def _auto_block(self, block_length, threshold, steps) -> int | None:
-        """mode="auto": the largest block any of its speculative modes may use (room to
-        keep in the cache), after refusing the knobs it sets itself."""
+        """mode="auto": the block length the request pins its self-speculation to (None: auto
+        picks), after refusing the knobs auto sets itself."""
         if parse_threshold(threshold) is not DEFAULT or steps is not None:
             raise RequestError("mode auto sets its own drafting (one-shot drafts, no threshold or steps); drop "
                                "threshold/steps or name a mode", param="threshold" if steps is None else "steps")
-        lengths = sorted({L for m in self.auto_modes if m != "ar" for L in self.manifest.block_lengths(m)})
+        lengths = self._auto_lengths()
         if block_length is not None and block_length not in lengths:
             raise GenerationError(f"this artifact's self-speculation graphs are for block length(s) {lengths}, not "
                                   f"{block_length}; pick one of those or leave block_length unset")
-        return block_length if block_length is not None else max(lengths, default=None)
+        return block_length
+
+    def _auto_lengths(self) -> list[int]:
+        return sorted({L for m in self.auto_modes if m != "ar" for L in self.manifest.block_lengths(m)})
+
+    def _auto_room(self, block: int | None) -> int | None:
+        """The cache room auto keeps for one block: the pinned length, else the longest it may pick."""
+        return block if block is not None else max(self._auto_lengths(), default=None)
 
     def submit(self, prompt_or_ids, mode: str = "ar", max_new_tokens: int = 64, block_length: int | None = None,
                threshold=None, temperature: float = 0.0, seed: int | None = None, eos: int | None = None,

@@ -50,3 +50,13 @@ def embedded():
     out = _ROOT / "embedded"
     export_artifact(None, out, modes="all", max_seq_len=160, prefill_length=32)  # P = B: prefill traces once with commit
     return out
+
+
+@functools.cache
+def batch4():
+    """Every mode, batch 4, with a drafter LoRA, room for long prompts: the engine's artifact."""
+    model = make_model(lora_rank=4, seed=5)
+    out = _ROOT / "batch4"
+    export_artifact(model, out, modes="all", block_length=BLOCK, max_seq_len=96, batch_size=4,
+                    prefill_length=PREFILL)
+    return model, out
