@@ -173,8 +173,10 @@ class Engine:
         with self._cond:
             if self._stop:
                 raise GenerationError("the runtime is closed")
-            if self.max_queue is not None and len(self.queue) >= self.max_queue:
-                raise Overloaded(f"the server is overloaded: {len(self.queue)} requests are already waiting "
+            # requests that will wait for a row once the free rows are given out at the next step
+            waiting = len(self.queue) - sum(r is None for r in self.rows)
+            if self.max_queue is not None and waiting >= self.max_queue:
+                raise Overloaded(f"the server is overloaded: {waiting} requests are already waiting for a row "
                                  f"(--max-queue {self.max_queue}); retry later")
             self.queue.append(job)
             self._start()
@@ -218,6 +220,7 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
+        """Requests waiting for a row."""
         return len(self.queue)
 
     # ---- the loop ------------------------------------------------------------------

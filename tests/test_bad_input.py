@@ -371,7 +371,8 @@ def test_a_missing_graph_blocks_only_the_modes_that_use_it(tmp_path, capsys):
     shutil.copytree(src, art)
     (art / "draft.onnx").unlink()
     with Runtime.load(art) as rt:
-        assert rt.modes == ["ar", "diffusion", "quadratic-spec"]  # quadratic-spec has its own fused graphs
+        # quadratic-spec has its own fused graphs; auto chooses between ar and it
+        assert rt.modes == ["ar", "diffusion", "quadratic-spec", "auto"]
         assert len(rt.generate([5, 6], mode="ar", max_new_tokens=3, eos=-1).tokens) == 3
         with pytest.raises(GenerationError, match="no linear-spec graphs"):
             rt.generate([5, 6], mode="linear-spec")

@@ -297,7 +297,7 @@ def test_bidirectional_graphs_return_argmax_and_confidence():
                 feeds[spec.name] = rng.integers(0, 4 if spec.name != "input_ids" else 96, spec.shape).astype(np.int64)
             else:
                 feeds[spec.name] = rng.standard_normal(spec.shape).astype(np.float32)
-        feeds["cache_len"] = np.array(CAPACITY // 2, dtype=np.int64)
+        feeds["cache_len"] = np.full(g.inputs[1].shape, CAPACITY // 2, dtype=np.int64)
         logits, cand, conf = ort.InferenceSession(str(out / g.file)).run(None, feeds)
         probs = torch.softmax(torch.from_numpy(logits), dim=-1)
         assert np.array_equal(cand, logits.argmax(-1))

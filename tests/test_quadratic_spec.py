@@ -254,13 +254,14 @@ def test_runtime_writes_b_rows_per_fused_step_and_crops_to_before_plus_cnt(artif
         log = []
         write, crop = rt.cache.write, rt.cache.crop
 
-        def logged_write(k, v, n=None):
-            log.append(("write", rt.cache.length, k.shape[3] if n is None else n))
-            write(k, v, n)
+        def logged_write(k, v, n=None, rows=None):
+            assert list(rows) == [0]  # the request's row only
+            log.append(("write", rt.cache.length(0), k.shape[3] if n is None else n))
+            write(k, v, n, rows)
 
-        def logged_crop(length):
-            log.append(("crop", rt.cache.length, length))
-            crop(length)
+        def logged_crop(row, length):
+            log.append(("crop", rt.cache.length(row), length))
+            crop(row, length)
 
         rt.cache.write, rt.cache.crop = logged_write, logged_crop
         r = rt.generate(list(range(5, 15)), mode="quadratic-spec", max_new_tokens=20, eos=-1)
