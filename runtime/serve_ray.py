@@ -1,0 +1,330 @@
+"""`nemocompile serve --ray`: the HTTP server of ``serve --http`` scaled out on Ray Serve.
+
+Two deployments, one application:
+
+- ``nemocompile-engine`` (N replicas, or autoscaled): each replica loads the
+  artifact once and owns one ``create_app(runtime)``, the same FastAPI app as
+  ``serve --http``; every API semantic lives there. A replica answers a relayed
+  ASGI request with the app's own ASGI messages, and the app's responses carry
+  ``x-nemocompile-replica: <host>:<pid>``.
+- ``nemocompile`` (the ingress, one light replica): forwards each HTTP request
+  to an engine replica through a deployment handle and relays the messages back.
+  It exists to turn a replica's death into an answer: Ray Serve's own proxy
+  answers a request whose replica died with a plain-text ``500 Internal Server
+  Error`` (``ray.serve._private.http_util.get_http_response_status``: an
+  ``ActorDiedError`` is neither a timeout nor back-pressure), which a client
+  cannot tell from a bug. Here it is ``503`` with an OpenAI-style body of type
+  ``replica_unavailable`` and ``Retry-After: 1``; a stream that already started
+  ends with that body as its last event before ``[DONE]``.
+
+Every wait on a replica is bounded by the request timeout (then ``504``). Ray
+Serve restarts a dead replica; the new one loads the artifact afresh, so no row
+or cache state of the dead one is ever reused. ``build_app(args)`` is also the
+application builder a Ray Serve config (KubeRay ``RayService``) imports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from nemocompile.errors import NemocompileError
+
+APP_NAME = "nemocompile"
+ENGINE_NAME = "nemocompile-engine"
+REPLICA_HEADER = "x-nemocompile-replica"
+DEFAULT_REQUEST_TIMEOUT_S = 600.0
+RETRY_AFTER_S = 1
+
+
+def check_dependencies() -> None:
+    try:
+        import ray  # noqa: F401
+        from ray import serve  # noqa: F401
+    except ImportError:
+        raise NemocompileError("serve --ray needs Ray Serve: pip install 'nemocompile[ray]'") from None
+    from .serve_http import check_dependencies as check_http
+
+    check_http()
+
+
+@dataclass(frozen=True)
+class RayServeOptions:
+    """What ``serve --ray`` deploys. Fields mirror the command's flags."""
+
+    artifact: str  # a path every node of the cluster can read
+    backend: str = "onnxruntime"
+    device: str | None = None
+    model: str | None = None  # torch backend: the checkpoint
+    threads: int = 1  # intra-op threads per replica, also the CPUs each replica reserves
+    model_name: str | None = None
+    replicas: int = 1  # fixed replica count; ignored when autoscale is set
+    autoscale: tuple[int, int] | None = None  # (min, max) replicas, Ray Serve's autoscaling
+    target_ongoing_requests: float = 2.0  # autoscaling: requests in flight per replica it aims for
+    max_queued_requests: int = -1  # requests waiting for a replica beyond which 429 (-1: no limit)
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
+
+    @classmethod
+    def from_args(cls, args: dict) -> "RayServeOptions":
+        """From a Ray Serve config's ``args`` (strings from YAML are accepted)."""
+        if "artifact" not in args:
+            raise NemocompileError("the nemocompile Ray Serve app needs args.artifact (the artifact directory)")
+        auto = args.get("autoscale")
+        if isinstance(auto, str):
+            auto = parse_autoscale(auto)
+        return cls(artifact=str(args["artifact"]), backend=args.get("backend", "onnxruntime"),
+                   device=args.get("device"), model=args.get("model"), threads=int(args.get("threads", 1)),
+                   model_name=args.get("model_name"), replicas=int(args.get("replicas", 1)),
+                   autoscale=tuple(auto) if auto else None,
+                   target_ongoing_requests=float(args.get("target_ongoing_requests", 2.0)),
+                   max_queued_requests=int(args.get("max_queued_requests", -1)),
+                   request_timeout_s=float(args.get("request_timeout_s", DEFAULT_REQUEST_TIMEOUT_S)))
+
+
+def parse_autoscale(text: str) -> tuple[int, int]:
+    """``MIN:MAX`` replicas, 0 <= MIN <= MAX, MAX >= 1."""
+    lo, sep, hi = text.partition(":")
+    if not sep or not lo.isdigit() or not hi.isdigit() or int(lo) > int(hi) or int(hi) < 1:
+        raise ValueError(f"expected MIN:MAX replicas with 0 <= MIN <= MAX and MAX >= 1, got {text!r}")
+    return int(lo), int(hi)
+
+
+def _error(status: int, message: str, kind: str, headers: dict | None = None):
+    from starlette.responses import Response
+
+    from .serve_http import APIError
+
+    return Response(json.dumps(APIError(message, status, kind).body()), status_code=status,
+                    media_type="application/json", headers=headers)
+
+
+def _replica_died_body(detail: str) -> dict:
+    from .serve_http import APIError
+
+    return APIError(f"the replica serving this request stopped ({detail}); retry the request",
+                    503, "replica_unavailable").body()
+
+
+class ReplicaHeader:
+    """ASGI middleware: every HTTP response names the replica that produced it."""
+
+    def __init__(self, app, value: str):
+        self.app, self.header = app, (REPLICA_HEADER.encode(), value.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def tagged(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, tagged)
+
+
+class EngineReplica:
+    """One engine replica: the artifact loaded once, served by ``create_app``."""
+
+    def __init__(self, options: dict):
+        from .runtime import Runtime
+        from .serve_http import create_app
+
+        opts = RayServeOptions(**options)
+        extra: dict[str, Any] = {"threads": opts.threads}
+        if opts.backend == "torch" and opts.model:
+            extra["model"] = opts.model
+        self.runtime = Runtime.load(opts.artifact, backend=opts.backend, device=opts.device, **extra)
+        self.app = create_app(self.runtime, opts.model_name)
+        self.app.add_middleware(ReplicaHeader, value=f"{socket.gethostname()}:{os.getpid()}")
+
+    async def relay(self, scope: dict, body: bytes):
+        """Run one HTTP request through the app; yield its ASGI messages as they are sent.
+        When the caller goes away (this generator is closed or cancelled) the app sees
+        ``http.disconnect`` and its generation stops at the next commit."""
+        sent: asyncio.Queue = asyncio.Queue()
+        gone = asyncio.Event()
+        delivered = False
+
+        async def receive():
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        task = asyncio.create_task(self.app(scope, receive, sent.put))
+        task.add_done_callback(lambda _: sent.put_nowait(None))
+        try:
+            while (message := await sent.get()) is not None:
+                yield message
+                if message["type"] == "http.response.body" and not message.get("more_body", False):
+                    break
+            if task.done() and task.exception() is not None:
+                raise task.exception()
+        finally:
+            gone.set()
+
+    def __del__(self):
+        runtime = getattr(self, "runtime", None)
+        if runtime is not None:
+            runtime.close()
+
+
+class Ingress:
+    """The HTTP entry: each request relayed to an engine replica, a dead replica mapped to 503."""
+
+    def __init__(self, engine, request_timeout_s: float):
+        self.engine = engine.options(stream=True)
+        self.timeout = request_timeout_s
+
+    async def __call__(self, request):
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+        from starlette.responses import StreamingResponse
+
+        from .serve_http import MAX_BODY_BYTES
+
+        deadline = time.monotonic() + self.timeout
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > MAX_BODY_BYTES:
+                break  # the app refuses it (413); no need to carry the rest
+        scope = {k: v for k, v in request.scope.items()
+                 if k in ("type", "asgi", "http_version", "method", "scheme", "path", "raw_path", "query_string",
+                          "headers", "client", "server")}
+        scope["root_path"] = ""
+        messages = self.engine.relay.remote(scope, bytes(body))
+        lost = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
+
+        async def next_message():
+            return await asyncio.wait_for(messages.__anext__(), max(deadline - time.monotonic(), 0.001))
+
+        try:
+            start = await next_message()
+        except lost as e:
+            messages.cancel()
+            return _error(503, _replica_died_body(type(e).__name__)["error"]["message"], "replica_unavailable",
+                          {"retry-after": str(RETRY_AFTER_S)})
+        except BackPressureError:
+            messages.cancel()
+            return _error(429, "every replica's queue is full; retry later", "overloaded",
+                          {"retry-after": str(RETRY_AFTER_S)})
+        except (asyncio.TimeoutError, TimeoutError):
+            messages.cancel()
+            return _error(504, f"no answer within the request timeout ({self.timeout:g} s)", "timeout")
+        headers = dict(start.get("headers", []))
+        events = headers.get(b"content-type", b"").startswith(b"text/event-stream")
+
+        async def rest():
+            try:
+                while True:
+                    message = await next_message()
+                    if message["type"] != "http.response.body":
+                        continue
+                    if message.get("body"):
+                        yield message["body"]
+                    if not message.get("more_body", False):
+                        return
+            except StopAsyncIteration:
+                return
+            except (*lost, asyncio.TimeoutError, TimeoutError) as e:
+                if not events:
+                    raise  # a plain body cut short: the connection closes, the client sees it truncated
+                detail = "timeout" if isinstance(e, (asyncio.TimeoutError, TimeoutError)) else type(e).__name__
+                yield f"data: {json.dumps(_replica_died_body(detail))}\n\ndata: [DONE]\n\n".encode()
+            finally:
+                messages.cancel()  # the client went away or the answer is complete: free the replica
+
+        response = StreamingResponse(rest(), status_code=start["status"])
+        response.raw_headers = list(start.get("headers", []))
+        return response
+
+
+def build_app(args: dict | RayServeOptions):
+    """The Ray Serve application (ingress bound to the engine). ``args``: the fields of
+    ``RayServeOptions``; a Ray Serve config's ``import_path`` points here."""
+    from ray import serve
+
+    opts = args if isinstance(args, RayServeOptions) else RayServeOptions.from_args(args)
+    actor: dict[str, Any] = {"num_cpus": opts.threads}
+    if opts.backend == "tensorrt":
+        actor["num_gpus"] = 1  # one engine set per GPU
+    scaling: dict[str, Any]
+    if opts.autoscale:
+        lo, hi = opts.autoscale
+        scaling = {"autoscaling_config": {"min_replicas": lo, "max_replicas": hi, "initial_replicas": max(lo, 1),
+                                          "target_ongoing_requests": opts.target_ongoing_requests}}
+    else:
+        scaling = {"num_replicas": opts.replicas}
+    engine = serve.deployment(EngineReplica, name=ENGINE_NAME, ray_actor_options=actor,
+                              max_queued_requests=opts.max_queued_requests, health_check_period_s=2,
+                              health_check_timeout_s=30, **scaling)
+    ingress = serve.deployment(Ingress, name=APP_NAME, num_replicas=1, ray_actor_options={"num_cpus": 0})
+    return ingress.bind(engine.bind(asdict(opts)), opts.request_timeout_s)
+
+
+def _check_cluster(opts: RayServeOptions) -> None:
+    import ray
+
+    if opts.backend == "tensorrt" and ray.cluster_resources().get("GPU", 0) < 1:
+        raise NemocompileError("no GPU in the Ray cluster: the TensorRT backend needs one NVIDIA GPU per replica; "
+                               "use --backend onnxruntime to run on CPU")
+
+
+def serve_ray(opts: RayServeOptions, address: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+              num_cpus: int | None = None) -> int:
+    """Start (or join, with ``address``) a Ray cluster, deploy, and serve until interrupted.
+    Leaving: a local cluster is shut down; on a joined cluster only this application is deleted."""
+    check_dependencies()
+    import ray
+    from ray import serve
+
+    needed = (opts.autoscale[1] if opts.autoscale else opts.replicas) * opts.threads
+    started = time.monotonic()
+    init: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": False}
+    if address:
+        init["address"] = address
+    else:
+        # a laptop with fewer cores than the replicas reserve still runs them (slower, never stuck waiting)
+        init["num_cpus"] = num_cpus or max(os.cpu_count() or 1, needed)
+    try:
+        ray.init(**init)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise NemocompileError(f"cannot {'join the Ray cluster at ' + address if address else 'start Ray'} "
+                               f"({str(e).splitlines()[0]}); check --address") from None
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        _check_cluster(opts)
+        serve.start(http_options={"host": host, "port": port, "request_timeout_s": opts.request_timeout_s + 5})
+        try:
+            serve.run(build_app(opts), name=APP_NAME, route_prefix="/")
+        except RuntimeError as e:
+            raise NemocompileError(f"the deployment failed to start: {str(e).splitlines()[0]}") from None
+        scale = f"{opts.autoscale[0]}-{opts.autoscale[1]} replicas" if opts.autoscale else f"{opts.replicas} replicas"
+        print(f"nemocompile serve --ray: {scale} of {opts.artifact} on {opts.backend}, ready in "
+              f"{time.monotonic() - started:.1f} s; listening on http://{host}:{port}", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        try:
+            if address:
+                serve.delete(APP_NAME)
+            else:
+                serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
