@@ -267,10 +267,23 @@ def build_app(args: dict | RayServeOptions):
     else:
         scaling = {"num_replicas": opts.replicas}
     engine = serve.deployment(EngineReplica, name=ENGINE_NAME, ray_actor_options=actor,
+                              max_ongoing_requests=_max_ongoing(opts.artifact),
                               max_queued_requests=opts.max_queued_requests, health_check_period_s=2,
                               health_check_timeout_s=30, **scaling)
     ingress = serve.deployment(Ingress, name=APP_NAME, num_replicas=1, ray_actor_options={"num_cpus": 0})
     return ingress.bind(engine.bind(asdict(opts)), opts.request_timeout_s)
+
+
+def _max_ongoing(artifact: str) -> int:
+    """Requests one replica takes at once: enough to fill the artifact's batch rows twice over
+    (the engine batches concurrent requests), at least Ray Serve's default of 5. Read from
+    the manifest where this machine has it (a cluster's driver may not)."""
+    from nemocompile.manifest import Manifest
+
+    try:
+        return max(5, 2 * Manifest.load(artifact).batch_size)
+    except (NemocompileError, OSError):
+        return 5
 
 
 def _check_cluster(opts: RayServeOptions) -> None:
@@ -297,11 +310,18 @@ def serve_ray(opts: RayServeOptions, address: str | None = None, host: str = "12
     else:
         # a laptop with fewer cores than the replicas reserve still runs them (slower, never stuck waiting)
         init["num_cpus"] = num_cpus or max(os.cpu_count() or 1, needed)
+    if address:
+        _check_reachable(address)
     try:
         ray.init(**init)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise NemocompileError(f"cannot {'join the Ray cluster at ' + address if address else 'start Ray'} "
-                               f"({str(e).splitlines()[0]}); check --address") from None
+        if not address:
+            raise NemocompileError(f"cannot start a local Ray cluster ({str(e).splitlines()[0]})") from None
+        if _auth_refused(e):
+            raise NemocompileError(f"the Ray cluster at {address} uses token authentication: copy the head's "
+                                   "~/.ray/auth_token to this machine and set RAY_AUTH_MODE=token") from None
+        raise NemocompileError(f"cannot join the Ray cluster at {address} ({str(e).splitlines()[0]}); "
+                               "check --address") from None
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         _check_cluster(opts)
@@ -324,6 +344,30 @@ def serve_ray(opts: RayServeOptions, address: str | None = None, host: str = "12
                 serve.shutdown()
         finally:
             ray.shutdown()
+
+
+def _auth_refused(error: BaseException) -> bool:
+    """Ray wraps the refusal twice (ConnectionError from RuntimeError, whose text quotes the
+    AuthenticationError's traceback)."""
+    from ray.exceptions import AuthenticationError
+
+    while error is not None:
+        if isinstance(error, AuthenticationError) or "InvalidAuthToken" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """A host:port that nothing answers on fails here at once: Ray itself retries for minutes."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "auto", ray:// client addresses: Ray's own lookup
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise NemocompileError(f"nothing answers at --address {address} ({e.strerror or 'timed out'}): start the "
+                               "head node with `ray start --head` and pass the address it prints") from None
 
 
 def _interrupt(signum, frame):

@@ -7,6 +7,7 @@ within RECOVERY_S. The KubeRay manifest and the flags are checked without Ray ru
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -209,6 +210,90 @@ def test_a_killed_replica_fails_its_requests_with_503_and_is_replaced(client, cl
 
 
 # ---- without a cluster --------------------------------------------------------------------
+class _Relay:
+    """A stand-in for the engine's streaming handle: yields ``items``, raising the exceptions among them."""
+
+    def __init__(self, items: list, delay: float = 0.0):
+        self.items, self.delay, self.cancelled = iter(items), delay, False
+
+    def options(self, stream: bool):
+        return self
+
+    @property
+    def relay(self):
+        return self
+
+    def remote(self, scope: dict, body: bytes):
+        assert scope["path"] == "/v1/completions" and json.loads(body) == {"prompt": "x", "stream": True}
+        return self
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        await asyncio.sleep(self.delay)
+        item = next(self.items, StopAsyncIteration())
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def _ingress_answer(items: list, timeout_s: float = 5.0, delay: float = 0.0) -> tuple[int, dict, bytes, _Relay]:
+    """What the ingress answers when the engine's relay yields ``items``."""
+    from starlette.requests import Request
+
+    from nemocompile.runtime.serve_ray import Ingress
+
+    async def run():
+        body = json.dumps({"prompt": "x", "stream": True}).encode()
+
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [], "query_string": b""}
+        engine = _Relay(items, delay)
+        response = await Ingress(engine, timeout_s)(Request(scope, receive))
+        content = b""
+        if hasattr(response, "body_iterator"):
+            async for part in response.body_iterator:
+                content += part
+        else:
+            content = response.body
+        return response.status_code, dict(response.headers), content, engine
+
+    return asyncio.run(run())
+
+
+def test_the_ingress_maps_a_dead_replica_to_a_retryable_503():
+    _ray()
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import BackPressureError
+
+    status, headers, body, engine = _ingress_answer([ActorDiedError()])
+    assert status == 503 and headers["retry-after"] == "1" and engine.cancelled
+    error = json.loads(body)["error"]
+    assert error["type"] == "replica_unavailable" and "retry the request" in error["message"]
+    # a stream that had started: the error is its last event, then [DONE]
+    start = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
+    chunk = {"type": "http.response.body", "body": b'data: {"choices": []}\n\n', "more_body": True}
+    status, headers, body, engine = _ingress_answer([start, chunk, ActorDiedError()])
+    events = _events(body.decode())
+    assert status == 200 and events[0] == {"choices": []} and events[-1] == "[DONE]"
+    assert events[-2]["error"]["type"] == "replica_unavailable" and engine.cancelled
+    # full queues: 429 overloaded; no first message within the request timeout: 504
+    status, _, body, _ = _ingress_answer([BackPressureError(num_queued_requests=3, max_queued_requests=3)])
+    assert status == 429 and json.loads(body)["error"]["type"] == "overloaded"
+    status, _, body, engine = _ingress_answer([start], timeout_s=0.05, delay=1.0)
+    assert status == 504 and json.loads(body)["error"]["type"] == "timeout" and engine.cancelled
+    # an answer relays the app's status, headers and body unchanged
+    done = {"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False}
+    status, headers, body, engine = _ingress_answer([start, chunk, done])
+    assert (status, headers["content-type"], body) == (200, "text/event-stream", chunk["body"] + done["body"])
+
+
 def test_without_ray_the_error_names_the_extra(monkeypatch):
     from nemocompile.runtime import serve_ray
 
