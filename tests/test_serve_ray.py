@@ -323,6 +323,18 @@ def test_ray_flags_need_ray(capsys):
     assert "apply to serve --ray only" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(os.path.exists("/dev/nvidia0"), reason="this machine has an NVIDIA GPU")
+def test_tensorrt_without_a_gpu_or_a_missing_artifact_stops_before_starting_ray(capsys):
+    _ray()
+    from nemocompile.cli import main
+
+    started = time.monotonic()
+    assert main(["serve", "--ray", "--backend", "tensorrt", "--artifact", "missing"]) == 2
+    assert "use --backend onnxruntime" in capsys.readouterr().err and time.monotonic() - started < 5
+    assert main(["serve", "--ray", "--artifact", "missing"]) == 2  # a local artifact is checked before Ray starts
+    assert "not an exported artifact" in capsys.readouterr().err and time.monotonic() - started < 10
+
+
 def test_kuberay_manifest_deploys_the_app_on_gpu_workers():
     service = yaml.safe_load(KUBERAY.read_text())
     assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"

@@ -84,6 +84,10 @@ def run_ray(args) -> int:
     from ..runtime.serve_ray import DEFAULT_REQUEST_TIMEOUT_S, RayServeOptions, check_dependencies, serve_ray
 
     check_dependencies()  # fail before starting anything
+    if args.backend == "tensorrt" and not args.address:  # a local cluster has this machine's GPUs or none
+        from ..runtime.backends.tensorrt import import_tensorrt
+
+        import_tensorrt()
     if not args.address:  # on a cluster the path is the nodes' business; here it can be checked at once
         from ..manifest import Manifest
         from ..artifact_files import usable_graphs
