@@ -97,12 +97,9 @@ def parse_autoscale(text: str) -> tuple[int, int]:
 
 
 def _error(status: int, message: str, kind: str, headers: dict | None = None):
-    from starlette.responses import Response
-
     from .serve_http import APIError
 
-    return Response(json.dumps(APIError(message, status, kind).body()), status_code=status,
-                    media_type="application/json", headers=headers)
+    return _answer(status, APIError(message, status, kind).body(), headers)
 
 
 def _replica_died_body(detail: str) -> dict:
@@ -110,6 +107,12 @@ def _replica_died_body(detail: str) -> dict:
 
     return APIError(f"the replica serving this request stopped ({detail}); retry the request",
                     503, "replica_unavailable").body()
+
+
+def _answer(status: int, body: dict, headers: dict | None = None):
+    from starlette.responses import Response
+
+    return Response(json.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
 class ReplicaHeader:
@@ -162,7 +165,8 @@ class EngineReplica:
             return {"type": "http.disconnect"}
 
         task = asyncio.create_task(self.app(scope, receive, sent.put))
-        task.add_done_callback(lambda _: sent.put_nowait(None))
+        # the end of the messages; the exception (if any) is observed here and raised below
+        task.add_done_callback(lambda t: (sent.put_nowait(None), t.cancelled() or t.exception()))
         try:
             while (message := await sent.get()) is not None:
                 yield message
@@ -211,17 +215,18 @@ class Ingress:
 
         try:
             start = await next_message()
-        except lost as e:
+        except BaseException as e:
             messages.cancel()
-            return _error(503, _replica_died_body(type(e).__name__)["error"]["message"], "replica_unavailable",
-                          {"retry-after": str(RETRY_AFTER_S)})
-        except BackPressureError:
-            messages.cancel()
-            return _error(429, "every replica's queue is full; retry later", "overloaded",
-                          {"retry-after": str(RETRY_AFTER_S)})
-        except (asyncio.TimeoutError, TimeoutError):
-            messages.cancel()
-            return _error(504, f"no answer within the request timeout ({self.timeout:g} s)", "timeout")
+            if isinstance(e, lost):
+                return _answer(503, _replica_died_body(type(e).__name__), {"retry-after": str(RETRY_AFTER_S)})
+            if isinstance(e, BackPressureError):
+                return _error(429, "every replica's queue is full; retry later", "overloaded",
+                              {"retry-after": str(RETRY_AFTER_S)})
+            if isinstance(e, (asyncio.TimeoutError, TimeoutError)):
+                return _error(504, f"no answer within the request timeout ({self.timeout:g} s)", "timeout")
+            if isinstance(e, Exception):  # the app itself failed (it answers its own errors): a bug, said in JSON
+                return _error(500, f"the replica failed: {type(e).__name__}", "server_error")
+            raise  # cancelled: the client went away
         headers = dict(start.get("headers", []))
         events = headers.get(b"content-type", b"").startswith(b"text/event-stream")
 

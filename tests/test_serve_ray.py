@@ -267,6 +267,32 @@ def _ingress_answer(items: list, timeout_s: float = 5.0, delay: float = 0.0) -> 
     return asyncio.run(run())
 
 
+def test_the_replica_relay_tells_the_app_when_its_caller_goes_away():
+    """Closing the relay (Ray Serve cancels it when the client disconnects) reaches the app as
+    ``http.disconnect``: its generation stops instead of running on for nobody."""
+    from nemocompile.runtime.serve_ray import EngineReplica
+
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(await receive())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"first", "more_body": True})
+        seen.append(await asyncio.wait_for(receive(), 5))  # blocks until the caller goes away
+
+    async def run():
+        replica = object.__new__(EngineReplica)
+        replica.app, replica.runtime = app, None
+        relay = replica.relay({"type": "http"}, b"{}")
+        assert (await relay.__anext__())["status"] == 200
+        assert (await relay.__anext__())["body"] == b"first"
+        await relay.aclose()
+        await asyncio.sleep(0.01)
+
+    asyncio.run(run())
+    assert seen == [{"type": "http.request", "body": b"{}", "more_body": False}, {"type": "http.disconnect"}]
+
+
 def test_the_ingress_maps_a_dead_replica_to_a_retryable_503():
     _ray()
     from ray.exceptions import ActorDiedError
@@ -288,6 +314,8 @@ def test_the_ingress_maps_a_dead_replica_to_a_retryable_503():
     assert status == 429 and json.loads(body)["error"]["type"] == "overloaded"
     status, _, body, engine = _ingress_answer([start], timeout_s=0.05, delay=1.0)
     assert status == 504 and json.loads(body)["error"]["type"] == "timeout" and engine.cancelled
+    status, _, body, _ = _ingress_answer([RuntimeError("boom")])  # the app failed: still an OpenAI body
+    assert status == 500 and json.loads(body)["error"]["type"] == "server_error"
     # an answer relays the app's status, headers and body unchanged
     done = {"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False}
     status, headers, body, engine = _ingress_answer([start, chunk, done])
