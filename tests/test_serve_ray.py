@@ -27,7 +27,7 @@ from test_runtime import exported
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERAY = ROOT / "examples" / "kuberay-rayservice.yaml"
-STARTUP_S = 120  # local cluster + two replicas; about 20 s on a 2-core machine
+STARTUP_S = 120  # local cluster + two replicas: about 30 s on a 2-core machine
 RECOVERY_S = 30  # a killed replica: requests succeed again (the other replica), and Ray starts a new one
 CALL_S = 60  # any one HTTP call; none may reach it (nothing hangs)
 REQUESTS = [

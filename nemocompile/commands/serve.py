@@ -89,8 +89,8 @@ def run_ray(args) -> int:
 
         import_tensorrt()
     if not args.address:  # on a cluster the path is the nodes' business; here it can be checked at once
-        from ..manifest import Manifest
         from ..artifact_files import usable_graphs
+        from ..manifest import Manifest
 
         usable_graphs(args.artifact, Manifest.load(args.artifact))
     # --request-timeout and --max-queue belong to serve --http; where they exist, --ray honours them too
