@@ -154,6 +154,30 @@ def test_left_padded_batch_matches_single_rows(tiny_model):
                          FP32, f"row {row} block")
 
 
+def test_rows_at_their_own_cache_lengths_match_single_rows(tiny_model):
+    """cache_len per row ([B], continuous batching): each row attends to its own slots only
+    (the slots past its length hold another sequence's keys) and counts positions from them."""
+    a, b = [5, 6, 7, 8, 9, 10, 11], [40, 41, 42]
+    C = 32
+    with torch.no_grad():
+        ck = torch.zeros(tiny_model.config.num_hidden_layers, 2, tiny_model.config.num_key_value_heads, C,
+                         tiny_model.config.head_dim)
+        cv = ck.clone()
+        for row, p in enumerate((a, b)):  # each row prefilled alone, from slot 0
+            _, k, v = tiny_model.step(torch.tensor([p]), None, None, 0, pattern="causal")
+            ck[:, row, :, :len(p)], cv[:, row, :, :len(p)] = k[:, 0], v[:, 0]
+        ck[:, 1, :, len(b):len(a)] = ck[:, 0, :, len(b):len(a)]  # stale keys past row 1's length
+        lengths = torch.tensor([len(a), len(b)])
+        blk = torch.tensor([[12, 3, 3], [43, 3, 3]])
+        for pattern in ("causal", "bidirectional"):
+            got, _, _ = tiny_model.step(blk, ck, cv, lengths, pattern=pattern)
+            for row, p in enumerate((a, b)):
+                c1 = tiny_model.new_cache(1, C)
+                tiny_model(torch.tensor([p]), cache=c1)
+                single = tiny_model(blk[row:row + 1], pattern=pattern, cache=c1, write=False)[0]
+                assert_close(got[row], single, FP32, f"row {row} {pattern}")
+
+
 def test_lora_only_changes_lora_forwards(tiny_lora_model):
     ids = torch.randint(0, 96, (1, 12))
     with torch.no_grad():
