@@ -72,6 +72,15 @@ class LoadConfig:
     extra_body: dict = field(default_factory=dict)  # more request fields: eos, max_thinking_tokens, ...
     request_timeout_s: float = REQUEST_TIMEOUT_S
 
+    def __post_init__(self):
+        if not self.concurrency or any(not isinstance(c, int) or c < 1 for c in self.concurrency):
+            raise NemocompileError(f"concurrency levels must be integers >= 1, got {list(self.concurrency)}")
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise NemocompileError(f"unknown mode {bad[0] if bad else '(none)'!r}; use some of {', '.join(MODES)}")
+        if self.requests is not None and self.requests < 1:
+            raise NemocompileError(f"requests per level must be >= 1, got {self.requests}")
+
     def requests_at(self, concurrency: int) -> int:
         return self.requests if self.requests is not None else default_requests(concurrency)
 
@@ -116,6 +125,9 @@ def send_completion(client, body: dict, prompt_index: int) -> RequestRecord:
                     if payload == "[DONE]":
                         break
                     chunk = json.loads(payload)
+                    if not isinstance(chunk, dict):
+                        record.error = f"the stream carried a chunk that is not a JSON object: {payload[:80]}"
+                        break
                     if "error" in chunk:  # an error after the status line went out
                         record.error, record.error_type = _error_text(chunk), _error_type(chunk)
                         break
@@ -318,6 +330,12 @@ class LocalServer:
         if self.progress:
             self.progress(f"stopped server pid {proc.pid}")
 
+    def check_alive(self) -> None:
+        """Raise if the server exited while the benchmark was using it (its requests would all fail)."""
+        if self.proc is not None and self.proc.poll() is not None:
+            raise NemocompileError(f"the server exited with status {self.proc.returncode} during the benchmark: "
+                                   f"{self.last_line()}")
+
     def last_line(self) -> str:
         lines = [ln for ln in self._log if ln.strip()]
         return lines[-1].strip() if lines else "(it printed nothing)"
@@ -409,15 +427,15 @@ def run_load_bench(prompts: Sequence, config: LoadConfig, *, artifact: str | Pat
             url = check_url(url)
             health = wait_healthy(url, time.monotonic() + health_timeout_s)
             server = {"url": url, "started": False, "health": health}
-            return _sweep(url, health, server, prompts, config, progress)
+            return _sweep(url, health, server, prompts, config, progress, lambda: None)
         with LocalServer(artifact, threads, server_args, health_timeout_s, progress) as local:
             server = {"url": local.url, "started": True, "pid": local.proc.pid, "command": local.command,
                       "health": local.health}
-            return _sweep(local.url, local.health, server, prompts, config, progress)
+            return _sweep(local.url, local.health, server, prompts, config, progress, local.check_alive)
 
 
 def _sweep(url: str, health: dict, server: dict, prompts: Sequence, config: LoadConfig,
-           progress: Callable[[str], None] | None) -> dict:
+           progress: Callable[[str], None] | None, check_alive: Callable[[], None]) -> dict:
     import httpx
 
     say = progress or (lambda msg: None)
@@ -447,6 +465,7 @@ def _sweep(url: str, health: dict, server: dict, prompts: Sequence, config: Load
 
             # one untimed request first: it warms the mode's graphs and finds out whether the server takes it
             warm = send_completion(client, body(0)[1], 0)
+            check_alive()
             if warm.error is not None:
                 refused = 400 <= warm.status < 500 and warm.status != 429
                 modes[mode] = {"status": "refused" if refused else "failed", "reason": warm.error}
@@ -454,17 +473,16 @@ def _sweep(url: str, health: dict, server: dict, prompts: Sequence, config: Load
                 continue
             modes[mode] = {"status": "ran", "reason": None}
             for c in levels:
-                n = config.requests_at(c)
-                records, wall = run_level(client, [body(i) for i in range(n)], c)
-                row = summarize_level(mode, c, records, wall)
-                rows.append(row)
-                say(_progress_line(row))
-            n = config.requests_at(baseline)
-            records, wall = run_level(client, [body(i) for i in range(n)], 1)
-            row = summarize_level(mode, baseline, records, wall)
-            row["sequential"] = True
-            sequential.append(row)
-            say(_progress_line(row))
+                bodies = [body(i) for i in range(config.requests_at(c))]
+                # the baseline runs right after its level: the machine's load drifts less in between
+                for in_flight, table in ((c, rows), *([(1, sequential)] if c == baseline else [])):
+                    records, wall = run_level(client, bodies, in_flight)
+                    check_alive()
+                    row = summarize_level(mode, c, records, wall)
+                    if table is sequential:
+                        row["sequential"] = True
+                    table.append(row)
+                    say(_progress_line(row))
     speedups, auto = compare(rows, sequential)
     return {"server": server,
             "settings": {"concurrency": levels, "requests": {str(c): config.requests_at(c) for c in levels},

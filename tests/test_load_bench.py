@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from nemocompile.cli import main
-from nemocompile.runtime.load_bench import LoadConfig, compare, free_port, run_load_bench, summarize_level
-from nemocompile.runtime.load_bench import RequestRecord
+from nemocompile.errors import NemocompileError
+from nemocompile.runtime.load_bench import (LoadConfig, LocalServer, RequestRecord, compare, free_port,
+                                            run_load_bench, summarize_level)
 
 from test_runtime import exported
 
@@ -148,6 +149,22 @@ def test_a_server_that_exits_at_start_is_reported_with_its_own_error(artifact, c
     (line,) = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert line.startswith("error: the server exited with status 2 before it became healthy: error: ")
     assert gone(started_pid(err))
+
+
+def test_a_server_that_dies_mid_run_is_an_error_not_a_table_of_failures():
+    server = LocalServer("unused")
+    server.proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
+    server.proc.wait()
+    server._log.append("Segmentation fault\n")
+    with pytest.raises(NemocompileError, match="the server exited with status 3 during the benchmark: "
+                                               "Segmentation fault"):
+        server.check_alive()
+
+
+def test_the_python_api_refuses_what_the_command_line_refuses():
+    for bad in ({"concurrency": (1, 0)}, {"concurrency": ()}, {"modes": ("ar", "fast")}, {"requests": 0}):
+        with pytest.raises(NemocompileError):
+            LoadConfig(**bad)
 
 
 # ---- a scripted server -----------------------------------------------------------------------
