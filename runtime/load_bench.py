@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shlex
 import signal
 import socket
@@ -428,9 +429,12 @@ def run_load_bench(prompts: Sequence, config: LoadConfig, *, artifact: str | Pat
             health = wait_healthy(url, time.monotonic() + health_timeout_s)
             server = {"url": url, "started": False, "health": health}
             return _sweep(url, health, server, prompts, config, progress, lambda: None)
+        from nemocompile.manifest import Manifest
+
+        manifest = Manifest.load(artifact)  # a missing or unreadable artifact fails before a server starts
         with LocalServer(artifact, threads, server_args, health_timeout_s, progress) as local:
             server = {"url": local.url, "started": True, "pid": local.proc.pid, "command": local.command,
-                      "health": local.health}
+                      "health": local.health, "batch_size": manifest.batch_size}
             return _sweep(local.url, local.health, server, prompts, config, progress, local.check_alive)
 
 
@@ -439,6 +443,7 @@ def _sweep(url: str, health: dict, server: dict, prompts: Sequence, config: Load
     import httpx
 
     say = progress or (lambda msg: None)
+    load_before = os.getloadavg()[0]  # client and server share these cores with whatever else runs
     levels = sorted(set(config.concurrency))
     baseline = sequential_level(levels)
     served = health.get("modes")
@@ -485,6 +490,7 @@ def _sweep(url: str, health: dict, server: dict, prompts: Sequence, config: Load
                     say(_progress_line(row))
     speedups, auto = compare(rows, sequential)
     return {"server": server,
+            "machine": {"cpus": os.cpu_count(), "load_average_1m": [load_before, os.getloadavg()[0]]},
             "settings": {"concurrency": levels, "requests": {str(c): config.requests_at(c) for c in levels},
                          "modes": list(config.modes), "max_new_tokens": config.max_new_tokens,
                          "extra_body": config.extra_body, "prompts": len(prompts), "sequential_level": baseline},
@@ -542,11 +548,15 @@ def format_table(report: dict) -> str:
                  num(row["ttft_p50_s"], "{:.3f}"), num(row["ttft_p99_s"], "{:.3f}")]
         lines.append(f"{row['mode']:<15} " + " ".join(f"{v:>9}" for v in cells) + f"  {mix}")
     for s in report["speedups"]:
-        lines.append(f"{s['mode']}: {s['requests']} requests at concurrency {s['concurrency']} finished "
-                     f"{num(s['speedup'])}x faster (wall) than one at a time")
+        lines.append(f"{s['mode']}: wall one at a time / wall at C={s['concurrency']} = {num(s['speedup'])} "
+                     f"({s['requests']} requests: {num(s['sequential_wall_s'])} s / "
+                     f"{num(s['concurrent_wall_s'])} s)")
     for a in report["auto_vs_best"]:
         lines.append(f"auto at C={a['concurrency']}: {num(a['ratio'])}x the throughput of the best fixed mode "
                      f"({a['best_mode']})")
+    machine = report["machine"]
+    lines.append(f"machine: {machine['cpus']} CPUs, 1-minute load average {machine['load_average_1m'][0]:.1f} "
+                 f"before, {machine['load_average_1m'][1]:.1f} after (client and server included)")
     for mode, m in report["modes"].items():
         if m["status"] != "ran":
             lines.append(f"{mode}: {m['status']}: {m['reason']}")

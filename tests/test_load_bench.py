@@ -97,7 +97,8 @@ def test_bench_serve_reports_every_field_and_stops_its_server(artifact, prompts_
     table = proc.stdout.splitlines()
     assert table[0].split()[:3] == ["mode", "C", "reqs"]
     assert [line.split()[:2] for line in table[1:4]] == [["ar", "1"], ["ar", "2"], ["ar", "seq"]]
-    assert "ar: 2 requests at concurrency 2 finished" in proc.stdout
+    assert "ar: wall one at a time / wall at C=2 = " in proc.stdout
+    assert report["server"]["batch_size"] == 1 and report["machine"]["cpus"] == os.cpu_count()
 
 
 # SIGTERM takes bench's own handler (Python's default would skip the cleanup); slow: a second server start
@@ -233,7 +234,7 @@ def test_skipped_refused_and_overloaded_modes_are_reported_not_raised(fake):
         "status": "skipped", "reason": "the server has no quadratic-spec graphs (it has: ar, linear-spec)"}
     assert report["modes"]["linear-spec"] == {"status": "refused", "reason": "HTTP 400: no linear-spec today"}
     assert report["modes"]["ar"]["status"] == report["modes"]["auto"]["status"] == "ran"
-    assert not report["server"]["started"]
+    assert not report["server"]["started"] and len(report["machine"]["load_average_1m"]) == 2
 
     ar = [r for r in report["levels"] if r["mode"] == "ar"]
     assert [(r["completed"], r["rejected"], r["failed"], r["completion_tokens"]) for r in ar] == [(1, 1, 1, 3)] * 2
@@ -292,7 +293,7 @@ def test_a_url_whose_health_never_answers_fails_within_the_timeout(fake, capsys)
     (["--serve", "--url", "http://127.0.0.1:1", "--artifact", "A"], "--url drives a running server: drop --artifact"),
     (["--serve", "--url", "localhost:8000"], "--url 'localhost:8000': expected http://HOST:PORT"),
     (["--serve"], "bench --serve needs one --artifact DIR"),
-    (["--serve", "--artifact", "/nonexistent"], "--artifact /nonexistent: not an artifact (no manifest.json)"),
+    (["--serve", "--artifact", "/nonexistent"], "/nonexistent/manifest.json: missing; /nonexistent is not an exported"),
     ([], "bench needs --artifact DIR"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, fragment, capsys):

@@ -170,8 +170,6 @@ def run(args) -> int:
 
 def run_serve(args) -> int:
     """`bench --serve`: the load benchmark (runtime/load_bench.py)."""
-    from pathlib import Path
-
     from ..errors import NemocompileError
     from ..runtime import bench, load_bench
     from .common import check_output_file
@@ -189,12 +187,11 @@ def run_serve(args) -> int:
     else:
         if not args.artifact or len(args.artifact) > 1:
             raise NemocompileError("bench --serve needs one --artifact DIR to serve (or --url of a running server)")
-        if not (Path(args.artifact[0]) / "manifest.json").is_file():
-            raise NemocompileError(f"--artifact {args.artifact[0]}: not an artifact (no manifest.json); "
-                                   "write one with nemocompile export")
+        from ..manifest import Manifest
         from ..runtime.serve_http import check_dependencies
 
         check_dependencies()
+        Manifest.load(args.artifact[0])
     server_args = load_bench.check_server_args(args.server_args)
     load_bench.require_httpx()
     check_output_file(args.json, "--json")
