@@ -229,15 +229,15 @@ def compare(levels: Sequence[dict], sequential: Sequence[dict]) -> tuple[list[di
     speedups = []
     for s in sequential:
         concurrent = by_key.get((s["mode"], s["concurrency"]))
+        wall = concurrent["wall_s"] if concurrent is not None else None
         ok = concurrent is not None and not concurrent["failed"] and not s["failed"]
         speedups.append({"mode": s["mode"], "concurrency": s["concurrency"], "requests": s["requests"],
-                         "sequential_wall_s": s["wall_s"],
-                         "concurrent_wall_s": concurrent["wall_s"] if concurrent else None,
-                         "speedup": s["wall_s"] / concurrent["wall_s"] if ok else None})
+                         "sequential_wall_s": s["wall_s"], "concurrent_wall_s": wall,
+                         "speedup": s["wall_s"] / wall if ok and wall else None})
     auto = []
     for c in sorted({r["concurrency"] for r in levels}):
         mine = by_key.get(("auto", c))
-        fixed = [r for m in LOSSLESS if (r := by_key.get((m, c))) and not r["failed"]]
+        fixed = [by_key[(m, c)] for m in LOSSLESS if (m, c) in by_key and not by_key[(m, c)]["failed"]]
         if mine is None or not fixed:
             continue
         best = max(fixed, key=lambda r: r["tokens_per_second"] or 0.0)
@@ -282,6 +282,7 @@ class LocalServer:
         self.command: list[str] = []
         self.url = ""
         self.health: dict = {}  # the server's GET /health answer once it is up
+        self.pid = 0  # the healthy server's process id
         self._log: deque[str] = deque(maxlen=50)  # the server's last stderr lines, for error messages
 
     def __enter__(self) -> LocalServer:
@@ -310,11 +311,12 @@ class LocalServer:
             threading.Thread(target=self._drain, args=(self.proc,), daemon=True).start()
             if self.progress:
                 self.progress(f"started server pid {self.proc.pid}: {shlex.join(self.command[1:])}")
-            health = wait_healthy(self.url, deadline, self.proc, self.last_line)
-            if health is not None:
-                self.health = health
-                return health
-            self.stop()  # it could not bind the port: try another
+            try:
+                self.health = wait_healthy(self.url, deadline, self.proc, self.last_line)
+                self.pid = self.proc.pid
+                return self.health
+            except _PortTaken:
+                self.stop()  # another process bound the port first: try another
         raise NemocompileError(f"the server could not listen on a free loopback port 3 times: {self.last_line()}")
 
     def stop(self) -> None:
@@ -349,12 +351,16 @@ class LocalServer:
                 self._log.append(line)
 
 
+class _PortTaken(Exception):
+    """The started server could not bind its port (taken since it was found free)."""
+
+
 def wait_healthy(url: str, deadline: float, proc: subprocess.Popen | None = None,
-                 last_line: Callable[[], str] = lambda: "") -> dict | None:
+                 last_line: Callable[[], str] = lambda: "") -> dict:
     """Poll ``GET url/health`` until it answers 200 or ``deadline`` (monotonic) passes. With ``proc``
     (a server this benchmark started) a refused connection means "not up yet" and the process dying
-    is an error; without it (``--url``) the server must answer now. Returns the health JSON, or None
-    when the started server could not bind its port (the caller retries with another)."""
+    is an error; without it (``--url``) the server must answer now. Returns the health JSON; raises
+    _PortTaken when the started server could not bind its port (the caller retries with another)."""
     import httpx
 
     timeout = max(deadline - time.monotonic(), 0.1)
@@ -385,7 +391,7 @@ def wait_healthy(url: str, deadline: float, proc: subprocess.Popen | None = None
         if proc is not None and proc.poll() is not None:
             line = last_line()
             if "cannot listen on" in line:
-                return None
+                raise _PortTaken
             raise NemocompileError(f"the server exited with status {proc.returncode} before it became "
                                    f"healthy: {line}")
         if time.monotonic() >= deadline:
@@ -424,8 +430,8 @@ def run_load_bench(prompts: Sequence, config: LoadConfig, *, artifact: str | Pat
     if (artifact is None) == (url is None):
         raise NemocompileError("give an artifact to serve or the URL of a running server (one of them)")
     with _terminate_as_interrupt():
-        if url is not None:
-            url = check_url(url)
+        if artifact is None:
+            url = check_url(str(url))
             health = wait_healthy(url, time.monotonic() + health_timeout_s)
             server = {"url": url, "started": False, "health": health}
             return _sweep(url, health, server, prompts, config, progress, lambda: None)
@@ -433,7 +439,7 @@ def run_load_bench(prompts: Sequence, config: LoadConfig, *, artifact: str | Pat
 
         manifest = Manifest.load(artifact)  # a missing or unreadable artifact fails before a server starts
         with LocalServer(artifact, threads, server_args, health_timeout_s, progress) as local:
-            server = {"url": local.url, "started": True, "pid": local.proc.pid, "command": local.command,
+            server = {"url": local.url, "started": True, "pid": local.pid, "command": local.command,
                       "health": local.health, "batch_size": manifest.batch_size}
             return _sweep(local.url, local.health, server, prompts, config, progress, local.check_alive)
 
