@@ -1,4 +1,5 @@
-"""`nemocompile bench`: tokens/s, tokens per forward, acceptance and overhead for every mode."""
+"""`nemocompile bench`: tokens/s, tokens per forward, acceptance and overhead for every mode;
+`nemocompile bench --serve`: a load benchmark against a real HTTP server (runtime/load_bench.py)."""
 
 from __future__ import annotations
 
@@ -11,19 +12,21 @@ def add_parser(sub) -> None:
     from .common import non_negative_int, positive_int
 
     p = sub.add_parser("bench", help="benchmark an artifact's modes on onnxruntime against the eager backend")
-    p.add_argument("--artifact", required=True, action="append", metavar="DIR",
-                   help="exported artifact (repeat for more block lengths: one artifact per block length)")
+    p.add_argument("--artifact", action="append", metavar="DIR",
+                   help="exported artifact (repeat for more block lengths: one artifact per block length; "
+                        "--serve: the one artifact the started server serves)")
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help='JSON lines with "prompt" or "ids", or plain text lines, as for parity '
                         '(default: built-in held-out code prompts)')
     p.add_argument("--limit", type=positive_int, default=None, help="use the first N prompts")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64)
-    p.add_argument("--backends", type=_backends, default="onnxruntime,torch",
+    p.add_argument("--max-new-tokens", type=positive_int, default=None, help="default 64 (--serve: 32)")
+    # the next four are the in-process benchmark's (None: their default; --serve refuses them)
+    p.add_argument("--backends", type=_backends, default=None,
                    help="comma-separated backends (default onnxruntime,torch: torch is the eager reference)")
-    p.add_argument("--diffusion-thresholds", type=_thresholds, default="0.9,0.7",
-                   help="comma-separated; 'none' = fixed schedule")
-    p.add_argument("--linear-spec-thresholds", type=_thresholds, default="0",
-                   help="comma-separated (0: one-shot draft)")
+    p.add_argument("--diffusion-thresholds", type=_thresholds, default=None,
+                   help="comma-separated; 'none' = fixed schedule (default 0.9,0.7)")
+    p.add_argument("--linear-spec-thresholds", type=_thresholds, default=None,
+                   help="comma-separated (0: one-shot draft; the default)")
     p.add_argument("--model", default=None, metavar="DIR", help="torch backend's checkpoint (default: the source)")
     p.add_argument("--threads", type=positive_int, default=1,
                    help="intra-op threads, the same for every backend (default 1: tiny models gain nothing from "
@@ -36,7 +39,65 @@ def add_parser(sub) -> None:
     p.add_argument("--json", default=None, metavar="FILE", help='write {"results": [...], "summary": {...}}')
     p.add_argument("--plot", default=None, metavar="FILE.png", help="draw tokens/s and tokens per forward by mode")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    load = p.add_argument_group("load benchmark (--serve)")
+    load.add_argument("--serve", action="store_true",
+                      help="drive an HTTP server with concurrent streamed requests: throughput, p50/p99 latency and "
+                           "time to first token per mode and concurrency level (starts `serve --http` on "
+                           "--artifact unless --url is given)")
+    load.add_argument("--url", default=None, help="base URL of a running server to drive instead of starting one")
+    load.add_argument("--concurrency", type=_levels, default=None, metavar="C,C,...",
+                      help="comma-separated levels: at most C requests in flight (default 1,2,4,8,16)")
+    load.add_argument("--requests", type=positive_int, default=None, metavar="N",
+                      help="requests per level (default 2*C, at least 4, at most 32)")
+    load.add_argument("--modes", type=_modes, default=None, metavar="M,M,...",
+                      help="comma-separated, of ar, diffusion, linear-spec, quadratic-spec, auto "
+                           "(default ar,linear-spec,quadratic-spec,auto)")
+    load.add_argument("--server-args", default=None, metavar='"ARGS"',
+                      help='more arguments for the started server, one shell string (e.g. "--backend torch")')
+    load.add_argument("--health-timeout", type=_seconds, default=None, metavar="S",
+                      help="how long to wait for the server's GET /health (default 120)")
     p.set_defaults(func=run)
+
+
+SERVE_ONLY = ("url", "concurrency", "requests", "modes", "server_args", "health_timeout")
+TABLE_ONLY = ("backends", "diffusion_thresholds", "linear_spec_thresholds", "model")
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _levels(text: str) -> list[int]:
+    from .common import positive_int
+
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        levels = [positive_int(t) for t in parts]
+    except argparse.ArgumentTypeError:
+        levels = []
+    if not levels:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return sorted(set(levels))
+
+
+def _modes(text: str) -> list[str]:
+    from ..runtime.load_bench import MODES
+
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in names if m not in MODES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown mode {bad[0] if bad else '(none)'!r}; "
+                                         f"use a comma-separated list of {', '.join(MODES)}")
+    return list(dict.fromkeys(names))
+
+
+def _seconds(text: str) -> float:
+    from .common import non_negative_float
+
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
 
 
 def _thresholds(text: str) -> list:
@@ -75,9 +136,17 @@ def _eos(text: str) -> int:
 
 
 def run(args) -> int:
+    from ..errors import NemocompileError
     from ..runtime import bench
     from .common import check_output_file
 
+    if args.serve:
+        return run_serve(args)
+    given = [d for d in SERVE_ONLY if getattr(args, d) is not None]
+    if given:
+        raise NemocompileError(f"{_flag(given[0])} belongs to the load benchmark; add --serve")
+    if not args.artifact:
+        raise NemocompileError("bench needs --artifact DIR (an exported artifact)")
     # every destination and optional dependency is checked before the benchmark runs
     check_output_file(args.json, "--json")
     check_output_file(args.plot, "--plot")
@@ -85,8 +154,10 @@ def run(args) -> int:
         bench.require_matplotlib()
     prompts = bench.load_prompts(args.prompts, args.limit)
     report = bench.run_bench(
-        args.artifact, prompts, backends=args.backends, max_new_tokens=args.max_new_tokens,
-        diffusion_thresholds=args.diffusion_thresholds, linear_spec_thresholds=args.linear_spec_thresholds,
+        args.artifact, prompts, backends=args.backends or list(BACKENDS[:2]),
+        max_new_tokens=args.max_new_tokens or 64,
+        diffusion_thresholds=args.diffusion_thresholds or list(bench.DEFAULT_DIFFUSION_THRESHOLDS),
+        linear_spec_thresholds=args.linear_spec_thresholds or list(bench.DEFAULT_LINEAR_SPEC_THRESHOLDS),
         model=args.model, threads=args.threads, eos=args.eos, progress=None if args.quiet else bench.stderr_progress,
         thinking={"max_thinking_tokens": args.max_thinking_tokens, "end_think_token_id": args.end_think_token_id})
     print(bench.format_table(report), flush=True)  # first: a failing write below must not lose the table
@@ -94,4 +165,53 @@ def run(args) -> int:
         bench.write_json(report, args.json)
     if args.plot:
         bench.plot(report, args.plot)
+    return 0
+
+
+def run_serve(args) -> int:
+    """`bench --serve`: the load benchmark (runtime/load_bench.py)."""
+    from ..errors import NemocompileError
+    from ..runtime import bench, load_bench
+    from .common import check_output_file
+
+    # every argument, destination and dependency is checked before a server starts
+    given = [d for d in TABLE_ONLY if getattr(args, d) is not None]
+    if given:
+        raise NemocompileError(f"{_flag(given[0])} does not apply to --serve (the server decides; pass its "
+                               'options with --server-args "...")')
+    if args.url is not None:
+        if args.artifact or args.server_args is not None:
+            raise NemocompileError(f"--url drives a running server: drop "
+                                   f"{'--artifact' if args.artifact else '--server-args'}")
+        load_bench.check_url(args.url)
+    else:
+        if not args.artifact or len(args.artifact) > 1:
+            raise NemocompileError("bench --serve needs one --artifact DIR to serve (or --url of a running server)")
+        from ..manifest import Manifest
+        from ..runtime.serve_http import check_dependencies
+
+        check_dependencies()
+        Manifest.load(args.artifact[0])
+    server_args = load_bench.check_server_args(args.server_args)
+    load_bench.require_httpx()
+    check_output_file(args.json, "--json")
+    check_output_file(args.plot, "--plot")
+    if args.plot:
+        bench.require_matplotlib()
+    prompts = bench.load_prompts(args.prompts, args.limit)
+    extra = {k: v for k, v in (("eos", args.eos), ("max_thinking_tokens", args.max_thinking_tokens),
+                               ("end_think_token_id", args.end_think_token_id)) if v is not None}
+    config = load_bench.LoadConfig(
+        concurrency=tuple(args.concurrency or load_bench.DEFAULT_CONCURRENCY), requests=args.requests,
+        modes=tuple(args.modes or load_bench.DEFAULT_MODES),
+        max_new_tokens=args.max_new_tokens or load_bench.DEFAULT_MAX_NEW_TOKENS, extra_body=extra)
+    report = load_bench.run_load_bench(
+        prompts, config, artifact=None if args.url else args.artifact[0], url=args.url, threads=args.threads,
+        server_args=server_args, health_timeout_s=args.health_timeout or load_bench.HEALTH_TIMEOUT_S,
+        progress=None if args.quiet else bench.stderr_progress)
+    print(load_bench.format_table(report), flush=True)  # first: a failing write below must not lose the table
+    if args.json:
+        load_bench.write_json(report, args.json)
+    if args.plot:
+        load_bench.plot(report, args.plot)
     return 0
