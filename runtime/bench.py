@@ -114,24 +114,23 @@ def grid(runtime: Runtime, diffusion_thresholds: Sequence, linear_spec_threshold
 
 def step_times(runtime: Runtime, steps: Sequence[str] = ("verify", "verify_draft"), repeats: int = 20) -> list[dict]:
     """Median milliseconds per forward of each of ``steps`` at each of its block lengths, with
-    the cache half full: what the fused step's B x (B+1) rows cost against a plain verify."""
+    the cache half full: what the fused step's B x (B+1) rows cost against a plain verify.
+    The graphs take turns, one forward each per round, so a change of machine load during
+    the measurement weighs on all of them alike (their ratios are what callers compare)."""
     import statistics
     import time
 
-    out = []
-    for g in runtime.manifest.graphs:
-        if g.step not in steps:
-            continue
-        with runtime.exclusive():
-            runtime.cache.reset(length=(runtime.capacity - g.block_length) // 2)
-            times = []
-            for _ in range(repeats + 2):
+    graphs = [g for g in runtime.manifest.graphs if g.step in steps]
+    times: dict[int, list[float]] = {i: [] for i in range(len(graphs))}
+    with runtime.exclusive():
+        for _ in range(repeats + 2):
+            for i, g in enumerate(graphs):
+                runtime.cache.reset(length=(runtime.capacity - g.block_length) // 2)
                 t0 = time.perf_counter()
                 runtime.backend.run((g.step, g.block_length))
-                times.append(time.perf_counter() - t0)
-        out.append({"step": g.step, "block_length": g.block_length, "tokens": _tokens(g),
-                    "ms": statistics.median(times[2:]) * 1e3})
-    return out
+                times[i].append(time.perf_counter() - t0)
+    return [{"step": g.step, "block_length": g.block_length, "tokens": _tokens(g),
+             "ms": statistics.median(times[i][2:]) * 1e3} for i, g in enumerate(graphs)]
 
 
 def _tokens(graph) -> int:

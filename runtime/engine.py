@@ -165,6 +165,7 @@ class Engine:
         self.listeners: list[Callable[[str, Any], None]] = []  # metrics: ("step", ...), ("finish", ...)
         self.steps = 0  # forwards run
         self.costs = None  # mode auto's cost table (runtime/policy.py), loaded at first use
+        self.live_s: dict[tuple[str, int], collections.deque] = {}  # the last forwards' seconds per graph
         self._choices: dict = {}  # this tick's auto choices, per option set
 
     # ---- submission --------------------------------------------------------------
@@ -279,7 +280,21 @@ class Engine:
             if entry is not None:
                 groups.setdefault(entry[2].key, []).append(b)
         for key, members in groups.items():
-            self._forward(key, members)
+            if not self._waits(key, groups):
+                self._forward(key, members)
+
+    @staticmethod
+    def _waits(key: tuple[str, int], groups: dict) -> bool:
+        """Keep linear-spec rows in one phase: a tick never runs both the draft and the verify
+        of one block length (rows out of phase would pay both forwards every tick, twice a
+        cycle's cost); the smaller group (a draft on a tie) waits one tick and then runs with
+        the others."""
+        step, L = key
+        other = {"draft": "verify", "verify": "draft"}.get(step)
+        if other is None or (other, L) not in groups:
+            return False
+        mine, theirs = len(groups[key]), len(groups[(other, L)])
+        return mine < theirs or (mine == theirs and step == "draft")
 
     def _forward(self, key: tuple[str, int], members: list[int]) -> None:
         rt, cache = self.rt, self.rt.cache
@@ -296,6 +311,7 @@ class Engine:
         rt.backend.run(key)
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
         self.steps += 1
+        self.live_s.setdefault(key, collections.deque(maxlen=16)).append(dt)
         for b in members:
             row, _, forward = self.rows[b]
             if forward.write:
@@ -365,11 +381,23 @@ class Engine:
             autos = [r for r, _, _ in filter(None, self.rows) if r.acceptance is not None
                      and self._auto_options(r.request) == options]
             graphs, tokens = self._fixed_load()
-            self._choices[key] = choose(self.costs, options, [r.acceptance for r in autos] or [row.acceptance],
+            self._choices[key] = choose(self._live_costs(), options, [r.acceptance for r in autos] or [row.acceptance],
                                         graphs, tokens)
         choice = self._choices[key]
         row.stats.auto_reason = choice.reason
         return choice.mode, choice.block_length
+
+    def _live_costs(self):
+        """The cost table with each graph's time replaced by the median of its last forwards here,
+        once it has run a few: the table is the prior, what the engine measures under the load
+        it actually serves is the truth (a calibration on a busy machine can be off by 2x)."""
+        import dataclasses
+        import statistics
+
+        from .policy import graph_key
+
+        live = {graph_key(*key): statistics.median(times) for key, times in self.live_s.items() if len(times) >= 4}
+        return dataclasses.replace(self.costs, step_s={**self.costs.step_s, **live}) if live else self.costs
 
     def _auto_options(self, request) -> list[tuple[str, int | None]]:
         from .policy import lossless_options

@@ -74,10 +74,12 @@ def test_concurrent_requests_of_one_mode_equal_their_solo_runs(mode, engine_arti
         assert any(max(g.stats.acceptance_lengths) > 1 for g in got), "no draft was ever accepted: a weak test"
 
 
-def test_modes_mixed_in_one_batch_and_rows_joining_mid_decode(engine_artifact, rt):
+def test_modes_mixed_in_one_batch_and_rows_joining_mid_decode(engine_artifact, rt, monkeypatch):
     """Six requests of every mode (and a sampled one) on four rows, started apart: rows join as
     others decode and leave when they finish; each greedy output equals its solo eager run."""
     model, _ = engine_artifact
+    run = rt.backend.run
+    monkeypatch.setattr(rt.backend, "run", lambda key: (time.sleep(0.003), run(key))[1])  # rows stay a while
     modes = ["linear-spec", "ar", "quadratic-spec", "diffusion", "auto", "ar"]
     calls = [dict(prompt_or_ids=PROMPTS[i % len(PROMPTS)], mode=m, max_new_tokens=9 + 3 * i, eos=-1)
              for i, m in enumerate(modes)]
@@ -106,6 +108,29 @@ def test_a_long_prompt_is_prefilled_while_other_rows_decode(engine_artifact, rt)
     # the long prompt's chunks run in ticks where the short request's ar steps run too
     chunks = [i for i, step in enumerate(log) if step == "prefill"]
     assert len(chunks) in (3, 4) and any(log[i] == "ar_step" for i in range(chunks[-3], chunks[-1])), log
+
+
+def test_linear_spec_rows_that_join_apart_fall_into_one_phase(engine_artifact, rt, monkeypatch):
+    """A row that joins while another drafts or verifies waits a tick rather than running its
+    draft beside the other's verify every tick: the two share each forward from then on."""
+    model, _ = engine_artifact
+    run = rt.backend.run
+    monkeypatch.setattr(rt.backend, "run", lambda key: (time.sleep(0.003), run(key))[1])
+    log = []
+    rt.engine.listeners.append(lambda kind, value: log.append(value[:2]) if kind == "step" else None)
+    try:
+        first = rt.generate(PROMPTS[0], mode="linear-spec", max_new_tokens=40, eos=-1, stream=True)
+        next(first)
+        second = rt.submit(PROMPTS[1], mode="linear-spec", max_new_tokens=30, eos=-1).result()[0]
+        rest = [t for chunk in first for t in chunk]
+    finally:
+        rt.engine.listeners.pop()
+    assert second.tokens == reference(model, PROMPTS[1], "linear-spec", 30).tokens
+    assert len(rest) > 0 and first.result.tokens == reference(model, PROMPTS[0], "linear-spec", 40).tokens
+    spec = [(key, rows) for key, rows in log if key[0] in ("draft", "verify")]
+    shared = sum(rows == 2 for _, rows in spec)
+    cycles = len(second.stats.acceptance_lengths)
+    assert shared >= 2 * cycles - 4, f"{shared} shared forwards for {cycles} cycles of the joining row"
 
 
 def test_auto_equals_ar_greedy_and_follows_the_cost_table(engine_artifact, tmp_path):
