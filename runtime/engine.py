@@ -228,19 +228,23 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stop and (self._paused or (not any(self.rows) and not self.queue)):
+                # rows decode even while paused: exclusive() waits for them to finish
+                while not self._stop and not any(self.rows) and (self._paused or not self.queue):
                     self._cond.wait()
                 if self._stop:
                     self._fail_all(GenerationError("the runtime was closed before the request finished"))
                     return
-                self._admit()
-                # the tick runs under the lock: exclusive() waits for it, submit() only appends
-                try:
-                    self._tick()
-                except Exception as e:  # a bug or a backend failure: fail the rows, keep serving
-                    traceback.print_exc()
-                    self._fail_all(GenerationError(f"the runtime failed: {type(e).__name__}: {e}"), queued=False)
-                self._cond.notify_all()
+                if not self._paused:
+                    self._admit()
+            # the tick runs outside the lock (rows are this thread's alone): submit() and cancel()
+            # never wait for a forward to end
+            try:
+                self._tick()
+            except Exception as e:  # a bug or a backend failure: fail the rows, keep serving
+                traceback.print_exc()
+                self._fail_all(GenerationError(f"the runtime failed: {type(e).__name__}: {e}"), queued=False)
+            with self._cond:
+                self._cond.notify_all()  # exclusive() waits for the rows to drain
 
     def _admit(self) -> None:
         """Move queued jobs into free rows (a job's sequences together, in arrival order),
