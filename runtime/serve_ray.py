@@ -67,7 +67,8 @@ class RayServeOptions:
     model_name: str | None = None
     replicas: int = 1  # fixed replica count; ignored when autoscale is set
     autoscale: tuple[int, int] | None = None  # (min, max) replicas, Ray Serve's autoscaling
-    target_ongoing_requests: float = 2.0  # autoscaling: requests in flight per replica it aims for
+    target_ongoing_requests: float | None = None  # autoscaling: requests in flight per replica it aims for
+    # (None: the artifact's batch rows, which one replica decodes together)
     max_queued_requests: int = -1  # requests waiting for a replica beyond which 429 (-1: no limit)
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
 
@@ -83,7 +84,8 @@ class RayServeOptions:
                    device=args.get("device"), model=args.get("model"), threads=int(args.get("threads", 1)),
                    model_name=args.get("model_name"), replicas=int(args.get("replicas", 1)),
                    autoscale=tuple(auto) if auto else None,
-                   target_ongoing_requests=float(args.get("target_ongoing_requests", 2.0)),
+                   target_ongoing_requests=(None if args.get("target_ongoing_requests") is None
+                                            else float(args["target_ongoing_requests"])),
                    max_queued_requests=int(args.get("max_queued_requests", -1)),
                    request_timeout_s=float(args.get("request_timeout_s", DEFAULT_REQUEST_TIMEOUT_S)))
 
@@ -268,20 +270,28 @@ def build_app(args: dict | RayServeOptions):
     if opts.autoscale:
         lo, hi = opts.autoscale
         scaling = {"autoscaling_config": {"min_replicas": lo, "max_replicas": hi, "initial_replicas": max(lo, 1),
-                                          "target_ongoing_requests": opts.target_ongoing_requests}}
+                                          "target_ongoing_requests": opts.target_ongoing_requests
+                                          or _max_ongoing(opts.artifact) / 2}}
     else:
         scaling = {"num_replicas": opts.replicas}
     engine = serve.deployment(EngineReplica, name=ENGINE_NAME, ray_actor_options=actor,
                               max_ongoing_requests=_max_ongoing(opts.artifact),
                               max_queued_requests=opts.max_queued_requests, health_check_period_s=2,
                               health_check_timeout_s=30, **scaling)
-    ingress = serve.deployment(Ingress, name=APP_NAME, num_replicas=1, ray_actor_options={"num_cpus": 0})
+    # the ingress only relays: Ray Serve's default of 5 requests at once made it the bottleneck (8 in
+    # flight ran at a quarter of one server's throughput); the replicas' own limits still apply
+    ingress = serve.deployment(Ingress, name=APP_NAME, num_replicas=1, ray_actor_options={"num_cpus": 0},
+                               max_ongoing_requests=INGRESS_MAX_ONGOING)
     return ingress.bind(engine.bind(asdict(opts)), opts.request_timeout_s)
+
+
+INGRESS_MAX_ONGOING = 1024
 
 
 def _max_ongoing(artifact: str) -> int:
     """Requests one replica takes at once: enough to fill the artifact's batch rows twice over
-    (the engine batches concurrent requests), at least Ray Serve's default of 5. Read from
+    (the engine batches concurrent requests), at least Ray Serve's default of 5 (half of it is
+    autoscaling's default target: a replica's batch rows). Read from
     the manifest where this machine has it (a cluster's driver may not)."""
     from nemocompile.manifest import Manifest
 

@@ -35,8 +35,9 @@ def add_ray_args(p) -> None:
     scale.add_argument("--replicas", type=positive_int, default=None, help="fixed number of replicas (default 1)")
     scale.add_argument("--autoscale", type=_autoscale, default=None, metavar="MIN:MAX",
                        help="Ray Serve autoscaling between MIN and MAX replicas")
-    ray.add_argument("--target-ongoing-requests", type=positive_float, default=2.0, metavar="N",
-                     help="--autoscale: requests in flight per replica that autoscaling aims for (default 2)")
+    ray.add_argument("--target-ongoing-requests", type=positive_float, default=None, metavar="N",
+                     help="--autoscale: requests in flight per replica that autoscaling aims for (default: the "
+                          "artifact's batch rows, which a replica decodes together)")
     ray.add_argument("--address", default=None,
                      help="join the Ray cluster at ADDR (e.g. 10.0.0.1:6379 from `ray start --head`); "
                           "default: start a local one")
