@@ -1,6 +1,6 @@
 """The runtime: compiled graphs scheduled for every decode mode (see ``runtime.py``)."""
 
-from .engine import Cancelled, Job, Overloaded, RequestTimeout
+from .job import Cancelled, Job, Overloaded, RequestTimeout
 from .runtime import Request, Runtime, RuntimeResult, TokenStream
 from .stats import RuntimeStats
 

@@ -27,127 +27,18 @@ nothing of theirs is written.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import collections
 import contextlib
 import threading
 import time
 import traceback
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-from nemocompile.errors import GenerationError, NemocompileError
+from nemocompile.errors import GenerationError
 
+from .job import Cancelled, Job, Overloaded, RequestTimeout
 from .row import Forward, Row
-
-
-class Overloaded(NemocompileError):
-    """The request queue is full: retry later (HTTP 429)."""
-
-
-class RequestTimeout(NemocompileError):
-    """The request ran past its timeout."""
-
-
-class Cancelled(NemocompileError):
-    """The request was cancelled by its caller."""
-
-
-_END = object()
-
-
-class Job:
-    """A submitted request: its sequences' events and, once done, their results.
-
-    Iterate it (any thread) for ``(index, tokens)`` events as sequences emit, or
-    ``async for`` in an event loop; ``result()`` waits for the end. ``cancel()``
-    frees its rows at the next step boundary.
-    """
-
-    def __init__(self, request, timeout: float | None):
-        self.request = request
-        self.submitted = time.perf_counter()
-        self.deadline = None if timeout is None else self.submitted + timeout
-        self.timeout = timeout
-        self.results: list = [None] * len(request.prompts)
-        self.error: BaseException | None = None
-        self.cancelled = False
-        self.started = 0  # sequences admitted to rows
-        self._pending = len(request.prompts)
-        self._events: collections.deque = collections.deque()
-        self._cond = threading.Condition()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._async_wakeup: asyncio.Event | None = None
-        self.finished = threading.Event()
-
-    # ---- engine side ---------------------------------------------------------
-    def emit(self, index: int, tokens: list[int]) -> None:
-        if tokens:
-            self._push((index, tokens))
-
-    def finish_row(self, index: int, result) -> None:
-        self.results[index] = result
-        self._pending -= 1
-        if self._pending == 0:
-            self._push(_END)
-            self.finished.set()
-
-    def fail(self, error: BaseException) -> None:
-        if self.finished.is_set():
-            return
-        self.error = error
-        self._push(_END)
-        self.finished.set()
-
-    def _push(self, event) -> None:
-        with self._cond:
-            self._events.append(event)
-            self._cond.notify_all()
-            if self._loop is not None:
-                self._loop.call_soon_threadsafe(self._async_wakeup.set)
-
-    # ---- caller side ---------------------------------------------------------
-    def cancel(self) -> None:
-        """Stop the request at the next step boundary and free its rows."""
-        self.cancelled = True
-
-    def __iter__(self) -> Iterator[tuple[int, list[int]]]:
-        while True:
-            with self._cond:
-                while not self._events:
-                    self._cond.wait()
-                event = self._events.popleft()
-            if event is _END:
-                self._raise()
-                return
-            yield event
-
-    async def __aiter__(self):
-        with self._cond:
-            self._loop = asyncio.get_running_loop()
-            self._async_wakeup = asyncio.Event()
-        while True:
-            with self._cond:
-                event = self._events.popleft() if self._events else None
-                if event is None:
-                    self._async_wakeup.clear()
-            if event is None:
-                await self._async_wakeup.wait()
-                continue
-            if event is _END:
-                self._raise()
-                return
-            yield event
-
-    def result(self) -> list:
-        """Every sequence's :class:`RuntimeResult`, once the request is done."""
-        self.finished.wait()
-        self._raise()
-        return self.results
-
-    def _raise(self) -> None:
-        if self.error is not None:
-            raise self.error
 
 
 class Engine:

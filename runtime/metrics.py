@@ -18,15 +18,6 @@ import time
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
-def check_dependencies() -> None:
-    try:
-        import prometheus_client  # noqa: F401
-    except ImportError:
-        from nemocompile.errors import NemocompileError
-
-        raise NemocompileError("/metrics needs prometheus_client: pip install 'nemocompile[serve]'") from None
-
-
 class ServerMetrics:
     """The metrics of one runtime's engine."""
 

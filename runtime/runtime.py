@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 
@@ -28,7 +28,8 @@ from nemocompile.tokenizer import encode_prompts
 
 from .backends import NUMPY_DTYPES, Backend, StepIO, create_backend
 from .cache import KVCache
-from .engine import Engine, Job
+from .engine import Engine
+from .job import Job
 from .stats import RuntimeStats
 
 AUTO_MODES = ("ar", "linear-spec", "quadratic-spec")  # the lossless modes mode="auto" chooses among

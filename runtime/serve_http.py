@@ -36,7 +36,7 @@ from typing import Any
 from nemocompile.errors import NemocompileError
 from nemocompile.request import RequestError
 
-from .engine import Overloaded, RequestTimeout
+from .job import Overloaded, RequestTimeout
 
 DEFAULT_MAX_TOKENS = 64
 MAX_BODY_BYTES = 1 << 20  # larger request bodies get 413 before they are read in full
@@ -342,7 +342,8 @@ def _sse(obj: dict) -> str:
 
 def serve_http(runtime, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
                request_timeout: float | None = None) -> int:
-    """Serve until interrupted. Port 0 picks a free port; the address is printed to stderr."""
+    """Serve until interrupted. Port 0 picks a free port; the address is printed to stderr.
+    The caller owns ``runtime`` (and closes it)."""
     check_dependencies()
     import uvicorn
 
@@ -359,9 +360,5 @@ def serve_http(runtime, host: str = "127.0.0.1", port: int = 8000, model_name: s
         print(f"warning: listening on {host}, beyond loopback; the API has no authentication", file=sys.stderr)
     print(f"nemocompile serve --http: {runtime.name} ({', '.join(runtime.modes)}) on {runtime.backend.name}; "
           f"listening on http://{host}:{bound}", file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    try:
-        server.run(sockets=[sock])
-    finally:
-        runtime.close()
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0

@@ -38,7 +38,7 @@ from typing import Any, Callable, TextIO
 
 from nemocompile.errors import NemocompileError
 
-from .engine import Cancelled, Overloaded, RequestTimeout
+from .job import Cancelled, Overloaded, RequestTimeout
 
 KNOBS = ("mode", "max_new_tokens", "block_length", "threshold", "temperature", "seed", "eos", "steps",
          "chat_template_kwargs", "max_thinking_tokens", "end_think_token_id", "timeout")
@@ -133,7 +133,8 @@ def handle(runtime, raw: Any, write: Callable[[dict], None]) -> None:
 
 def serve_stdio(runtime, stdin: TextIO | None = None, stdout: TextIO | None = None,
                 request_timeout: float | None = None) -> int:
-    """Serve requests from ``stdin`` until EOF, concurrently."""
+    """Serve requests from ``stdin`` until EOF, concurrently. The caller owns ``runtime``
+    (and closes it: the engine stops after the step in flight)."""
     stdin = stdin or sys.stdin.buffer  # bytes: a line that is not UTF-8 must not end the server
     out = stdout or sys.stdout
     if stdout is None:
@@ -223,5 +224,4 @@ def serve_stdio(runtime, stdin: TextIO | None = None, stdout: TextIO | None = No
     finally:
         if stdout is None:
             sys.stdout = out
-        runtime.close()
     return 0

@@ -151,6 +151,8 @@ def test_manifest_round_trips_and_rejects_bad_fields(tmp_path):
     assert "missing field 'cache_capacity'" in broken(lambda d: d.pop("cache_capacity"))
     assert "graphs[1]: missing field 'block_length'" in broken(lambda d: d["graphs"][1].pop("block_length"))
     assert "format_version" in broken(lambda d: d.update(format_version=99))
+    old = broken(lambda d: d.update(format_version=2))  # one cache length for the whole batch
+    assert "graph contract version 2" in old and "one per row" in old and "re-export" in old
     assert "dtype" in broken(lambda d: d.update(dtype="int8"))
     assert "unknown step kind 'sample'" in broken(lambda d: d["graphs"][0].update(step="sample"))
     assert "must be bidirectional" in broken(lambda d: d["graphs"][2].update(pattern="causal"))

@@ -68,11 +68,13 @@ def run(args) -> int:
         from ..runtime.serve_http import check_dependencies, serve_http
 
         check_dependencies()  # fail before loading anything
-        return serve_http(load_runtime(args, max_queue=args.max_queue), host=args.host, port=args.port,
-                          model_name=args.model_name, request_timeout=args.request_timeout)
+        with load_runtime(args, max_queue=args.max_queue) as runtime:
+            return serve_http(runtime, host=args.host, port=args.port, model_name=args.model_name,
+                              request_timeout=args.request_timeout)
     from ..runtime.serve_stdio import serve_stdio
 
-    return serve_stdio(load_runtime(args, max_queue=args.max_queue), request_timeout=args.request_timeout)
+    with load_runtime(args, max_queue=args.max_queue) as runtime:
+        return serve_stdio(runtime, request_timeout=args.request_timeout)
 
 
 def run_ray(args) -> int:
