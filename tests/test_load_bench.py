@@ -287,7 +287,7 @@ def test_a_url_whose_health_never_answers_fails_within_the_timeout(fake, capsys)
     (["--serve", "--concurrency", "0"], "--concurrency: expected comma-separated integers >= 1, got '0'"),
     (["--serve", "--concurrency", "1,x"], "expected comma-separated integers >= 1, got '1,x'"),
     (["--serve", "--modes", "ar,fast"], "unknown mode 'fast'; use a comma-separated list of ar, diffusion,"),
-    (["--serve", "--health-timeout", "0"], "expected a number of seconds > 0, got '0'"),
+    (["--serve", "--health-timeout", "0"], "expected a number > 0, got '0'"),
     (["--concurrency", "2", "--artifact", "A"], "--concurrency belongs to the load benchmark; add --serve"),
     (["--serve", "--artifact", "A", "--backends", "torch"], "--backends does not apply to --serve"),
     (["--serve", "--url", "http://127.0.0.1:1", "--artifact", "A"], "--url drives a running server: drop --artifact"),

@@ -9,7 +9,7 @@ BACKENDS = ("onnxruntime", "torch", "tensorrt")
 
 
 def add_parser(sub) -> None:
-    from .common import non_negative_int, positive_int
+    from .common import non_negative_int, positive_float, positive_int
 
     p = sub.add_parser("bench", help="benchmark an artifact's modes on onnxruntime against the eager backend")
     p.add_argument("--artifact", action="append", metavar="DIR",
@@ -54,7 +54,7 @@ def add_parser(sub) -> None:
                            "(default ar,linear-spec,quadratic-spec,auto)")
     load.add_argument("--server-args", default=None, metavar='"ARGS"',
                       help='more arguments for the started server, one shell string (e.g. "--backend torch")')
-    load.add_argument("--health-timeout", type=_seconds, default=None, metavar="S",
+    load.add_argument("--health-timeout", type=positive_float, default=None, metavar="S",
                       help="how long to wait for the server's GET /health (default 120)")
     p.set_defaults(func=run)
 
@@ -83,21 +83,17 @@ def _levels(text: str) -> list[int]:
 def _modes(text: str) -> list[str]:
     from ..runtime.load_bench import MODES
 
+    return _names(text, MODES, "mode")
+
+
+def _names(text: str, allowed, what: str) -> list[str]:
+    """A comma-separated list of names from ``allowed``, without repeats."""
     names = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in names if m not in MODES]
+    bad = [m for m in names if m not in allowed]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown mode {bad[0] if bad else '(none)'!r}; "
-                                         f"use a comma-separated list of {', '.join(MODES)}")
+        raise argparse.ArgumentTypeError(f"unknown {what} {bad[0] if bad else '(none)'!r}; "
+                                         f"use a comma-separated list of {', '.join(allowed)}")
     return list(dict.fromkeys(names))
-
-
-def _seconds(text: str) -> float:
-    from .common import non_negative_float
-
-    value = non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
-    return value
 
 
 def _thresholds(text: str) -> list:
@@ -117,12 +113,7 @@ def _thresholds(text: str) -> list:
 
 
 def _backends(text: str) -> list[str]:
-    names = [b.strip() for b in text.split(",") if b.strip()]
-    bad = [b for b in names if b not in BACKENDS]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown backend {bad[0] if bad else '(none)'!r}; "
-                                         f"use a comma-separated list of {', '.join(BACKENDS)}")
-    return list(dict.fromkeys(names))
+    return _names(text, BACKENDS, "backend")
 
 
 def _eos(text: str) -> int:
