@@ -41,6 +41,9 @@ from .job import Cancelled, Job, Overloaded, RequestTimeout
 from .row import Forward, Row
 
 
+CHOICE_TICKS = 16  # auto chooses again at least this often (ticks), and whenever rows join or leave
+
+
 class Engine:
     """The scheduling thread: admission, ticks, and each row's scheduler."""
 
@@ -57,7 +60,9 @@ class Engine:
         self.steps = 0  # forwards run
         self.costs = None  # mode auto's cost table (runtime/policy.py), loaded at first use
         self.live_s: dict[tuple[str, int], collections.deque] = {}  # the last forwards' seconds per graph
-        self._choices: dict = {}  # this tick's auto choices, per option set
+        self._choices: dict = {}  # auto's current choice per option set
+        self._ticks = 0
+        self._joined_or_left = True
 
     # ---- submission --------------------------------------------------------------
     def submit(self, request, timeout: float | None = None) -> Job:
@@ -154,6 +159,7 @@ class Engine:
             self.queue.popleft()
             admitted = time.perf_counter()
             for index, b in enumerate(free[: len(job.request.prompts)]):
+                self._joined_or_left = True
                 row = Row(self.rt, job.request, index, b, job)
                 row.stats.queue_s = admitted - job.submitted
                 self._advance(b, row, self.rt.scheduler(row), None)
@@ -167,8 +173,11 @@ class Engine:
                 reason = self._stopped(entry[0].job, now)
                 if reason is not None:
                     self._drop(b, reason)
-        self._choices.clear()
-        if any(entry[0].acceptance is not None for entry in filter(None, self.rows)):
+        self._ticks += 1
+        if self._joined_or_left or self._ticks % CHOICE_TICKS == 0:
+            self._choices.clear()
+            self._joined_or_left = False
+        if self.costs is None and any(entry[0].acceptance is not None for entry in filter(None, self.rows)):
             self._ensure_costs()
         groups: dict[tuple[str, int], list[int]] = {}
         for b, entry in enumerate(self.rows):
@@ -233,6 +242,7 @@ class Engine:
 
     def _finish(self, b: int, row: Row) -> None:
         self.rows[b] = None  # its cache row stays as it is until the next request resets it
+        self._joined_or_left = True
         stats = row.finished_stats()
         tokens = row.out
         text = self.rt.tokenizer.decode(tokens) if self.rt.tokenizer is not None else None
@@ -247,6 +257,7 @@ class Engine:
     def _drop(self, b: int, error: BaseException) -> None:
         row = self.rows[b][0]
         self.rows[b] = None
+        self._joined_or_left = True
         for listener in self.listeners:
             listener("drop", error)
         row.job.fail(error)
@@ -262,22 +273,23 @@ class Engine:
 
     # ---- mode "auto" ----------------------------------------------------------------
     def choose_mode(self, row: Row) -> tuple[str, int | None]:
-        """mode "auto": the (mode, block length) of ``row``'s next cycle. One choice per
-        tick for all auto rows with the same options (they share its graphs), from the
-        cost table and every row's acceptance so far (runtime/policy.py)."""
+        """mode "auto": the (mode, block length) of ``row``'s next cycle. One choice for all
+        auto rows with the same options (they share its graphs), from the cost table and every
+        row's acceptance so far (runtime/policy.py); it is made again when rows join or leave,
+        and every ``CHOICE_TICKS`` ticks (a choice per row per tick cost ar a fifth of its
+        throughput in host time on the embedded model)."""
         from .policy import choose
 
         if row.sampler.greedy is False:
             row.stats.auto_reason = "temperature > 0: ar (the only mode auto samples in)"
             return "ar", None
-        options = self._auto_options(row.request)
-        key = tuple(options)
+        if row.auto_options is None:
+            row.auto_options = self._auto_options(row.request)
+        key = row.auto_options
         if key not in self._choices:
-            autos = [r for r, _, _ in filter(None, self.rows) if r.acceptance is not None
-                     and self._auto_options(r.request) == options]
+            autos = [r.acceptance for r, _, _ in filter(None, self.rows) if r.auto_options == key]
             graphs, tokens = self._fixed_load()
-            self._choices[key] = choose(self._live_costs(), options, [r.acceptance for r in autos] or [row.acceptance],
-                                        graphs, tokens)
+            self._choices[key] = choose(self._live_costs(), key, autos or [row.acceptance], graphs, tokens)
         choice = self._choices[key]
         row.stats.auto_reason = choice.reason
         return choice.mode, choice.block_length
@@ -294,13 +306,11 @@ class Engine:
         live = {graph_key(*key): statistics.median(times) for key, times in self.live_s.items() if len(times) >= 4}
         return dataclasses.replace(self.costs, step_s={**self.costs.step_s, **live}) if live else self.costs
 
-    def _auto_options(self, request) -> list[tuple[str, int | None]]:
+    def _auto_options(self, request) -> tuple[tuple[str, int | None], ...]:
         from .policy import lossless_options
 
-        options = lossless_options(self.rt.manifest)
-        if request.temperature > 0:
-            return [("ar", None)]
-        return [(m, L) for m, L in options if m == "ar" or request.block_length in (None, L)]
+        return tuple((m, L) for m, L in lossless_options(self.rt.manifest)
+                     if m == "ar" or request.block_length in (None, L))
 
     def _fixed_load(self) -> tuple[frozenset[str], float]:
         """The graphs that rows of fixed modes run per cycle, and the tokens they expect from it."""

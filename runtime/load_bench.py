@@ -459,6 +459,7 @@ def _sweep(url: str, health: dict, server: dict, prompts: Sequence, config: Load
     limits = httpx.Limits(max_connections=max(levels) + 1, max_keepalive_connections=max(levels) + 1)
     timeout = httpx.Timeout(config.request_timeout_s, connect=10.0)
     with httpx.Client(base_url=url, timeout=timeout, limits=limits, trust_env=False) as client:
+        bodies_of = {}
         for mode in config.modes:
             if isinstance(served, list) and mode != "auto" and mode not in served:
                 modes[mode] = {"status": "skipped", "reason": f"the server has no {mode} graphs "
@@ -483,7 +484,11 @@ def _sweep(url: str, health: dict, server: dict, prompts: Sequence, config: Load
                 say(f"{mode}: {modes[mode]['status']} by the server ({warm.error})")
                 continue
             modes[mode] = {"status": "ran", "reason": None}
-            for c in levels:
+            bodies_of[mode] = body
+        # levels outside, modes inside: the modes compared at a level (auto against the best fixed
+        # mode) run minutes apart at most, not a whole sweep apart, as the machine's load drifts
+        for c in levels:
+            for mode, body in bodies_of.items():
                 bodies = [body(i) for i in range(config.requests_at(c))]
                 # the baseline runs right after its level: the machine's load drifts less in between
                 for in_flight, table in ((c, rows), *([(1, sequential)] if c == baseline else [])):
@@ -494,6 +499,9 @@ def _sweep(url: str, health: dict, server: dict, prompts: Sequence, config: Load
                         row["sequential"] = True
                     table.append(row)
                     say(_progress_line(row))
+    order = {m: i for i, m in enumerate(config.modes)}
+    rows.sort(key=lambda r: (order[r["mode"]], r["concurrency"]))  # the table reads mode by mode
+    sequential.sort(key=lambda r: order[r["mode"]])
     speedups, auto = compare(rows, sequential)
     return {"server": server,
             "machine": {"cpus": os.cpu_count(), "load_average_1m": [load_before, os.getloadavg()[0]]},

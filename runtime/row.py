@@ -53,6 +53,7 @@ class Row:
         self.out: list[int] = []
         self.done = False
         self.acceptance = None  # mode auto: this row's acceptance record (runtime/policy.py)
+        self.auto_options = None  # mode auto: the (mode, block length) pairs it may run, set by the engine
         if self.mode == "auto":
             from .policy import Acceptance
 
