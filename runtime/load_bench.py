@@ -56,6 +56,15 @@ def default_requests(concurrency: int) -> int:
     return min(max(2 * concurrency, 4), 32)
 
 
+def median_run(tries: list[dict]) -> dict:
+    """Of a level's repeated runs, the one with the median throughput (the lower middle of an
+    even count), with every run's throughput beside it."""
+    ranked = sorted(tries, key=lambda r: r["tokens_per_second"] or 0.0)
+    keep = dict(ranked[(len(ranked) - 1) // 2])
+    keep["tokens_per_second_runs"] = [r["tokens_per_second"] for r in tries]
+    return keep
+
+
 def sequential_level(levels: Sequence[int]) -> int:
     """The level the sequential baseline repeats: 8, else the largest level below 8, else the smallest."""
     below = [c for c in levels if c <= SEQUENTIAL_LEVEL]
@@ -72,6 +81,7 @@ class LoadConfig:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # the requests' max_tokens
     extra_body: dict = field(default_factory=dict)  # more request fields: eos, max_thinking_tokens, ...
     request_timeout_s: float = REQUEST_TIMEOUT_S
+    repeats: int = 1  # each level runs this many times, modes taking turns; the median-throughput run is kept
 
     def __post_init__(self):
         if not self.concurrency or any(not isinstance(c, int) or c < 1 for c in self.concurrency):
@@ -81,6 +91,8 @@ class LoadConfig:
             raise NemocompileError(f"unknown mode {bad[0] if bad else '(none)'!r}; use some of {', '.join(MODES)}")
         if self.requests is not None and self.requests < 1:
             raise NemocompileError(f"requests per level must be >= 1, got {self.requests}")
+        if self.repeats < 1:
+            raise NemocompileError(f"repeats must be >= 1, got {self.repeats}")
 
     def requests_at(self, concurrency: int) -> int:
         return self.requests if self.requests is not None else default_requests(concurrency)
@@ -488,17 +500,21 @@ def _sweep(url: str, health: dict, server: dict, prompts: Sequence, config: Load
         # levels outside, modes inside: the modes compared at a level (auto against the best fixed
         # mode) run minutes apart at most, not a whole sweep apart, as the machine's load drifts
         for c in levels:
-            for mode, body in bodies_of.items():
-                bodies = [body(i) for i in range(config.requests_at(c))]
-                # the baseline runs right after its level: the machine's load drifts less in between
-                for in_flight, table in ((c, rows), *([(1, sequential)] if c == baseline else [])):
-                    records, wall = run_level(client, bodies, in_flight)
-                    check_alive()
-                    row = summarize_level(mode, c, records, wall)
-                    if table is sequential:
-                        row["sequential"] = True
-                    table.append(row)
-                    say(_progress_line(row))
+            runs: dict[tuple[str, int], list[dict]] = {}
+            for _ in range(config.repeats):
+                for mode, body in bodies_of.items():
+                    bodies = [body(i) for i in range(config.requests_at(c))]
+                    # the baseline runs right after its level: the machine's load drifts less in between
+                    for one_at_a_time in (False, *([True] if c == baseline else [])):
+                        records, wall = run_level(client, bodies, 1 if one_at_a_time else c)
+                        check_alive()
+                        row = summarize_level(mode, c, records, wall)
+                        if one_at_a_time:
+                            row["sequential"] = True
+                        runs.setdefault((mode, one_at_a_time), []).append(row)
+                        say(_progress_line(row))
+            for (mode, one_at_a_time), tries in runs.items():
+                (sequential if one_at_a_time else rows).append(median_run(tries))
     order = {m: i for i, m in enumerate(config.modes)}
     rows.sort(key=lambda r: (order[r["mode"]], r["concurrency"]))  # the table reads mode by mode
     sequential.sort(key=lambda r: order[r["mode"]])

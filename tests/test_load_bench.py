@@ -249,6 +249,22 @@ def test_skipped_refused_and_overloaded_modes_are_reported_not_raised(fake):
     assert "quadratic-spec: skipped, the server has no quadratic-spec graphs (it has: ar, linear-spec)" in lines
 
 
+def test_repeated_levels_keep_each_modes_median_run(fake):
+    url = f"http://127.0.0.1:{fake.server_address[1]}"
+    config = LoadConfig(concurrency=(1,), requests=1, modes=("ar", "auto"), max_new_tokens=4, repeats=3)
+    lines: list[str] = []
+    report = run_load_bench(["a"], config, url=url, progress=lines.append)
+    assert [r["mode"] for r in report["levels"]] == ["ar", "auto"]  # one row per mode and level
+    for r in report["levels"] + report["sequential"]:
+        runs = r["tokens_per_second_runs"]
+        assert len(runs) == 3 and r["tokens_per_second"] == sorted(runs)[1]
+    # the modes took turns: ar, its baseline, auto, its baseline, three times over
+    modes = [line.split()[0] for line in lines if "requests in" in line]
+    assert modes == ["ar", "ar", "auto", "auto"] * 3, lines
+    with pytest.raises(NemocompileError, match="repeats must be >= 1"):
+        LoadConfig(repeats=0)
+
+
 def test_auto_is_compared_with_the_best_fixed_mode_at_each_level():
     def row(mode, c, tokens, wall):
         record = RequestRecord(prompt=0, status=200, latency_s=wall, ttft_s=wall / 2, completion_tokens=tokens)

@@ -49,6 +49,9 @@ def add_parser(sub) -> None:
                       help="comma-separated levels: at most C requests in flight (default 1,2,4,8,16)")
     load.add_argument("--requests", type=positive_int, default=None, metavar="N",
                       help="requests per level (default 2*C, at least 4, at most 32)")
+    load.add_argument("--repeats", type=positive_int, default=None, metavar="R",
+                      help="run each level R times, the modes taking turns, and keep each mode's median-throughput "
+                           "run (default 1; a shared machine's load drifts)")
     load.add_argument("--modes", type=_modes, default=None, metavar="M,M,...",
                       help="comma-separated, of ar, diffusion, linear-spec, quadratic-spec, auto "
                            "(default ar,linear-spec,quadratic-spec,auto)")
@@ -59,7 +62,7 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-SERVE_ONLY = ("url", "concurrency", "requests", "modes", "server_args", "health_timeout")
+SERVE_ONLY = ("url", "concurrency", "requests", "repeats", "modes", "server_args", "health_timeout")
 TABLE_ONLY = ("backends", "diffusion_thresholds", "linear_spec_thresholds", "model")
 
 
@@ -195,7 +198,8 @@ def run_serve(args) -> int:
     config = load_bench.LoadConfig(
         concurrency=tuple(args.concurrency or load_bench.DEFAULT_CONCURRENCY), requests=args.requests,
         modes=tuple(args.modes or load_bench.DEFAULT_MODES),
-        max_new_tokens=args.max_new_tokens or load_bench.DEFAULT_MAX_NEW_TOKENS, extra_body=extra)
+        max_new_tokens=args.max_new_tokens or load_bench.DEFAULT_MAX_NEW_TOKENS, extra_body=extra,
+        repeats=args.repeats or 1)
     report = load_bench.run_load_bench(
         prompts, config, artifact=None if args.url else args.artifact[0], url=args.url, threads=args.threads,
         server_args=server_args, health_timeout_s=args.health_timeout or load_bench.HEALTH_TIMEOUT_S,
