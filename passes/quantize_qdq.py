@@ -37,7 +37,7 @@ import onnx
 import onnx_ir as ir
 
 from .base import PassContext, PassError, PassResult
-from .quantize_weights import _is_head, weight_matmuls
+from .quantize_weights import _is_head, one_matmul_model, weight_matmuls
 from .share_weights import weight_key
 
 # --precision -> (ModelOpt quantize_mode, the opset its Q/DQ needs)
@@ -191,15 +191,9 @@ def _quantize_one(weight: ir.TensorProtocol, name: str, s: QdqSettings, activati
     quantize = load_modelopt()
     mode, opset = PRECISIONS[s.precision]
     k, n = weight.shape
-    elem = weight.dtype.value
-    x = onnx.helper.make_tensor_value_info("x", elem, ["tokens", k])
-    y = onnx.helper.make_tensor_value_info("y", elem, ["tokens", n])
-    w = ir.serde.serialize_tensor(ir.Tensor(weight.numpy(), dtype=weight.dtype, name=name))
-    graph = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", name], ["y"], name="mm")], "one",
-                                   [x], [y], initializer=[w])
-    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    proto = one_matmul_model(weight, name)
     proto.ir_version = 10
-    data = activations.astype(onnx.helper.tensor_dtype_to_np_dtype(elem))
+    data = activations.astype(onnx.helper.tensor_dtype_to_np_dtype(weight.dtype.value))
     kwargs = {"high_precision_dtype": HIGH_PRECISION[s.dtype]}
     if mode == "fp8":
         # decode steps multiply 1..B rows: ModelOpt would skip them as GEMVs, but they are what an artifact runs

@@ -185,11 +185,9 @@ def _attr(name: str, value) -> ir.Attr:
     return ir.AttrInt64(name, int(value))
 
 
-def _quantize_one(weight: ir.TensorProtocol, name: str, s: QuantSettings,
-                  activations: np.ndarray | None = None) -> tuple[list[ir.TensorProtocol], dict]:
-    """ONNX Runtime's quantizer on a one-MatMul model holding just ``weight`` (gptq: fed ``activations``)."""
-    from onnxruntime.quantization import matmul_nbits_quantizer as mnb
-
+def one_matmul_model(weight: ir.TensorProtocol, name: str) -> onnx.ModelProto:
+    """``y = x @ weight`` alone (x: [tokens, k]): the model a quantizer sees for one weight,
+    here and in passes/quantize_qdq.py."""
     k, n = weight.shape
     elem = weight.dtype.value  # ONNX TensorProto element type
     x = onnx.helper.make_tensor_value_info("x", elem, ["tokens", k])
@@ -197,7 +195,15 @@ def _quantize_one(weight: ir.TensorProtocol, name: str, s: QuantSettings,
     w = ir.serde.serialize_tensor(ir.Tensor(weight.numpy(), dtype=weight.dtype, name=name))
     graph = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", name], ["y"], name="mm")], "one",
                                    [x], [y], initializer=[w])
-    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+
+
+def _quantize_one(weight: ir.TensorProtocol, name: str, s: QuantSettings,
+                  activations: np.ndarray | None = None) -> tuple[list[ir.TensorProtocol], dict]:
+    """ONNX Runtime's quantizer on a one-MatMul model holding just ``weight`` (gptq: fed ``activations``)."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnb
+
+    proto = one_matmul_model(weight, name)
     bits = BITS[s.precision]
     if s.method == "hqq":
         config = mnb.HQQWeightOnlyQuantConfig(block_size=s.block_size, bits=bits)
