@@ -114,23 +114,37 @@ def grid(runtime: Runtime, diffusion_thresholds: Sequence, linear_spec_threshold
 
 def step_times(runtime: Runtime, steps: Sequence[str] = ("verify", "verify_draft"), repeats: int = 20) -> list[dict]:
     """Median milliseconds per forward of each of ``steps`` at each of its block lengths, with
-    the cache half full: what the fused step's B x (B+1) rows cost against a plain verify.
-    The graphs take turns, one forward each per round, so a change of machine load during
-    the measurement weighs on all of them alike (their ratios are what callers compare)."""
+    the cache half full: what the fused step's B x (B+1) rows cost against a plain verify."""
+    graphs = [g for g in runtime.manifest.graphs if g.step in steps]
+
+    def half_full(key) -> None:
+        runtime.cache.reset(length=(runtime.capacity - key[1]) // 2)
+
+    with runtime.exclusive():
+        medians = median_forward_s(runtime, [(g.step, g.block_length) for g in graphs], repeats, warmup=2,
+                                   prepare=half_full)
+    return [{"step": g.step, "block_length": g.block_length, "tokens": _tokens(g),
+             "ms": medians[(g.step, g.block_length)] * 1e3} for g in graphs]
+
+
+def median_forward_s(runtime: Runtime, keys: Sequence, repeats: int, warmup: int = 0,
+                     prepare: Callable | None = None) -> dict:
+    """Median seconds of one forward of each graph ``(step, L)`` in ``keys`` on the runtime's own
+    buffers (``prepare(key)`` runs before each, untimed). The graphs take turns, one forward
+    each per round, so a change of machine load during the measurement weighs on all of them
+    alike (their ratios are what callers compare). The caller owns the cache meanwhile."""
     import statistics
     import time
 
-    graphs = [g for g in runtime.manifest.graphs if g.step in steps]
-    times: dict[int, list[float]] = {i: [] for i in range(len(graphs))}
-    with runtime.exclusive():
-        for _ in range(repeats + 2):
-            for i, g in enumerate(graphs):
-                runtime.cache.reset(length=(runtime.capacity - g.block_length) // 2)
-                t0 = time.perf_counter()
-                runtime.backend.run((g.step, g.block_length))
-                times[i].append(time.perf_counter() - t0)
-    return [{"step": g.step, "block_length": g.block_length, "tokens": _tokens(g),
-             "ms": statistics.median(times[i][2:]) * 1e3} for i, g in enumerate(graphs)]
+    times: dict = {key: [] for key in keys}
+    for _ in range(warmup + repeats):
+        for key in keys:
+            if prepare is not None:
+                prepare(key)
+            t0 = time.perf_counter()
+            runtime.backend.run(key)
+            times[key].append(time.perf_counter() - t0)
+    return {key: statistics.median(t[warmup:]) for key, t in times.items()}
 
 
 def _tokens(graph) -> int:

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 from nemocompile.errors import NemocompileError
 
 from .bench import _fit, step_times
-from .policy import Acceptance, Choice, CostTable, choose, graph_key, lossless_options
+from .policy import Acceptance, Choice, CostTable, choose, graph_key
 from .runtime import Runtime
 
 SPECULATIVE_MODES = ("linear-spec", "quadratic-spec")
@@ -77,5 +77,5 @@ def format_table(table: CostTable, choice: Choice | None = None) -> str:
 
 def one_row_choice(table: CostTable, runtime: Runtime) -> Choice | None:
     """What auto would pick for a lone request that has no record of its own yet."""
-    options = lossless_options(runtime.manifest)
+    options = runtime.auto_options
     return choose(table, options, [Acceptance()]) if options else None

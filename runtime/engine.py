@@ -57,7 +57,6 @@ class Engine:
         self._paused = 0
         self._thread: threading.Thread | None = None
         self.listeners: list[Callable[[str, Any], None]] = []  # metrics: ("step", ...), ("finish", ...)
-        self.steps = 0  # forwards run
         self.costs = None  # mode auto's cost table (runtime/policy.py), loaded at first use
         self.live_s: dict[tuple[str, int], collections.deque] = {}  # the last forwards' seconds per graph
         self._choices: dict = {}  # auto's current choice per option set
@@ -207,14 +206,13 @@ class Engine:
         for b in members:
             tokens = self.rows[b][2].tokens
             n = len(tokens)
-            io.input_ids[b, :n] = tokens
-            io.input_ids[b, n:] = 0  # right padding of a short chunk: computed, never placed in the cache
             if n > width:
                 raise GenerationError(f"row {b} sent {n} tokens to the {key[0]!r} graph of width {width}")
+            io.input_ids[b, :n] = tokens
+            io.input_ids[b, n:] = 0  # right padding of a short chunk: computed, never placed in the cache
         t0, c0 = time.perf_counter(), time.process_time()
         rt.backend.run(key)
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
-        self.steps += 1
         self.live_s.setdefault(key, collections.deque(maxlen=16)).append(dt)
         for b in members:
             row, _, forward = self.rows[b]
@@ -307,10 +305,7 @@ class Engine:
         return dataclasses.replace(self.costs, step_s={**self.costs.step_s, **live}) if live else self.costs
 
     def _auto_options(self, request) -> tuple[tuple[str, int | None], ...]:
-        from .policy import lossless_options
-
-        return tuple((m, L) for m, L in lossless_options(self.rt.manifest)
-                     if m == "ar" or request.block_length in (None, L))
+        return tuple((m, L) for m, L in self.rt.auto_options if m == "ar" or request.block_length in (None, L))
 
     def _fixed_load(self) -> tuple[frozenset[str], float]:
         """The graphs that rows of fixed modes run per cycle, and the tokens they expect from it."""
@@ -337,19 +332,15 @@ class Engine:
             return
         import sys
 
-        from .policy import DEFAULT_PRIOR, CostTable, graph_key, lossless_options
+        from .bench import median_forward_s
+        from .policy import DEFAULT_PRIOR, CostTable, graph_key
 
         table = CostTable.load(self.rt.artifact_dir, self.rt.backend.name)
         if table is None:
-            step_s = {}
-            for key in self.rt.io:
-                times = []
-                for _ in range(4):
-                    t0 = time.perf_counter()
-                    self.rt.backend.run(key)
-                    times.append(time.perf_counter() - t0)
-                step_s[graph_key(*key)] = sorted(times)[len(times) // 2]
-            prior = {f"{m}@{L}": DEFAULT_PRIOR for m, L in lossless_options(self.rt.manifest) if m != "ar"}
+            # the cache rows stay as they are: the forwards write nothing, and their outputs are
+            # overwritten before any row reads them again
+            step_s = {graph_key(*key): s for key, s in median_forward_s(self.rt, list(self.rt.io), 4).items()}
+            prior = {f"{m}@{L}": DEFAULT_PRIOR for m, L in self.rt.auto_options if m != "ar"}
             table = CostTable(self.rt.backend.name, None, self.rt.batch_size, step_s, prior, "at first use")
             print(f"warning: {self.rt.artifact_dir}: no cost table for mode auto; step times measured now, "
                   f"acceptance prior {DEFAULT_PRIOR} (run `nemocompile calibrate --artifact DIR`)", file=sys.stderr)

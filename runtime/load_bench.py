@@ -37,8 +37,8 @@ from typing import Callable, Sequence
 
 from ..decode.common import MODES as FIXED_MODES
 from ..errors import NemocompileError
+from .policy import LOSSLESS  # the modes `auto` chooses among (greedy = AR's text)
 
-LOSSLESS = ("ar", "linear-spec", "quadratic-spec")  # the modes `auto` chooses among (greedy = AR's text)
 MODES = (*FIXED_MODES, "auto")
 DEFAULT_MODES = ("ar", "linear-spec", "quadratic-spec", "auto")
 DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16)

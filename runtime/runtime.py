@@ -30,9 +30,9 @@ from .backends import NUMPY_DTYPES, Backend, StepIO, create_backend
 from .cache import KVCache
 from .engine import Engine
 from .job import Job
+from .policy import lossless_options
 from .stats import RuntimeStats
 
-AUTO_MODES = ("ar", "linear-spec", "quadratic-spec")  # the lossless modes mode="auto" chooses among
 
 @dataclass(frozen=True)
 class Request:
@@ -97,8 +97,8 @@ class Runtime:
         self.draft_groups = {g.block_length: len(g.layout["branches"]) for g in manifest.graphs
                              if g.step == "verify_draft"}
         self.prefill_length = manifest.graph("prefill").block_length
-        self.auto_modes = [m for m in AUTO_MODES if m in self.modes]
-        if len(self.auto_modes) > 1:
+        self.auto_options = lossless_options(manifest)  # the (mode, block length) pairs mode="auto" picks from
+        if len({m for m, _ in self.auto_options}) > 1:
             self.modes = [*self.modes, "auto"]
         self.engine = Engine(self, max_queue=max_queue)
 
@@ -257,7 +257,7 @@ class Runtime:
         return block_length
 
     def _auto_lengths(self) -> list[int]:
-        return sorted({L for m in self.auto_modes if m != "ar" for L in self.manifest.block_lengths(m)})
+        return sorted({L for m, L in self.auto_options if m != "ar"})
 
     def _auto_room(self, block: int | None) -> int | None:
         """The cache room auto keeps for one block: the pinned length, else the longest it may pick."""

@@ -120,17 +120,6 @@ def relay(runtime, rid, job, stream: bool, write: Callable[[dict], None]) -> dic
             "finish_reason": result.finish_reason, "stats": result.stats.to_dict()}
 
 
-def handle(runtime, raw: Any, write: Callable[[dict], None]) -> None:
-    """Serve one decoded request line to the end, writing its events and final line."""
-    rid = raw.get("id") if isinstance(raw, dict) else None
-    try:
-        job, stream = submit(runtime, raw)
-    except NemocompileError as e:
-        write({"id": rid, "done": True, "error": {"type": error_type(e), "message": str(e)}})
-        return
-    write(relay(runtime, rid, job, stream, write))
-
-
 def serve_stdio(runtime, stdin: TextIO | None = None, stdout: TextIO | None = None,
                 request_timeout: float | None = None) -> int:
     """Serve requests from ``stdin`` until EOF, concurrently. The caller owns ``runtime``

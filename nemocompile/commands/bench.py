@@ -154,11 +154,16 @@ def run(args) -> int:
         linear_spec_thresholds=args.linear_spec_thresholds or list(bench.DEFAULT_LINEAR_SPEC_THRESHOLDS),
         model=args.model, threads=args.threads, eos=args.eos, progress=None if args.quiet else bench.stderr_progress,
         thinking={"max_thinking_tokens": args.max_thinking_tokens, "end_think_token_id": args.end_think_token_id})
-    print(bench.format_table(report), flush=True)  # first: a failing write below must not lose the table
+    return _report(bench, report, args)
+
+
+def _report(module, report: dict, args) -> int:
+    """Print ``report`` with ``module``'s table, then write its --json and --plot."""
+    print(module.format_table(report), flush=True)  # first: a failing write below must not lose the table
     if args.json:
-        bench.write_json(report, args.json)
+        module.write_json(report, args.json)
     if args.plot:
-        bench.plot(report, args.plot)
+        module.plot(report, args.plot)
     return 0
 
 
@@ -204,9 +209,4 @@ def run_serve(args) -> int:
         prompts, config, artifact=None if args.url else args.artifact[0], url=args.url, threads=args.threads,
         server_args=server_args, health_timeout_s=args.health_timeout or load_bench.HEALTH_TIMEOUT_S,
         progress=None if args.quiet else bench.stderr_progress)
-    print(load_bench.format_table(report), flush=True)  # first: a failing write below must not lose the table
-    if args.json:
-        load_bench.write_json(report, args.json)
-    if args.plot:
-        load_bench.plot(report, args.plot)
-    return 0
+    return _report(load_bench, report, args)
