@@ -23,6 +23,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+import ml_dtypes
+import onnx_ir as ir
 import torch
 
 from nemocompile.artifact_files import check_export_destination, describe_files
@@ -107,7 +109,9 @@ def export_artifact(
     check_export_destination(out_dir, overwrite, ExportError)
     if dump_after is not None and dump_after not in STAGE_NAMES:
         raise ExportError(f"unknown stage {dump_after!r} for --dump-after; stages are {', '.join(STAGE_NAMES)}")
-    model = _model(model, DTYPES[dtype], say)
+    # Without a calibration forward the weights never need to be in memory: they stream from the checkpoint.
+    calibrates = qdq is not None or (quantizer is not None and quantizer.settings.method == "gptq")
+    model = _model(model, DTYPES[dtype], say, lazy=not calibrates)
     cfg = model.config
     block_length = cfg.block_size if block_length is None else block_length
     prefill_length = min(DEFAULT_PREFILL_LENGTH, max_seq_len) if prefill_length is None else prefill_length
@@ -156,6 +160,7 @@ def export_artifact(
                 say(f"[{i}/{len(graphs)}] {spec.step}: tracing ({spec.layout.describe()}, C={max_seq_len}, "
                     f"batch={batch_size})")
                 onnx_model = _trace(module, module.example_inputs(batch_size, max_seq_len), spec, opset)
+                _stream_weights(onnx_model, model.weight_source)
                 ctx = PassContext(spec.step, inputs, outputs, weights=store, opset=opset,
                                   dump_dir=tmp.parent / f"{out_dir.name}.dump" if dump_after else None,
                                   quantizer=quantizer, qdq=qdq)
@@ -275,12 +280,13 @@ def _check_lengths(modes, block_length, prefill_length, capacity, batch_size, ma
         raise ExportError(f"max_seq_len {capacity} exceeds the model's max_position_embeddings {max_positions}")
 
 
-def _model(model, dtype: torch.dtype, say) -> TriModeModel:
+def _model(model, dtype: torch.dtype, say, lazy: bool) -> TriModeModel:
     if model is None or isinstance(model, (str, Path)):
         from nemocompile.loader import load
 
-        say(f"loading {model or 'the embedded tiny model'} as {dtype}")
-        return load(model, dtype=dtype)
+        say(f"{'checking' if lazy else 'loading'} {model or 'the embedded tiny model'} as {dtype}"
+            + (" (weights stream from the checkpoint, one at a time)" if lazy else ""))
+        return load(model, dtype=dtype, lazy=lazy)
     if not isinstance(model, TriModeModel):
         raise ExportError(f"model must be a TriModeModel or a checkpoint directory, got {type(model).__name__}")
     if model.dtype != dtype:
@@ -318,6 +324,35 @@ def _trace(module: StepModule, args: tuple, spec, opset: int):
     return program.model
 
 
+def _stream_weights(onnx_model, source) -> None:
+    """A model loaded lazily was traced with fake weights: each becomes a CheckpointTensor, read
+    (and converted to the export dtype) only when a pass or the weight store needs its bytes."""
+    if source is None:
+        return
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    for value in onnx_model.graph.initializers.values():
+        if isinstance(getattr(value.const_value, "raw", None), FakeTensor):
+            name = value.name.removeprefix("model.")  # StepModule holds the model as .model
+            if name not in source.files:
+                raise ExportError(f"the traced graph holds {value.name!r}, which is not a checkpoint weight")
+            value.const_value = CheckpointTensor(source, name, value.const_value)
+
+
+class CheckpointTensor(ir.LazyTensor):
+    """One checkpoint weight, read from its safetensors file each time its bytes are asked for."""
+
+    def __init__(self, source, name: str, like):
+        def read() -> ir.Tensor:
+            t = source.read(name)
+            if t.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits
+                return ir.Tensor(t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16), name=like.name)
+            return ir.Tensor(t.numpy(), name=like.name)
+
+        super().__init__(read, dtype=like.dtype, shape=ir.Shape(like.shape), name=like.name)
+        self.weight_identity = source.identity(name)  # passes/share_weights.py identity()
+
+
 @contextlib.contextmanager
 def _quiet_loggers():
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript")]
@@ -332,8 +367,6 @@ def _quiet_loggers():
 
 
 def _save(onnx_model, path: Path, shared: bool) -> None:
-    import onnx_ir as ir
-
     if shared:
         ir.save(onnx_model, path)  # weights already live in weights.bin
     else:

@@ -50,12 +50,19 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 
 def load(path: str | Path | None = None, dtype: str | torch.dtype | None = None,
-         device: str | torch.device = "cpu", lora: bool = True) -> TriModeModel:
+         device: str | torch.device = "cpu", lora: bool = True, *, lazy: bool = False) -> TriModeModel:
     """Load a checkpoint directory (default: the embedded tiny model) as an eval-mode model.
 
     ``dtype`` defaults to the checkpoint's ``torch_dtype`` (bf16 for published
     checkpoints; fp32 when config.json does not say). ``lora=False`` skips the
     optional drafter adapter, which is always held in fp32 (as PEFT runs it).
+
+    ``lazy=True``: what an export traces without holding the weights. The base
+    weights are checked from the safetensors headers only and the model's
+    parameters are fake tensors (shape and dtype, no data: it cannot run);
+    ``model.weight_source`` reads any one of them from the checkpoint, in
+    ``dtype``, when asked. The small drafter adapter and the rotary
+    frequencies are real.
     """
     directory = Path(path) if path is not None else embedded_model_dir()
     if not directory.is_dir():
@@ -66,22 +73,15 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype | None = None,
     with torch.device("meta"):
         model = TriModeModel(config)
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    state = {}
-    for name, file, tensor in _iter_weights(directory):
-        if name not in expected:
-            raise CheckpointError(f"{file}: unexpected tensor {name!r}; is this a {config.to_dict()['architectures'][0]} checkpoint?")
-        if tuple(tensor.shape) != expected[name]:
-            raise CheckpointError(
-                f"{file}: tensor {name!r} has shape {list(tensor.shape)}, config.json implies {list(expected[name])}"
-            )
-        if not tensor.is_floating_point():
-            raise CheckpointError(f"{file}: tensor {name!r} has non-float dtype {tensor.dtype}")
-        state[name] = tensor.to(device=device, dtype=torch_dtype)
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise CheckpointError(f"{directory}: missing tensors {missing[:3]}{more}")
-    model.load_state_dict(state, assign=True)
+    if lazy:
+        model = _lazy_model(config, directory, expected, torch_dtype)
+    else:
+        state = {}
+        for name, file, tensor in _iter_weights(directory):
+            _check_tensor(config, expected, name, file, tuple(tensor.shape), tensor.is_floating_point(), tensor.dtype)
+            state[name] = tensor.to(device=device, dtype=torch_dtype)
+        _check_complete(directory, expected, state)
+        model.load_state_dict(state, assign=True)
     # Buffers are not in the checkpoint: recompute the rotary frequencies off the meta device.
     model.inv_freq = yarn_inv_freq(config.rope, config.head_dim)[0].to(device)
 
@@ -90,6 +90,70 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype | None = None,
     model.tokenizer = Tokenizer(directory) if (directory / "tokenizer.json").is_file() else None
     model.source = str(directory)
     return model.eval().requires_grad_(False)
+
+
+def _check_tensor(config: ModelConfig, expected: dict, name: str, file: Path, shape: tuple, is_float: bool,
+                  dtype) -> None:
+    if name not in expected:
+        raise CheckpointError(f"{file}: unexpected tensor {name!r}; is this a {config.to_dict()['architectures'][0]} checkpoint?")
+    if shape != expected[name]:
+        raise CheckpointError(f"{file}: tensor {name!r} has shape {list(shape)}, config.json implies {list(expected[name])}")
+    if not is_float:
+        raise CheckpointError(f"{file}: tensor {name!r} has non-float dtype {dtype}")
+
+
+def _check_complete(directory: Path, expected: dict, found) -> None:
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise CheckpointError(f"{directory}: missing tensors {missing[:3]}{more}")
+
+
+class CheckpointWeights:
+    """Reads one base weight at a time from the checkpoint's safetensors files, in ``dtype``."""
+
+    def __init__(self, files: dict[str, Path], dtype: torch.dtype):
+        self.files, self.dtype = files, dtype  # parameter name -> the file holding it
+
+    def read(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[name]), framework="pt") as handle:
+            return handle.get_tensor(name).to(self.dtype)
+
+    def identity(self, name: str) -> tuple:
+        """What tells this weight from any other without reading it."""
+        return ("checkpoint", str(self.files[name]), name, str(self.dtype))
+
+
+def _lazy_model(config: ModelConfig, directory: Path, expected: dict, dtype: torch.dtype) -> TriModeModel:
+    from safetensors import SafetensorError, safe_open
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    files = {}
+    for f in _weight_files(directory):
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                for name in handle.keys():
+                    part = handle.get_slice(name)
+                    stored = part.get_dtype()
+                    _check_tensor(config, expected, name, f, tuple(part.get_shape()), stored in _FLOAT_DTYPES, stored)
+                    files[name] = f
+        except SafetensorError as e:
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+    _check_complete(directory, expected, files)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are born in dtype (a fake module cannot be converted)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):  # real inputs and the real adapter mix with fake weights
+            model = TriModeModel(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.weight_source = CheckpointWeights(files, dtype)
+    return model
+
+
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 
 
 def _iter_weights(directory: Path) -> Iterator[tuple[str, Path, torch.Tensor]]:

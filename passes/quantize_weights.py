@@ -39,6 +39,10 @@ BITS = {"int4": 4, "int8": 8}
 METHODS = ("rtn", "hqq", "gptq")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 COMPUTE = {"float": 0, "int8": 4}  # -> MatMulNBits accuracy_level  # MatMulNBits: a power of two, at least 16
+# A weight whose fp32 copy passes this is quantized in slices of output columns: protobuf caps the
+# one-MatMul model at 2 GiB (an 8B model's head is 4096 x 131072 = 2 GiB in fp32), and the slices
+# bound the quantizer's own copies.
+CHUNK_BYTES = 1 << 30
 HEAD_WEIGHTS = ("diffusion_head", "lm_head")  # the output head's parameter names (tied: embed_tokens.weight.T)
 
 
@@ -200,9 +204,26 @@ def one_matmul_model(weight: ir.TensorProtocol, name: str) -> onnx.ModelProto:
 
 def _quantize_one(weight: ir.TensorProtocol, name: str, s: QuantSettings,
                   activations: np.ndarray | None = None) -> tuple[list[ir.TensorProtocol], dict]:
-    """ONNX Runtime's quantizer on a one-MatMul model holding just ``weight`` (gptq: fed ``activations``)."""
-    from onnxruntime.quantization import matmul_nbits_quantizer as mnb
+    """ONNX Runtime's quantizer on one-MatMul models holding ``weight`` (gptq: fed ``activations``),
+    in slices of output columns when the whole would pass CHUNK_BYTES."""
+    array = weight.numpy()  # read once (a streamed weight is read from the checkpoint on every access)
+    k, n = array.shape
+    step = max(1, CHUNK_BYTES // (k * max(array.itemsize, 4)))  # the quantizer works on fp32 copies
+    if n <= step:
+        return _quantize_slice(ir.Tensor(array, dtype=weight.dtype), name, s, activations)
+    # MatMulNBits lays out its packed weight, scales and zero points by output column, and
+    # each column's blocks are quantized on their own: slices along N concatenate exactly
+    # (HQQ's early stop is then per slice).
+    parts = [_quantize_slice(ir.Tensor(np.ascontiguousarray(array[:, i:i + step]), dtype=weight.dtype), name, s,
+                             activations) for i in range(0, n, step)]
+    tensors = [ir.Tensor(np.concatenate([p[0][j].numpy() for p in parts]), name=t.name)
+               for j, t in enumerate(parts[0][0])]
+    return tensors, {**parts[0][1], "N": n}
 
+
+def _quantize_slice(weight: ir.TensorProtocol, name: str, s: QuantSettings,
+                    activations: np.ndarray | None = None) -> tuple[list[ir.TensorProtocol], dict]:
+    mnb = _ort_quantizer()
     proto = one_matmul_model(weight, name)
     bits = BITS[s.precision]
     if s.method == "hqq":
@@ -235,6 +256,18 @@ def _quantize_one(weight: ir.TensorProtocol, name: str, s: QuantSettings,
     if COMPUTE[s.compute]:
         attrs["accuracy_level"] = COMPUTE[s.compute]
     return tensors, attrs
+
+
+def _ort_quantizer():
+    """onnxruntime.quantization.matmul_nbits_quantizer, imported without the ``logging.basicConfig(level=INFO)``
+    it runs at import: that would print every library's INFO lines (thousands per export) to stderr."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization import matmul_nbits_quantizer
+
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    return matmul_nbits_quantizer
 
 
 class _Activations:

@@ -80,6 +80,9 @@ def identity(tensor: ir.TensorProtocol) -> tuple | None:
     is then neither re-read nor re-hashed. None: only its content can tell."""
     from .fold_weight_transposes import TransposedWeight
 
+    streamed = getattr(tensor, "weight_identity", None)  # a weight read from the checkpoint on demand
+    if streamed is not None:
+        return streamed
     if isinstance(tensor, TransposedWeight):
         inner = identity(tensor.source)
         return None if inner is None else (*inner, "T", tensor.perm)

@@ -18,8 +18,9 @@ from nemocompile.artifact_files import describe_files
 from nemocompile.cli import main
 from nemocompile.graphs import plan
 from nemocompile.graphs.export import ExportError, export_artifact
-from nemocompile.loader import save
+from nemocompile.loader import load, save
 from nemocompile.manifest import STEP_KINDS, Manifest, ManifestError
+from nemocompile.passes.quantize_weights import QuantSettings
 
 ONNX_DTYPES = {"float32": onnx.TensorProto.FLOAT, "int64": onnx.TensorProto.INT64}
 CACHE_COPY_OPS = {"Concat", "Expand", "Tile", "ScatterND", "ScatterElements", "Pad", "Identity", "Copy"}
@@ -304,3 +305,25 @@ def test_bidirectional_graphs_return_argmax_and_confidence():
         probs = torch.softmax(torch.from_numpy(logits), dim=-1)
         assert np.array_equal(cand, logits.argmax(-1))
         assert np.abs(conf - probs.max(-1).values.numpy()).max() < 1e-6
+
+
+@pytest.mark.parametrize("dtype, modes, quantize", [
+    ("bf16", ["linear-spec"], None),
+    ("fp32", ["ar"], QuantSettings(block_size=16)),
+])
+def test_a_checkpoint_directory_exports_streamed_to_the_same_bytes(tiny_checkpoint, tmp_path, monkeypatch, dtype,
+                                                                  modes, quantize):
+    """From a directory the weights are never held: traced fake, each read from the checkpoint when a
+    pass or the weight store needs it. The artifact is byte for byte an export of the loaded model's."""
+    import nemocompile.loader as loader
+
+    reads, read = [], loader.CheckpointWeights.read
+    monkeypatch.setattr(loader.CheckpointWeights, "read", lambda self, name: reads.append(name) or read(self, name))
+    kwargs = dict(modes=modes, block_length=4, max_seq_len=32, prefill_length=8, dtype=dtype, quantize=quantize)
+    export_artifact(tiny_checkpoint, tmp_path / "streamed", **kwargs)
+    assert "diffusion_head.weight" in reads and "encoder.layers.1.mlp.down_proj.weight" in reads
+    export_artifact(load(tiny_checkpoint, dtype=dtype), tmp_path / "loaded", **kwargs)
+    files = sorted(f.name for f in (tmp_path / "streamed").iterdir())
+    assert files == sorted(f.name for f in (tmp_path / "loaded").iterdir()) and "weights.bin" in files
+    for name in files:
+        assert (tmp_path / "streamed" / name).read_bytes() == (tmp_path / "loaded" / name).read_bytes(), name

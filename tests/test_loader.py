@@ -27,7 +27,8 @@ def test_round_trip_with_lora(tiny_checkpoint):
     assert load(tiny_checkpoint, dtype="bf16").dtype == torch.bfloat16
 
 
-def test_sharded_checkpoint(tiny_checkpoint):
+@pytest.mark.parametrize("lazy", [False, True])
+def test_sharded_checkpoint(tiny_checkpoint, lazy):
     tensors = load_file(str(tiny_checkpoint / "model.safetensors"))
     names = sorted(tensors)
     half = len(names) // 2
@@ -38,11 +39,12 @@ def test_sharded_checkpoint(tiny_checkpoint):
         weight_map.update({n: shard for n in part})
     (tiny_checkpoint / "model.safetensors").unlink()
     (tiny_checkpoint / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    model = load(tiny_checkpoint)
-    assert torch.equal(model.diffusion_head.weight, tensors["diffusion_head.weight"])
+    model = load(tiny_checkpoint, lazy=lazy)
+    head = model.weight_source.read("diffusion_head.weight") if lazy else model.diffusion_head.weight
+    assert torch.equal(head, tensors["diffusion_head.weight"])
     (tiny_checkpoint / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match="lists shard 'model-00002-of-00002.safetensors', which is missing"):
-        load(tiny_checkpoint)
+        load(tiny_checkpoint, lazy=lazy)
 
 
 def edit_config(path, **changes):
@@ -75,34 +77,55 @@ def test_unknown_config_field_warns(tiny_checkpoint):
         load(tiny_checkpoint)
 
 
-def test_wrong_shape_and_missing_tensor(tiny_checkpoint):
+@pytest.mark.parametrize("lazy", [False, True])
+def test_wrong_shape_and_missing_tensor(tiny_checkpoint, lazy):
     edit_config(tiny_checkpoint, intermediate_size=48)
     with pytest.raises(CheckpointError, match=r"mlp\.\w+_proj\.weight' has shape \[\d+, \d+\], config.json implies"):
-        load(tiny_checkpoint)
+        load(tiny_checkpoint, lazy=lazy)
     edit_config(tiny_checkpoint, intermediate_size=64)
     tensors = load_file(str(tiny_checkpoint / "model.safetensors"))
+    save_file({**tensors, "encoder.norm.weight": torch.ones(32, dtype=torch.int32)},
+              str(tiny_checkpoint / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="'encoder.norm.weight' has non-float dtype"):
+        load(tiny_checkpoint, lazy=lazy)
     del tensors["encoder.norm.weight"]
     save_file(tensors, str(tiny_checkpoint / "model.safetensors"))
     with pytest.raises(CheckpointError, match="missing tensors \\['encoder.norm.weight'\\]"):
-        load(tiny_checkpoint)
+        load(tiny_checkpoint, lazy=lazy)
 
 
-def test_missing_and_unsafe_files(tmp_path, tiny_checkpoint):
+def test_lazy_load_reads_each_weight_on_demand_in_the_asked_dtype(tiny_checkpoint):
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    eager = load(tiny_checkpoint, dtype="bf16")
+    lazy = load(tiny_checkpoint, dtype="bf16", lazy=True)
+    assert lazy.has_lora and lazy.config == eager.config and lazy.source == eager.source
+    for name, p in lazy.named_parameters():
+        if "lora_" in name:  # the small adapter is read for real, in fp32 as PEFT holds it
+            assert not isinstance(p, FakeTensor) and torch.equal(p, eager.get_parameter(name))
+            continue
+        assert isinstance(p, FakeTensor) and p.dtype == torch.bfloat16
+        assert torch.equal(lazy.weight_source.read(name), eager.get_parameter(name))
+    assert torch.equal(lazy.inv_freq, eager.inv_freq)
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_missing_and_unsafe_files(tmp_path, tiny_checkpoint, lazy):
     with pytest.raises(CheckpointError, match="not a directory"):
-        load(tmp_path / "nope")
+        load(tmp_path / "nope", lazy=lazy)
     (tiny_checkpoint / "config.json").unlink()
     with pytest.raises(CheckpointError, match="config.json: missing"):
-        load(tiny_checkpoint)
+        load(tiny_checkpoint, lazy=lazy)
     empty = tmp_path / "pickled"
     empty.mkdir()
     save(make_model(), empty)
     (empty / "model.safetensors").unlink()
     torch.save({}, empty / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="never unpickles"):
-        load(empty)
+        load(empty, lazy=lazy)
     (empty / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
-        load(empty)
+        load(empty, lazy=lazy)
 
 
 def test_bad_dtype_and_lora(tiny_checkpoint):

@@ -179,3 +179,36 @@ def test_gptq_calibrates_on_what_each_weight_multiplies(tmp_path):
     assert len(_ops(out / "ar_step.onnx")["MatMulNBits"]) == 7 * cfg.num_hidden_layers + 1
     with Runtime.load(out, backend="onnxruntime", threads=1) as rt:
         assert len(rt.generate(PROMPTS[0], mode="ar", max_new_tokens=4, eos=-1).tokens) == 4
+
+
+@pytest.mark.parametrize("settings", [QuantSettings(), QuantSettings(precision="int8", symmetric=True)])
+def test_a_weight_too_large_for_one_quantizer_model_is_quantized_in_slices_of_columns(settings, monkeypatch):
+    """An 8B head in fp32 (2 GiB) passes protobuf's limit: it is quantized in slices along N,
+    which MatMulNBits' per-column layout concatenates to exactly the whole's result."""
+    import numpy as np
+    import onnx_ir as ir
+
+    import nemocompile.passes.quantize_weights as qw
+
+    weight = ir.Tensor(np.random.default_rng(0).standard_normal((64, 100)).astype(np.float32), name="w")
+    whole, attrs = qw._quantize_one(weight, "w", settings)
+    monkeypatch.setattr(qw, "CHUNK_BYTES", 64 * 4 * 30)  # slices of 30, 30, 30 and 10 columns
+    sliced, sliced_attrs = qw._quantize_one(weight, "w", settings)
+    assert sliced_attrs == attrs and attrs["N"] == 100
+    assert [t.name for t in sliced] == [t.name for t in whole]
+    for a, b in zip(whole, sliced):
+        assert a.shape == b.shape and np.array_equal(a.numpy(), b.numpy()), a.name
+
+
+def test_importing_onnx_runtimes_quantizer_leaves_logging_alone():
+    """matmul_nbits_quantizer calls logging.basicConfig(level=INFO) at import: an 8B int4 export then printed
+    thousands of other libraries' INFO lines. The pass imports it without that (a fresh interpreter: nothing
+    imported it before)."""
+    import subprocess
+    import sys
+
+    code = ("import logging; from nemocompile.passes.quantize_weights import _ort_quantizer; _ort_quantizer(); "
+            "import onnxruntime.quantization.matmul_nbits_quantizer; "
+            "root = logging.getLogger(); print(len(root.handlers), root.level)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["0", str(30)]  # no handler; WARNING, Python's default

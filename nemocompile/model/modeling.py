@@ -226,6 +226,8 @@ class TriModeModel(nn.Module):
         self.attention_factor = attention_factor
         self.tokenizer = None  # set by the loader
         self.source: str | None = None  # checkpoint directory, set by the loader
+        # load(lazy=True): the parameters are fake and this reads each from the checkpoint (export only)
+        self.weight_source = None
 
     # ---- properties --------------------------------------------------------
     @property
