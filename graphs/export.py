@@ -34,7 +34,7 @@ from nemocompile.model import TriModeModel
 from nemocompile.passes.base import PassContext, PassResult
 from nemocompile.passes.check_onnx import check_onnx
 from nemocompile.passes.pipeline import STAGE_NAMES, PipelineOptions, run_description_pipeline, run_pipeline
-from nemocompile.passes.quantize_qdq import PRECISIONS, QdqSettings
+from nemocompile.passes.quantize_qdq import NVFP4_BLOCK, PRECISIONS, QdqSettings
 from nemocompile.passes.quantize_weights import QuantSettings
 from nemocompile.passes.share_weights import WEIGHTS_FILE, WeightStore
 from nemocompile.tokenizer import TOKENIZER_FILES
@@ -93,7 +93,7 @@ def export_artifact(
     to stderr, or a callable(str).
     ``quantize``: weight-only int4/int8 (passes/quantize_weights.py); None keeps the weights in ``dtype``.
     ``calibration_prompts``: what gptq and ``precision`` calibrate on (default: nemocompile's own source, never
-    held-out text). ``precision``: "fp8" or "int4-awq" Q/DQ graphs for TensorRT (passes/quantize_qdq.py), or
+    held-out text). ``precision``: "fp8", "int4-awq" or "nvfp4" (fp16) Q/DQ graphs for TensorRT (passes/quantize_qdq.py), or
     QdqSettings (its dtype is set to ``dtype``).
     """
     say = _progress(progress)
@@ -243,12 +243,16 @@ def _qdq_fields(qdq) -> dict:
     if qdq is None:
         return {}
     s = qdq.settings
+    details = {"fp8": {"library": "nvidia-modelopt onnx ptq", "block_size": None, "calibration": "entropy",
+                       "activations": "fp8 per tensor"},
+               "int4-awq": {"library": "nvidia-modelopt onnx ptq", "block_size": s.block_size,
+                            "calibration": "awq_clip", "activations": s.dtype},
+               "nvfp4": {"library": "nvidia-modelopt NVFP4QuantExporter", "block_size": NVFP4_BLOCK,
+                         "calibration": "activation amax",
+                         "activations": "nvfp4 per 16, quantized at run time by TensorRT"}}[s.precision]
     return {"precision": s.precision,
-            "precision_details": {"library": "nvidia-modelopt onnx ptq", "mode": PRECISIONS[s.precision][0],
-                                  "block_size": s.block_size if s.precision == "int4-awq" else None,
-                                  "calibration": "awq_clip" if s.precision == "int4-awq" else "entropy",
-                                  "activations": "fp8 per tensor" if s.precision == "fp8" else s.dtype,
-                                  "embedding": s.dtype, "lora": s.dtype}}
+            "precision_details": {**details, "mode": PRECISIONS[s.precision][0], "embedding": s.dtype,
+                                  "lora": s.dtype}}
 
 
 def _quantization_fields(quantizer) -> dict:

@@ -60,7 +60,7 @@ MODE_STEPS = {"ar": {"prefill", "ar_step"}, "diffusion": {"prefill", "denoise", 
 BLOCK_STEP = {"diffusion": "denoise", "linear-spec": "draft", "quadratic-spec": "verify_draft"}
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "int64")
 WEIGHT_PRECISIONS = ("float", "int4", "int8")
-PRECISIONS = ("float", "fp8", "int4-awq")  # TensorRT Q/DQ graphs (passes/quantize_qdq.py)
+PRECISIONS = ("float", "fp8", "int4-awq", "nvfp4")  # TensorRT Q/DQ graphs (passes/quantize_qdq.py)
 
 
 class ManifestError(NemocompileError):
@@ -109,7 +109,8 @@ class Manifest:
     # weight-only quantization: "float" (weights in `dtype`), "int4" or "int8" (MatMulNBits, ONNX Runtime only)
     weight_precision: str = "float"
     quantization: dict[str, Any] | None = None  # method, block_size, symmetric, what stayed in float
-    # TensorRT Q/DQ precision: "float" or "fp8" / "int4-awq" (ModelOpt Q/DQ; TensorRT and ONNX Runtime)
+    # TensorRT Q/DQ precision: "float" or "fp8" / "int4-awq" (ModelOpt Q/DQ; TensorRT and ONNX Runtime) /
+    # "nvfp4" (TensorRT only: its activations are quantized by trt::TRT_FP4DynamicQuantize)
     precision: str = "float"
     precision_details: dict[str, Any] | None = None  # library, mode, block size, calibration, what stayed float
     # file name -> {"size": bytes, "sha256": hex digest}, every file the export wrote but this
@@ -131,6 +132,18 @@ class Manifest:
     def modes(self) -> list[str]:
         steps = {g.step for g in self.graphs}
         return [m for m, s in MODE_STEPS.items() if s <= steps]
+
+    def for_modes(self, modes) -> "Manifest":
+        """The manifest with only the graphs ``modes`` run: a runtime then opens no other (ONNX Runtime
+        keeps each session's own prepacked copy of quantized weights, so every graph costs their size)."""
+        import dataclasses
+
+        missing = [m for m in modes if m not in self.modes]
+        if missing:
+            raise ManifestError(f"the artifact has no {missing[0]} graphs (it has: {', '.join(self.modes)}); "
+                                f"drop it from --modes or re-export with --mode {missing[0]}")
+        steps = set().union(*(MODE_STEPS[m] for m in modes))
+        return dataclasses.replace(self, graphs=[g for g in self.graphs if g.step in steps])
 
     def block_lengths(self, mode: str) -> list[int]:
         """The block lengths ``mode`` can run at (its block graph's lengths)."""

@@ -175,6 +175,10 @@ def check_quantized_parity(artifact_dir: str | Path, model: TriModeModel | str |
 
     manifest = Manifest.load(artifact_dir)
     kind = quantized_kind(manifest)
+    if kind == "nvfp4":
+        raise ParityError(f"{artifact_dir}: nvfp4 graphs run on TensorRT only (TRT_FP4DynamicQuantize has no ONNX "
+                          "Runtime kernel) and quantized parity runs them on ONNX Runtime: measure nvfp4 where "
+                          "TensorRT and a Blackwell GPU are, or export --precision fp8 or int4-awq to measure here")
     if kind not in QUANT_THRESHOLDS:
         raise ParityError(f"{artifact_dir}: weights are {manifest.weight_precision}, not quantized; "
                           "use `nemocompile parity` (the fp32 tolerance applies)")
@@ -204,7 +208,7 @@ def check_quantized_parity(artifact_dir: str | Path, model: TriModeModel | str |
 
 
 def quantized_kind(manifest: Manifest) -> str:
-    """"int4"/"int8" (MatMulNBits), "fp8"/"int4-awq" (TensorRT Q/DQ) or "float"."""
+    """"int4"/"int8" (MatMulNBits), "fp8"/"int4-awq"/"nvfp4" (TensorRT Q/DQ) or "float"."""
     return manifest.weight_precision if manifest.weight_precision != "float" else manifest.precision
 
 

@@ -57,6 +57,9 @@ SUPPORTED: dict[str, str] = {
     "Tile": _FIB, "TopK": _FI, "Transpose": _FIB, "Trilu": _FIB, "Unsqueeze": _FIB, "Upsample": _F,
     "Where": _FIB, "Xor": "BOOL",
 }
+# TensorRT's own operators (domain "trt") that its ONNX parser reads as built-ins (docs/operators.md,
+# "TensorRT-specific operators"), with the data types they take: what ModelOpt's NVFP4 export emits.
+TENSORRT_OPS: dict[str, str] = {"TRT_FP4DynamicQuantize": "FP32 FP16 BF16"}
 # Listed as unsupported ("N") in the same table; anything in neither list is unknown to the parser too.
 UNSUPPORTED = set(
     "AffineGrid Bernoulli BitShift BitwiseAnd BitwiseNot BitwiseOr BitwiseXor Col2Im CenterCropPad Compress "
@@ -109,26 +112,21 @@ def lint(model: ir.Model) -> list[str]:
 
 def _check_node(node: ir.Node) -> list[str]:
     where = f"{node.op_type} node {node.name!r}"
+    if node.domain == "trt" and node.op_type in TENSORRT_OPS:
+        return _check_types(node, where, TENSORRT_OPS[node.op_type], list(node.inputs)[:1])
     if node.domain not in ("", "ai.onnx"):
         return [f"{where}: custom domain {node.domain!r} needs a TensorRT plugin"]
     if node.op_type in UNSUPPORTED:
         return [f"{where}: operator {node.op_type} is not supported by TensorRT's ONNX parser"]
     if node.op_type not in SUPPORTED:
         return [f"{where}: operator {node.op_type} is not in TensorRT {TENSORRT_VERSION}'s operator table"]
-    out = []
-    allowed = set(SUPPORTED[node.op_type].split())
     values = list(node.inputs) + (list(node.outputs) if node.op_type in ("Cast", "CastLike") else [])
     if node.op_type in _DATA_ONLY:
         values = values[:1]
-    for v in values:
-        if v is None or v.dtype is None:
-            continue
-        name = _TYPE_NAMES.get(v.dtype, str(v.dtype))
-        if name not in allowed:
-            out.append(f"{where}: {v.name!r} has type {name}; TensorRT's {node.op_type} takes {sorted(allowed)}")
+    out = _check_types(node, where, SUPPORTED[node.op_type], values)
     for (op, idx) in _CONSTANT_INPUTS:
         if node.op_type == op and len(node.inputs) > idx and node.inputs[idx] is not None:
-            if ir.convenience.get_const_tensor(node.inputs[idx]) is None:
+            if ir.convenience.get_const_tensor(node.inputs[idx]) is None and not _fp4_scale(node, idx):
                 out.append(f"{where}: input {idx} must be a build-time constant for TensorRT")
     if node.op_type == "TopK":
         k = ir.convenience.get_const_tensor(node.inputs[1])
@@ -144,6 +142,25 @@ def _check_node(node: ir.Node) -> list[str]:
     for v in node.outputs:
         if v.shape is not None and not all(isinstance(d, int) for d in v.shape):
             out.append(f"{where}: output {v.name!r} has a non-static shape {v.shape}")
+    return out
+
+
+def _fp4_scale(node: ir.Node, idx: int) -> bool:
+    """NVFP4's second DequantizeLinear: its block scales are themselves dequantized (FP8 by an fp32
+    scale), from constants for a weight, from TRT_FP4DynamicQuantize for an activation."""
+    producer = node.inputs[idx].producer()
+    return (node.op_type == "DequantizeLinear" and idx == 1 and producer is not None
+            and producer.op_type == "DequantizeLinear")
+
+
+def _check_types(node: ir.Node, where: str, types: str, values: list) -> list[str]:
+    allowed, out = set(types.split()), []
+    for v in values:
+        if v is None or v.dtype is None:
+            continue
+        name = _TYPE_NAMES.get(v.dtype, str(v.dtype))
+        if name not in allowed:
+            out.append(f"{where}: {v.name!r} has type {name}; TensorRT's {node.op_type} takes {sorted(allowed)}")
     return out
 
 

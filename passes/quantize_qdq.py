@@ -11,8 +11,16 @@ change and one weight at a time is held by ModelOpt.
     (QuantizeLinear/DequantizeLinear pairs on both MatMul inputs; opset 19),
   * ``int4-awq``: INT4 weights per block along K, AWQ-clip calibrated
     (DequantizeLinear(int4 W, scales) -> MatMul; opset 21); activations in float,
-  * ``nvfp4``: refused before any work: ModelOpt 0.47's ONNX ``quantize``
-    raises "Invalid quantization mode choice" for it (int8, fp8, int4 only).
+  * ``nvfp4`` (W4A4, as ModelOpt's NVFP4_DEFAULT_CFG): FP4 (E2M1) weights in
+    blocks of 16 along K with FP8 block scales under an fp32 tensor scale
+    (ModelOpt's NVFP4QuantExporter turns a TRT_FP4QDQ weight into its two
+    DequantizeLinear nodes), activations quantized per block of 16 at run time by
+    TensorRT's ``trt::TRT_FP4DynamicQuantize`` under an fp32 scale calibrated
+    as ModelOpt's torch export sets it (amax / 6 / 448); fp16 graphs only, opset
+    23. ModelOpt's ONNX ``quantize`` has no nvfp4 mode, so the activation nodes
+    are the three its torch export emits (modelopt.torch.quantization.export_onnx),
+    built here. ONNX Runtime has no kernel for TRT_FP4DynamicQuantize: these graphs
+    run on TensorRT only (Blackwell).
 
 Not quantized, as in ModelOpt's own default configs (which disable ``*lm_head*``):
 the output head (on the embedded model int4 there cost the most top-1
@@ -30,6 +38,7 @@ import logging
 import os
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,29 +50,30 @@ from .quantize_weights import _is_head, one_matmul_model, weight_matmuls
 from .share_weights import weight_key
 
 # --precision -> (ModelOpt quantize_mode, the opset its Q/DQ needs)
-PRECISIONS = {"fp8": ("fp8", 19), "int4-awq": ("int4", 21)}
-REFUSED = {"nvfp4": "nvfp4 cannot be produced: NVIDIA Model Optimizer 0.47's ONNX quantizer has no nvfp4 mode "
-                    "(modelopt.onnx.quantization.quantize takes int8, fp8 and int4 only); use --precision fp8 "
-                    "or int4-awq"}
+PRECISIONS = {"fp8": ("fp8", 19), "int4-awq": ("int4", 21), "nvfp4": ("nvfp4", 23)}
 HIGH_PRECISION = {"fp32": "fp32", "fp16": "fp16"}  # export dtype -> ModelOpt high_precision_dtype
-INSTALL = ('pip install --no-deps nvidia-modelopt onnx-graphsurgeon onnxslim lief cppimport nvidia-ml-py '
-           '(or pip install -e ".[modelopt]")')
+NVFP4_BLOCK = 16  # NVFP4's block along K (fixed by the format)
+# precisions whose graphs hold operators only TensorRT runs: ONNX Runtime cannot load them
+TENSORRT_ONLY = {"nvfp4": "TRT_FP4DynamicQuantize"}
+INSTALL = ('pip install --no-deps nvidia-modelopt onnx-graphsurgeon onnxslim lief cppimport nvidia-ml-py omegaconf '
+           'antlr4-python3-runtime pulp (or pip install -e ".[modelopt]")')
 
 
 @dataclass(frozen=True)
 class QdqSettings:
     """Which TensorRT Q/DQ precision an export asks for (None: float graphs)."""
 
-    precision: str = "fp8"  # "fp8" | "int4-awq"
+    precision: str = "fp8"  # "fp8" | "int4-awq" | "nvfp4"
     dtype: str = "fp32"  # the export dtype: what Q/DQ dequantize to (ModelOpt's high_precision_dtype)
     block_size: int = 128  # int4-awq: weights per scale along K (TensorRT's INT4 weight-only GEMM: 128)
 
     def check(self) -> None:
         """One-line errors before any work."""
-        if self.precision in REFUSED:
-            raise PassError(REFUSED[self.precision])
         if self.precision not in PRECISIONS:
             raise PassError(f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
+        if self.precision == "nvfp4" and self.dtype != "fp16":
+            raise PassError(f"--precision nvfp4 needs --dtype fp16 (TensorRT's strongly typed FP4 layers take "
+                            f"fp16 around their Q/DQ, as ModelOpt exports them), got {self.dtype}")
         if self.dtype not in HIGH_PRECISION:
             raise PassError(f"--precision {self.precision} needs --dtype fp16 or fp32 (ModelOpt's ONNX Q/DQ "
                             f"dequantize to one of those), got {self.dtype}")
@@ -124,6 +134,8 @@ def quantize_qdq(model: ir.Model, ctx: PassContext) -> PassResult:
     if done:
         opset = PRECISIONS[quantizer.settings.precision][1]
         model.opset_imports[""] = max(model.opset_imports.get("", 18), opset)
+        if quantizer.settings.precision in TENSORRT_ONLY:
+            model.opset_imports["trt"] = 1
     return PassResult(model, modified=done > 0, count=done, notes=notes)
 
 
@@ -188,6 +200,8 @@ def _without_tensorrt():
 
 def _quantize_one(weight: ir.TensorProtocol, name: str, s: QdqSettings, activations: np.ndarray) -> onnx.ModelProto:
     """ModelOpt's quantize on a one-MatMul model holding just ``weight``, calibrated on ``activations``."""
+    if s.precision == "nvfp4":
+        return _nvfp4_one(weight, name, activations)
     quantize = load_modelopt()
     mode, opset = PRECISIONS[s.precision]
     k, n = weight.shape
@@ -224,4 +238,65 @@ def _quantize_one(weight: ir.TensorProtocol, name: str, s: QdqSettings, activati
     return out
 
 
-__all__ = ["quantize_qdq", "QdqSettings", "QdqQuantizer", "PRECISIONS", "REFUSED", "load_modelopt"]
+def _nvfp4_one(weight: ir.TensorProtocol, name: str, activations: np.ndarray) -> onnx.ModelProto:
+    """x @ ``weight`` in NVFP4: the graph ModelOpt's torch export writes for a quantized Linear
+    (x -> TRT_FP4DynamicQuantize -> DQ(scales) -> DQ; W [N, K] -> TRT_FP4QDQ -> Transpose),
+    then ModelOpt's NVFP4QuantExporter packs W in FP4 with FP8 block scales."""
+    with _without_tensorrt(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # modelopt.torch warns about the installed transformers version
+        try:
+            from modelopt.onnx.export import NVFP4QuantExporter
+        except ImportError as e:
+            raise PassError(f"--precision nvfp4 needs NVIDIA Model Optimizer's NVFP4 exporter ({e.msg}); "
+                            f"install it: {INSTALL}") from None
+    k, n = weight.shape
+    if k % NVFP4_BLOCK:
+        raise PassError(f"{name}: K = {k} is not a multiple of NVFP4's block of {NVFP4_BLOCK}; "
+                        "use --precision fp8 or int4-awq for this model")
+    h = onnx.helper
+    f16, f32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    amax = float(np.max(np.abs(activations))) if activations.size else 0.0
+    x_scale = amax / 6.0 / 448.0 if amax > 0 and np.isfinite(amax) else 1.0  # as ModelOpt's export_fp4
+    w_nk = np.ascontiguousarray(weight.numpy().T).astype(np.float16)  # the Linear's [out, in]: blocks along K
+    nodes = [
+        h.make_node("TRT_FP4DynamicQuantize", ["x", "x_scale"], ["x_f4", "x_block_scale_f8"], domain="trt",
+                    name="x_quantize", axis=-1, block_size=NVFP4_BLOCK,
+                    scale_type=onnx.TensorProto.FLOAT8E4M3FN),
+        h.make_node("DequantizeLinear", ["x_block_scale_f8", "x_scale"], ["x_block_scale"], name="x_scale_dq"),
+        h.make_node("DequantizeLinear", ["x_f4", "x_block_scale"], ["x_dq"], name="x_dq", axis=-1,
+                    block_size=NVFP4_BLOCK),
+        # attribute 0 must be block_size: the exporter reads node.attribute[0].i
+        h.make_node("TRT_FP4QDQ", [name], ["w_qdq"], domain="trt", name="w_qdq", block_size=NVFP4_BLOCK),
+        h.make_node("Transpose", ["w_qdq"], ["w_t"], name="w_transpose", perm=[1, 0]),
+        h.make_node("MatMul", ["x_dq", "w_t"], ["y"], name="mm"),
+    ]
+    graph = h.make_graph(
+        nodes, "one", [h.make_tensor_value_info("x", f16, ["tokens", k])],
+        [h.make_tensor_value_info("y", f16, ["tokens", n])],
+        initializer=[onnx.numpy_helper.from_array(w_nk, name),
+                     onnx.numpy_helper.from_array(np.array(x_scale, dtype=np.float32), "x_scale")],
+        value_info=[h.make_tensor_value_info("w_qdq", f16, [n, k]), h.make_tensor_value_info("x_dq", f32, None)])
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 23), h.make_opsetid("trt", 1)])
+    quiet = logging.getLogger("modelopt.onnx")  # ModelOpt sets INFO on it
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with _without_tensorrt():
+            out = NVFP4QuantExporter.process_model(proto)
+    except Exception as e:
+        raise PassError(f"{name}: NVIDIA Model Optimizer failed to pack this weight in NVFP4 "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        f"report it with the weight's shape {[k, n]}") from None
+    finally:
+        quiet.setLevel(level)
+    for vi in list(out.graph.input):  # the exporter lists its new initializers as graph inputs
+        if vi.name != "x":
+            out.graph.input.remove(vi)
+    ops = [nd.op_type for nd in out.graph.node]
+    if "TRT_FP4QDQ" in ops or ops.count("DequantizeLinear") != 4:
+        raise PassError(f"{name}: NVIDIA Model Optimizer did not turn this weight into NVFP4 (got {ops}); "
+                        f"report it with the weight's shape {[k, n]}")
+    return out
+
+
+__all__ = ["quantize_qdq", "QdqSettings", "QdqQuantizer", "PRECISIONS", "TENSORRT_ONLY", "load_modelopt"]

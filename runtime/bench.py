@@ -157,9 +157,10 @@ def run_bench(artifacts: Sequence[str | Path], prompts: list, backends: Sequence
               max_new_tokens: int = 64, diffusion_thresholds: Sequence = DEFAULT_DIFFUSION_THRESHOLDS,
               linear_spec_thresholds: Sequence = DEFAULT_LINEAR_SPEC_THRESHOLDS, model=None,
               threads: int | None = None, eos: int | None = None, thinking: dict | None = None,
-              progress: Callable[[str], None] | None = None) -> dict:
+              progress: Callable[[str], None] | None = None, modes: Sequence[str] | None = None) -> dict:
     """Benchmark every configuration; returns {"results": [row dicts], "summary": {...}}.
-    ``thinking``: the thinking budget of every request (max_thinking_tokens, end_think_token_id)."""
+    ``thinking``: the thinking budget of every request (max_thinking_tokens, end_think_token_id).
+    ``modes``: open (and run) only these modes' graphs (default: every mode of each artifact)."""
     thinking = thinking or {}
     say = progress or (lambda msg: None)
     rows: list[dict] = []
@@ -179,6 +180,8 @@ def run_bench(artifacts: Sequence[str | Path], prompts: list, backends: Sequence
         runtimes = {}
         for b in backends:
             options = {"threads": threads} if threads else {}
+            if modes:
+                options["modes"] = modes
             if b == "torch" and model is not None:
                 options["model"] = model
             say(f"loading {artifact} on {b}")

@@ -108,9 +108,13 @@ class Runtime:
              **options) -> "Runtime":
         """Open an exported artifact. ``options``: ``threads`` (intra-op threads),
         ``model`` (torch backend: checkpoint path or loaded model; default the
-        manifest's ``source``), ``providers`` (onnxruntime)."""
+        manifest's ``source``), ``providers`` (onnxruntime), ``modes`` (open only
+        the graphs of these modes; default every mode of the artifact)."""
         artifact_dir = Path(artifact_dir)
         manifest = Manifest.load(artifact_dir)
+        modes = options.pop("modes", None)
+        if modes:
+            manifest = manifest.for_modes(modes)
         # sizes only (a stat per file; `nemocompile check` reads the digests). A damaged graph that
         # some modes do not use costs only those modes; anything else damaged stops here.
         manifest, damaged = usable_graphs(artifact_dir, manifest)

@@ -30,13 +30,13 @@ MODES = ["ar", "linear-spec"]  # prefill, ar_step, draft (LoRA), verify: every k
 
 
 @functools.cache
-def exported(precision: str | None) -> Path:
+def exported(precision: str | None, dtype: str = "fp32") -> Path:
     """A LoRA model (batch 1, AR and linear self-speculation) exported as float or with ``precision``."""
     model = make_model(lora_rank=4)
-    out = _ROOT / f"qdq_{precision or 'float'}"
+    out = _ROOT / f"qdq_{precision or 'float'}_{dtype}"
     settings = None if precision is None else QdqSettings(precision=precision, block_size=32)
     export_artifact(model, out, modes=MODES, block_length=BLOCK, max_seq_len=CAPACITY, batch_size=1,
-                    prefill_length=PREFILL, precision=settings, overwrite=True)
+                    prefill_length=PREFILL, precision=settings, overwrite=True, dtype=dtype)
     return out
 
 
@@ -112,9 +112,74 @@ def test_qdq_artifact_runs_on_onnxruntime_close_to_float_and_lossless(precision)
     assert spec == ar, "self-speculation must stay lossless against the artifact's own AR greedy output"
 
 
+def _fp4_weight(graph: onnx.GraphProto, matmul: onnx.NodeProto, inits: dict) -> tuple[np.ndarray, list]:
+    """The weight [K, N] a NVFP4 MatMul multiplies, decoded from its FP4 values and two levels of scales,
+    and the nodes on its way: MatMul <- Cast <- Transpose <- DQ(fp4 [N, K], DQ(fp8 block scales, fp32))."""
+    produced = {o: n for n in graph.node for o in n.output}
+    cast = produced[matmul.input[1]]
+    transpose = produced[cast.input[0]]
+    dq = produced[transpose.input[0]]
+    dq_scale = produced[dq.input[1]]
+    path = [cast, transpose, dq, dq_scale]
+    fp4 = next(i for i in graph.initializer if i.name == dq.input[0])
+    assert fp4.data_type == onnx.TensorProto.FLOAT4E2M1 and dict((a.name, a.i) for a in dq.attribute)["block_size"] == 16
+    values = inits[dq.input[0]].astype(np.float32)  # onnx unpacks FP4 to ml_dtypes' float4_e2m1fn
+    block_scales = inits[dq_scale.input[0]].astype(np.float32)  # float8_e4m3fn, one per 16 along K
+    tensor_scale = float(inits[dq_scale.input[1]].reshape(-1)[0])
+    assert np.all(np.isfinite(block_scales)) and np.all(block_scales > 0) and tensor_scale > 0
+    weight = values * np.repeat(block_scales, 16, axis=1) * tensor_scale
+    return weight.T, path
+
+
+@needs_modelopt
+def test_nvfp4_graphs_pack_each_base_weight_in_fp4_and_quantize_its_activation_in_tensorrt():
+    """nvfp4 (W4A4): every base weight MatMul reads FP4 weights (blocks of 16, FP8 scales under an fp32 one,
+    decoding to the float weight within FP4's rounding) and an activation TensorRT quantizes at run time;
+    head and LoRA stay fp16; I/O as the fp16 float artifact's; the lint accepts it; ONNX Runtime refuses it."""
+    from nemocompile.quant_parity import check_quantized_parity
+    from nemocompile.runtime import Runtime
+
+    fdir, qdir = exported(None, "fp16"), exported("nvfp4", "fp16")
+    fm, qm = Manifest.load(fdir), Manifest.load(qdir)
+    assert qm.precision == "nvfp4" and qm.opset == 23
+    model = make_model(lora_rank=4)
+    params = {f"model.{k}.T": v.detach().float().numpy().T for k, v in model.state_dict().items()}
+    layers = qm.model_config["num_hidden_layers"]
+    for fg, qg in zip(fm.graphs, qm.graphs):
+        assert (qg.step, qg.inputs, qg.outputs) == (fg.step, fg.inputs, fg.outputs), "nvfp4 changed the I/O"
+        proto = onnx.load(str(qdir / qg.file))
+        assert {o.domain: o.version for o in proto.opset_import}.get("trt") == 1
+        graph = proto.graph
+        inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+        produced = {o: n for n in graph.node for o in n.output}
+        quantized = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] not in inits]
+        quantized = [n for n in quantized if produced[n.input[1]].op_type == "Cast"]
+        assert len(quantized) == 7 * layers, f"{qg.step}: q/k/v/o, gate/up/down per layer"
+        floats = [n.input[1] for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+        assert len(floats) == 1 + (2 * layers if qg.lora else 0), f"{qg.step}: the head and the LoRA only are float"
+        for mm in quantized:
+            weight, path = _fp4_weight(graph, mm, inits)
+            name = path[2].input[0].removesuffix("_f4")
+            ref = params[name[name.index("model."):]]
+            assert weight.shape == ref.shape
+            err = np.abs(weight - ref).mean() / np.abs(ref).mean()
+            assert err < 0.15, f"{name}: decoded FP4 weight off by {err:.2f} of its mean magnitude"
+            x = produced[produced[mm.input[0]].input[0]]  # Cast <- DQ(x_f4, DQ(block scales, x_scale))
+            quant = produced[x.input[0]]
+            assert (quant.op_type, quant.domain) == ("TRT_FP4DynamicQuantize", "trt")
+            assert dict((a.name, a.i) for a in quant.attribute)["block_size"] == 16
+            assert float(inits[quant.input[1]]) > 0 and np.isfinite(inits[quant.input[1]])
+    assert not any(lint_artifact(qdir).values()), "the TensorRT lint must accept the nvfp4 graphs"
+    for backend in ("onnxruntime", "torch"):
+        with pytest.raises(NemocompileError, match="nvfp4 graphs run on TensorRT only"):
+            Runtime.load(qdir, backend=backend)
+    with pytest.raises(NemocompileError, match="nvfp4 graphs run on TensorRT only .* measure nvfp4 where"):
+        check_quantized_parity(qdir)
+
+
 def test_nvfp4_and_bad_combinations_are_refused_before_any_work(tmp_path, capsys):
     out = tmp_path / "a"
-    for argv, match in ((["--precision", "nvfp4"], "nvfp4 cannot be produced"),
+    for argv, match in ((["--precision", "nvfp4"], "nvfp4 needs --dtype fp16"),
                         (["--precision", "fp8", "--weights", "int4"], "exclude each other"),
                         (["--precision", "fp8", "--dtype", "bf16"], "needs --dtype fp16 or fp32")):
         assert main(["export", "--mode", "ar", "--out", str(out), *argv]) == 2

@@ -500,3 +500,23 @@ def test_shared_weights_sessions_decode_the_same(artifact, ort):
         for mode in ("ar", "diffusion", "linear-spec"):
             assert shared.generate(PROMPTS[0], mode=mode, max_new_tokens=12, eos=-1).tokens == \
                 ort.generate(PROMPTS[0], mode=mode, max_new_tokens=12, eos=-1).tokens
+
+
+def test_modes_open_only_their_graphs_and_decode_as_the_whole_artifact(artifact, ort, capsys):
+    """A quantized 8B artifact does not fit in 24 GiB with every graph open (ONNX Runtime prepacks each
+    session's own copy of its weights): ``modes`` opens only the graphs those modes run."""
+    from nemocompile.cli import main
+
+    with Runtime.load(artifact, threads=1, modes=["linear-spec"]) as rt:
+        assert sorted(rt.backend.sessions) == sorted((g.step, g.block_length) for g in rt.manifest.graphs)
+        assert {s for s, _ in rt.backend.sessions} == {"prefill", "draft", "verify"} and rt.modes == ["linear-spec"]
+        prompt = [5, 9, 11, 7, 30]
+        assert rt.generate(prompt, mode="linear-spec", max_new_tokens=12).tokens == \
+            ort.generate(prompt, mode="linear-spec", max_new_tokens=12).tokens
+        with pytest.raises(NemocompileError, match="has no ar graphs"):
+            rt.generate(prompt, mode="ar", max_new_tokens=4)
+    with pytest.raises(NemocompileError, match="has no nope graphs .* drop it from --modes"):
+        Runtime.load(artifact, modes=["nope"])
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--artifact", str(artifact), "--modes", "ar,fast", "--prompt", "x"])
+    assert exit_.value.code == 2 and "unknown mode 'fast'" in capsys.readouterr().err

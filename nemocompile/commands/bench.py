@@ -54,7 +54,8 @@ def add_parser(sub) -> None:
                            "run (default 1; a shared machine's load drifts)")
     load.add_argument("--modes", type=_modes, default=None, metavar="M,M,...",
                       help="comma-separated, of ar, diffusion, linear-spec, quadratic-spec, auto "
-                           "(default ar,linear-spec,quadratic-spec,auto)")
+                           "(default ar,linear-spec,quadratic-spec,auto; without --serve: open and time only "
+                           "these modes' graphs, default every mode)")
     load.add_argument("--server-args", default=None, metavar='"ARGS"',
                       help='more arguments for the started server, one shell string (e.g. "--backend torch")')
     load.add_argument("--health-timeout", type=positive_float, default=None, metavar="S",
@@ -62,7 +63,7 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-SERVE_ONLY = ("url", "concurrency", "requests", "repeats", "modes", "server_args", "health_timeout")
+SERVE_ONLY = ("url", "concurrency", "requests", "repeats", "server_args", "health_timeout")
 TABLE_ONLY = ("backends", "diffusion_thresholds", "linear_spec_thresholds", "model")
 
 
@@ -153,6 +154,7 @@ def run(args) -> int:
         diffusion_thresholds=args.diffusion_thresholds or list(bench.DEFAULT_DIFFUSION_THRESHOLDS),
         linear_spec_thresholds=args.linear_spec_thresholds or list(bench.DEFAULT_LINEAR_SPEC_THRESHOLDS),
         model=args.model, threads=args.threads, eos=args.eos, progress=None if args.quiet else bench.stderr_progress,
+        modes=[m for m in args.modes or () if m != "auto"] or None,
         thinking={"max_thinking_tokens": args.max_thinking_tokens, "end_think_token_id": args.end_think_token_id})
     return _report(bench, report, args)
 

@@ -51,7 +51,8 @@ def add_parser(sub) -> None:
                    help="the output head's precision (default int8: int4 there costs the most top-1 agreement)")
     p.add_argument("--precision", default=None, choices=("fp8", "int4-awq", "nvfp4"),
                    help="TensorRT Q/DQ graphs by NVIDIA Model Optimizer (pip install -e \".[modelopt]\"), calibrated "
-                        "on --quant-calibration prompts; excludes --weights; nvfp4 is refused (not producible here)")
+                        "on --quant-calibration prompts; excludes --weights; nvfp4 (W4A4, --dtype fp16) runs on TensorRT only "
+                        "(Blackwell)")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=run)
 

@@ -17,11 +17,24 @@ def add_runtime_args(p) -> None:
     from .common import positive_int
 
     p.add_argument("--threads", type=positive_int, default=None, help="intra-op threads (default: the backend's)")
+    p.add_argument("--modes", type=mode_list, default=None, metavar="M,M,...",
+                   help="open only these modes' graphs: less memory (ONNX Runtime holds a prepacked copy of "
+                        "quantized weights per graph) and a faster start (default: every mode; run: its --mode)")
+
+
+def mode_list(text: str) -> list[str]:
+    """--modes: a comma-separated list of decode modes (auto is not one: it picks among those opened)."""
+    from ..manifest import MODE_STEPS
+    from .bench import _names
+
+    return _names(text, list(MODE_STEPS), "mode")
 
 
 def load_runtime(args, **options):
     from ..runtime import Runtime
 
+    if args.modes:
+        options["modes"] = args.modes
     if args.threads:
         options["threads"] = args.threads
     if args.backend == "torch" and args.model:
@@ -40,6 +53,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    if args.modes is None and args.mode != "auto":
+        args.modes = [args.mode]  # one generation: the graphs of its mode are all it needs
     with load_runtime(args) as runtime:
         return _run(args, runtime)
 

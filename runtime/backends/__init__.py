@@ -80,8 +80,14 @@ def create_backend(name: str, artifact_dir, manifest, device: str | None = None,
         raise NemocompileError(f"{artifact_dir}: {manifest.weight_precision} weights (ONNX Runtime's MatMulNBits) "
                                f"run on ONNX Runtime only; use --backend onnxruntime (or export float weights "
                                f"for --backend {name})")
-    if name == "torch" and getattr(manifest, "precision", "float") != "float":
-        raise NemocompileError(f"{artifact_dir}: {manifest.precision} Q/DQ graphs run on TensorRT or ONNX Runtime; "
+    precision = getattr(manifest, "precision", "float")
+    if name != "tensorrt" and precision == "nvfp4":
+        raise NemocompileError(f"{artifact_dir}: nvfp4 graphs run on TensorRT only (a Blackwell GPU): their "
+                               f"activations are quantized by TensorRT's TRT_FP4DynamicQuantize, which ONNX "
+                               f"Runtime and torch cannot run; use --backend tensorrt, or export --precision fp8 "
+                               f"or int4-awq to run here")
+    if name == "torch" and precision != "float":
+        raise NemocompileError(f"{artifact_dir}: {precision} Q/DQ graphs run on TensorRT or ONNX Runtime; "
                                f"the torch backend runs the float model; use --backend onnxruntime or tensorrt")
     if name == "onnxruntime":
         from .onnxruntime import OnnxRuntimeBackend

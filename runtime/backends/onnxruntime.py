@@ -127,7 +127,7 @@ class OnnxRuntimeBackend:
         if self._weights is None:
             self._weights = np.memmap(self.dir / self.manifest.weights_file, dtype=np.uint8, mode="r")
         types = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
-                 onnx.TensorProto.INT64: np.int64}
+                 onnx.TensorProto.INT64: np.int64, onnx.TensorProto.UINT8: np.uint8}  # uint8: packed int4/int8
         proto = onnx.load(str(path), load_external_data=False)
         for init in proto.graph.initializer:
             if not uses_external_data(init) or init.data_type not in types:
