@@ -246,7 +246,7 @@ def _qdq_fields(qdq) -> dict:
     details = {"fp8": {"library": "nvidia-modelopt onnx ptq", "block_size": None, "calibration": "entropy",
                        "activations": "fp8 per tensor"},
                "int4-awq": {"library": "nvidia-modelopt onnx ptq", "block_size": s.block_size,
-                            "calibration": "awq_clip", "activations": s.dtype},
+                            "calibration": s.method, "activations": s.dtype},
                "nvfp4": {"library": "nvidia-modelopt NVFP4QuantExporter", "block_size": NVFP4_BLOCK,
                          "calibration": "activation amax",
                          "activations": "nvfp4 per 16, quantized at run time by TensorRT"}}[s.precision]

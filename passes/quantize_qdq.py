@@ -66,6 +66,7 @@ class QdqSettings:
     precision: str = "fp8"  # "fp8" | "int4-awq" | "nvfp4"
     dtype: str = "fp32"  # the export dtype: what Q/DQ dequantize to (ModelOpt's high_precision_dtype)
     block_size: int = 128  # int4-awq: weights per scale along K (TensorRT's INT4 weight-only GEMM: 128)
+    method: str = "awq_clip"  # int4-awq: ModelOpt's calibration_method (awq_clip, awq_lite, awq_full, rtn_dq)
 
     def check(self) -> None:
         """One-line errors before any work."""
@@ -213,7 +214,7 @@ def _quantize_one(weight: ir.TensorProtocol, name: str, s: QdqSettings, activati
         # decode steps multiply 1..B rows: ModelOpt would skip them as GEMVs, but they are what an artifact runs
         kwargs.update(op_types_to_quantize=["MatMul"], enable_gemv_detection_for_trt=False)
     else:
-        kwargs.update(calibration_method="awq_clip", block_size=s.block_size)
+        kwargs.update(calibration_method=s.method, block_size=s.block_size)
     quiet = [logging.getLogger(n) for n in ("modelopt", "root")]
     levels = [q.level for q in quiet]
     with tempfile.TemporaryDirectory(prefix="nemocompile-qdq-") as d, _without_tensorrt(), \
