@@ -181,6 +181,10 @@ def test_nvfp4_and_bad_combinations_are_refused_before_any_work(tmp_path, capsys
     out = tmp_path / "a"
     for argv, match in ((["--precision", "nvfp4"], "nvfp4 needs --dtype fp16"),
                         (["--precision", "fp8", "--weights", "int4"], "exclude each other"),
+                        (["--weights", "int4", "--quant-method", "awq_lite"], "use it with --precision int4-awq"),
+                        (["--precision", "fp8", "--quant-block", "64"], "fp8 takes no --quant-method or"),
+                        (["--precision", "int4-awq", "--quant-method", "gptq"], "awq_lite or awq_clip, not gptq"),
+                        (["--precision", "int4-awq", "--quant-block", "256"], "block size 256 is not supported"),
                         (["--precision", "fp8", "--dtype", "bf16"], "needs --dtype fp16 or fp32")):
         assert main(["export", "--mode", "ar", "--out", str(out), *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()

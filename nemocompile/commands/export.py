@@ -35,14 +35,16 @@ def add_parser(sub) -> None:
                         "forward instead of B*(B+1); at most G tokens accepted per cycle; default: all B)")
     p.add_argument("--weights", default="float", choices=("float", "int4", "int8"),
                    help="weight-only quantization into ONNX Runtime's MatMulNBits (default: float, the --dtype)")
-    p.add_argument("--quant-method", default="rtn", choices=("rtn", "hqq", "gptq"),
-                   help="rtn: round to nearest per block (default); hqq: half-quadratic, int4, no calibration data; "
-                        "gptq: int4 calibrated on --quant-calibration prompts")
+    p.add_argument("--quant-method", default=None, choices=("rtn", "hqq", "gptq", "awq_lite", "awq_clip"),
+                   help="--weights: rtn, round to nearest per block (default); hqq: half-quadratic, int4, no "
+                        "calibration data; gptq: int4 calibrated on --quant-calibration prompts. --precision int4-awq: "
+                        "ModelOpt's awq_lite (default) or awq_clip")
     p.add_argument("--quant-calibration", default=None, metavar="FILE",
                    help="what gptq and --precision calibrate on: JSON lines with \"prompt\" or \"ids\", or text lines "
                         "(default: nemocompile's own source)")
-    p.add_argument("--quant-block", type=int, default=32, metavar="N",
-                   help="weights per scale along the input dimension: 16, 32 (default), 64, 128 or 256")
+    p.add_argument("--quant-block", type=int, default=None, metavar="N",
+                   help="weights per scale along the input dimension: 16, 32 (default for --weights), 64, 128 "
+                        "(default for --precision int4-awq, which takes 32, 64 or 128) or 256")
     p.add_argument("--quant-symmetric", action="store_true", help="rtn: no zero points (slightly less accurate)")
     p.add_argument("--quant-compute", default="int8", choices=("int8", "float"),
                    help="ONNX Runtime's CPU kernel: int8 (default: activations quantized per block inside "
@@ -63,21 +65,35 @@ def run(args) -> int:
 
     from ..parity import read_prompts
     from ..errors import NemocompileError
+    from ..passes.quantize_qdq import AWQ_METHODS, QdqSettings
     from ..passes.quantize_weights import QuantSettings
 
     modes = [m.strip() for m in args.mode.split(",")] if "," in args.mode else args.mode
     if args.precision is not None and args.weights != "float":
         raise NemocompileError("--precision (TensorRT Q/DQ) and --weights (ONNX Runtime MatMulNBits) exclude each "
                                "other; choose one")
+    awq = args.quant_method in AWQ_METHODS
+    if awq and args.precision != "int4-awq":
+        raise NemocompileError(f"--quant-method {args.quant_method} is ModelOpt's int4-awq calibration; use it with "
+                               "--precision int4-awq (--weights takes rtn, hqq or gptq)")
+    if args.precision in ("fp8", "nvfp4") and (args.quant_method or args.quant_block):
+        raise NemocompileError(f"--precision {args.precision} takes no --quant-method or --quant-block")
+    if args.precision == "int4-awq" and args.quant_method and not awq:
+        raise NemocompileError(f"--precision int4-awq calibrates with --quant-method awq_lite or awq_clip, "
+                               f"not {args.quant_method}")
     quantize = None if args.weights == "float" else QuantSettings(
-        precision=args.weights, method=args.quant_method, block_size=args.quant_block,
+        precision=args.weights, method=args.quant_method or "rtn", block_size=args.quant_block or 32,
         symmetric=args.quant_symmetric, head=args.quant_head, compute=args.quant_compute)
+    precision = args.precision
+    if precision == "int4-awq":
+        precision = QdqSettings(precision=precision, method=args.quant_method or QdqSettings.method,
+                                block_size=args.quant_block or QdqSettings.block_size)
     manifest = export_artifact(
         args.model, args.out, modes=modes, block_length=args.block_length, max_seq_len=args.max_seq_len,
         batch_size=args.batch_size, dtype=args.dtype, prefill_length=args.prefill_length, progress=True,
         opset=args.opset, optimize=not args.no_optimize, share_weights=not args.no_share_weights,
         overwrite=args.force, dump_after=args.dump_after, logits=not args.greedy_only,
-        draft_groups=args.draft_groups, quantize=quantize, precision=args.precision,
+        draft_groups=args.draft_groups, quantize=quantize, precision=precision,
         calibration_prompts=read_prompts(args.quant_calibration) if args.quant_calibration else None,
     )
     try:
