@@ -71,6 +71,7 @@ class RayServeOptions:
     # (None: the artifact's batch rows, which one replica decodes together)
     max_queued_requests: int = -1  # requests waiting for a replica beyond which 429 (-1: no limit)
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
+    modes: tuple[str, ...] | None = None  # open only these modes' graphs in each replica (None: every mode)
 
     @classmethod
     def from_args(cls, args: dict) -> "RayServeOptions":
@@ -87,7 +88,22 @@ class RayServeOptions:
                    target_ongoing_requests=(None if args.get("target_ongoing_requests") is None
                                             else float(args["target_ongoing_requests"])),
                    max_queued_requests=int(args.get("max_queued_requests", -1)),
-                   request_timeout_s=float(args.get("request_timeout_s", DEFAULT_REQUEST_TIMEOUT_S)))
+                   request_timeout_s=float(args.get("request_timeout_s", DEFAULT_REQUEST_TIMEOUT_S)),
+                   modes=_modes(args.get("modes")))
+
+
+def _modes(value) -> tuple[str, ...] | None:
+    """``modes`` of a Ray Serve config: a list or a comma-separated string (None: every mode)."""
+    if value is None:
+        return None
+    from ..manifest import MODE_STEPS
+
+    names = [m.strip() for m in (value.split(",") if isinstance(value, str) else map(str, value)) if m.strip()]
+    bad = [m for m in names if m not in MODE_STEPS]
+    if bad or not names:
+        raise NemocompileError(f"args.modes: unknown mode {bad[0] if bad else '(none)'!r}; use a list of "
+                               f"{', '.join(MODE_STEPS)}")
+    return tuple(dict.fromkeys(names))
 
 
 def parse_autoscale(text: str) -> tuple[int, int]:
@@ -146,6 +162,8 @@ class EngineReplica:
         extra: dict[str, Any] = {"threads": opts.threads}
         if opts.backend == "torch" and opts.model:
             extra["model"] = opts.model
+        if opts.modes:
+            extra["modes"] = list(opts.modes)
         self.runtime = Runtime.load(opts.artifact, backend=opts.backend, device=opts.device, **extra)
         self.app = create_app(self.runtime, opts.model_name)
         self.app.add_middleware(ReplicaHeader, value=f"{socket.gethostname()}:{os.getpid()}")

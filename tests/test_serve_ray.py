@@ -390,3 +390,14 @@ def test_kuberay_manifest_deploys_the_app_on_gpu_workers():
     assert engine.name == ENGINE_NAME and engine.ray_actor_options["num_gpus"] == 1
     assert engine._deployment_config.autoscaling_config.max_replicas == 4
     assert ingress.ray_actor_options["num_cpus"] == 0
+
+
+def test_replicas_open_only_the_modes_a_config_lists():
+    from nemocompile.errors import NemocompileError
+    from nemocompile.runtime.serve_ray import RayServeOptions
+
+    assert RayServeOptions.from_args({"artifact": "A"}).modes is None
+    assert RayServeOptions.from_args({"artifact": "A", "modes": "ar, linear-spec"}).modes == ("ar", "linear-spec")
+    assert RayServeOptions.from_args({"artifact": "A", "modes": ["ar"]}).modes == ("ar",)
+    with pytest.raises(NemocompileError, match="args.modes: unknown mode 'fast'"):
+        RayServeOptions.from_args({"artifact": "A", "modes": "ar,fast"})

@@ -19,6 +19,10 @@ def add_parser(sub) -> None:
                    help="torch backend: the checkpoint (default: the manifest's source)")
     p.add_argument("--threads", type=positive_int, default=1,
                    help="intra-op threads, as the server will run (default 1; recorded in the table)")
+    from .run import mode_list
+
+    p.add_argument("--modes", type=mode_list, default=None, metavar="M,M,...",
+                   help="time only these modes' graphs (as the server will open them with --modes)")
     p.add_argument("--repeats", type=positive_int, default=20, help="timed forwards per graph, after 2 untimed (median; default 20)")
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help='acceptance prompts: JSON lines with "prompt" or "ids", or plain text lines '
