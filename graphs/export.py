@@ -80,9 +80,11 @@ def export_artifact(
     linear-spec, quadratic-spec) and return the manifest written to ``out_dir``.
 
     ``model`` is a loaded model or a checkpoint directory (None: the embedded
-    tiny model); a directory is loaded straight into ``dtype`` so only one copy
-    of the weights is ever held. A loaded model in another dtype is converted
-    on a copy (twice the memory; load it in ``dtype`` to avoid that).
+    tiny model). From a directory the weights stream: the graphs are traced with
+    fake parameters and each weight is read from the checkpoint, in ``dtype``,
+    when a pass needs it, so no copy of the model is ever held (gptq and
+    ``precision`` calibrate on the model, so they load it in ``dtype``). A
+    loaded model in another dtype is converted on a copy (twice the memory).
     ``block_length`` (default: the config's block_size) is B of denoise /
     commit / draft / verify; ``prefill_length`` P (default min(64, max_seq_len))
     the prompt chunk; ``max_seq_len`` the cache capacity C; ``batch_size`` the
@@ -93,8 +95,8 @@ def export_artifact(
     to stderr, or a callable(str).
     ``quantize``: weight-only int4/int8 (passes/quantize_weights.py); None keeps the weights in ``dtype``.
     ``calibration_prompts``: what gptq and ``precision`` calibrate on (default: nemocompile's own source, never
-    held-out text). ``precision``: "fp8", "int4-awq" or "nvfp4" (fp16) Q/DQ graphs for TensorRT (passes/quantize_qdq.py), or
-    QdqSettings (its dtype is set to ``dtype``).
+    held-out text). ``precision``: "fp8", "int4-awq" or "nvfp4" (fp16) Q/DQ graphs for TensorRT
+    (passes/quantize_qdq.py), or QdqSettings (its dtype is set to ``dtype``).
     """
     say = _progress(progress)
     # Everything that can be checked before loading a (possibly large) checkpoint is.
