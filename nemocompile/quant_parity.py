@@ -48,6 +48,8 @@ QUANT_THRESHOLDS = {
     # TensorRT Q/DQ (ModelOpt), measured on ONNX Runtime CPU (README): fp8 quantizes activations too
     "fp8": QuantThresholds(top1=0.85, kl=0.15, acceptance_ratio=0.90),
     "int4-awq": QuantThresholds(top1=0.85, kl=0.15, acceptance_ratio=0.90),
+    # W4A4: activations in 4 bits too; measured by emulation (nvfp4_emulation.py), TensorRT runs it
+    "nvfp4": QuantThresholds(top1=0.85, kl=0.15, acceptance_ratio=0.90),
 }
 
 
@@ -175,33 +177,43 @@ def check_quantized_parity(artifact_dir: str | Path, model: TriModeModel | str |
 
     manifest = Manifest.load(artifact_dir)
     kind = quantized_kind(manifest)
-    if kind == "nvfp4":
-        raise ParityError(f"{artifact_dir}: nvfp4 graphs run on TensorRT only (TRT_FP4DynamicQuantize has no ONNX "
-                          "Runtime kernel) and quantized parity runs them on ONNX Runtime: measure nvfp4 where "
-                          "TensorRT and a Blackwell GPU are, or export --precision fp8 or int4-awq to measure here")
     if kind not in QUANT_THRESHOLDS:
         raise ParityError(f"{artifact_dir}: weights are {manifest.weight_precision}, not quantized; "
                           "use `nemocompile parity` (the fp32 tolerance applies)")
     fp32 = reference_model(_as_fp32(manifest), model)
     prompts = list(prompts) if prompts else default_prompts(fp32, count=1000)
     sequences = [encode_prompts(fp32, p)[0][0] for p in prompts]
-    with Runtime.load(artifact_dir, backend="onnxruntime", threads=threads) as rt:
-        ref, got = [], []
-        for ids in sequences:
-            q = artifact_teacher_forced(rt, ids)
-            ref.append(eager_teacher_forced(fp32, ids)[: len(q)])
-            got.append(q)
-        acceptance = reference = None
+    eos = -1  # fixed lengths: both sides verify the same number of blocks
+
+    def eager_acceptance(m: TriModeModel) -> float:
+        return mean_acceptance([generate(m, p, mode="linear-spec", max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                         block_length=manifest.block_length).stats.acceptance_lengths
+                                for p in sequences])
+
+    acceptance = reference = None
+    if kind == "nvfp4":  # TensorRT only: measured on the artifact's own weights and scales, emulated in eager
+        from .nvfp4_emulation import emulated_model
+
+        emulated = emulated_model(artifact_dir, fp32)
+        ref = [eager_teacher_forced(fp32, ids) for ids in sequences]
+        got = [eager_teacher_forced(emulated, ids) for ids in sequences]
         if "linear-spec" in manifest.modes:
-            eos = -1  # fixed lengths: both sides verify the same number of blocks
-            ours = [rt.generate(p, mode="linear-spec", max_new_tokens=max_new_tokens, eos=eos).stats.acceptance_lengths
-                    for p in sequences]
-            theirs = [generate(fp32, p, mode="linear-spec", max_new_tokens=max_new_tokens, eos_token_id=eos,
-                               block_length=manifest.block_length).stats.acceptance_lengths for p in sequences]
-            acceptance, reference = mean_acceptance(ours), mean_acceptance(theirs)
+            acceptance, reference = eager_acceptance(emulated), eager_acceptance(fp32)
+        method = "emulated on CPU (ModelOpt NVFP4QTensor), not TensorRT"
+    else:
+        with Runtime.load(artifact_dir, backend="onnxruntime", threads=threads) as rt:
+            ref, got = [], []
+            for ids in sequences:
+                q = artifact_teacher_forced(rt, ids)
+                ref.append(eager_teacher_forced(fp32, ids)[: len(q)])
+                got.append(q)
+            if "linear-spec" in manifest.modes:
+                acceptance = mean_acceptance([rt.generate(p, mode="linear-spec", max_new_tokens=max_new_tokens,
+                                                          eos=eos).stats.acceptance_lengths for p in sequences])
+                reference = eager_acceptance(fp32)
+        method = (manifest.quantization or manifest.precision_details or {}).get(
+            "method", (manifest.precision_details or {}).get("calibration"))
     ref_all, got_all = np.concatenate(ref), np.concatenate(got)
-    method = (manifest.quantization or manifest.precision_details or {}).get("method",
-                                                                        (manifest.precision_details or {}).get("calibration"))
     return QuantParityReport(str(artifact_dir), kind, method,
                              len(sequences), len(ref_all), top1_agreement(ref_all, got_all), mean_kl(ref_all, got_all),
                              acceptance, reference, QUANT_THRESHOLDS[kind])

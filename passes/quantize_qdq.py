@@ -182,7 +182,7 @@ def _splice(graph: ir.Graph, node: ir.Node, proto: onnx.ModelProto) -> None:
 
 def load_modelopt():
     """ModelOpt's ONNX ``quantize``, or a one-line error saying how to install it."""
-    with _without_tensorrt():
+    with without_tensorrt():
         try:
             from modelopt.onnx.quantization import quantize
         except ImportError as e:
@@ -192,7 +192,7 @@ def load_modelopt():
 
 
 @contextlib.contextmanager
-def _without_tensorrt():
+def without_tensorrt():
     """Hide ``tensorrt`` from ModelOpt: with only tensorrt-stubs installed it imports as an empty package and
     ModelOpt's TensorRT probes crash on it; calibration here runs on ONNX Runtime's CPU provider anyway."""
     saved = sys.modules.get("tensorrt", None)
@@ -225,7 +225,7 @@ def _quantize_one(weight: ir.TensorProtocol, name: str, s: QdqSettings, activati
         kwargs.update(calibration_method=s.method, block_size=s.block_size)
     quiet = [logging.getLogger(n) for n in ("modelopt", "root")]
     levels = [q.level for q in quiet]
-    with tempfile.TemporaryDirectory(prefix="nemocompile-qdq-") as d, _without_tensorrt(), \
+    with tempfile.TemporaryDirectory(prefix="nemocompile-qdq-") as d, without_tensorrt(), \
             open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
         path = os.path.join(d, "one.onnx")
         onnx.save(proto, path)
@@ -251,7 +251,7 @@ def _nvfp4_one(weight: ir.TensorProtocol, name: str, activations: np.ndarray) ->
     """x @ ``weight`` in NVFP4: the graph ModelOpt's torch export writes for a quantized Linear
     (x -> TRT_FP4DynamicQuantize -> DQ(scales) -> DQ; W [N, K] -> TRT_FP4QDQ -> Transpose),
     then ModelOpt's NVFP4QuantExporter packs W in FP4 with FP8 block scales."""
-    with _without_tensorrt(), warnings.catch_warnings():
+    with without_tensorrt(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # modelopt.torch warns about the installed transformers version
         try:
             from modelopt.onnx.export import NVFP4QuantExporter
@@ -290,7 +290,7 @@ def _nvfp4_one(weight: ir.TensorProtocol, name: str, activations: np.ndarray) ->
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        with _without_tensorrt():
+        with without_tensorrt():
             out = NVFP4QuantExporter.process_model(proto)
     except Exception as e:
         raise PassError(f"{name}: NVIDIA Model Optimizer failed to pack this weight in NVFP4 "
