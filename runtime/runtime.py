@@ -100,6 +100,7 @@ class Runtime:
         self.auto_options = lossless_options(manifest)  # the (mode, block length) pairs mode="auto" picks from
         if len({m for m, _ in self.auto_options}) > 1:
             self.modes = [*self.modes, "auto"]
+        self.unopened_modes: list[str] = []  # the artifact's modes that load(modes=...) left closed
         self.engine = Engine(self, max_queue=max_queue)
 
     # ---- construction ------------------------------------------------------------
@@ -113,6 +114,7 @@ class Runtime:
         artifact_dir = Path(artifact_dir)
         manifest = Manifest.load(artifact_dir)
         modes = options.pop("modes", None)
+        every_mode = manifest.modes
         if modes:
             manifest = manifest.for_modes(modes)
         # sizes only (a stat per file; `nemocompile check` reads the digests). A damaged graph that
@@ -121,8 +123,10 @@ class Runtime:
         for line in damaged:
             print(f"warning: {line}", file=sys.stderr)
         max_queue = options.pop("max_queue", None)
-        return cls(artifact_dir, manifest, create_backend(backend, artifact_dir, manifest, device=device, **options),
-                   max_queue=max_queue)
+        runtime = cls(artifact_dir, manifest, create_backend(backend, artifact_dir, manifest, device=device, **options),
+                      max_queue=max_queue)
+        runtime.unopened_modes = [m for m in every_mode if m not in manifest.modes]
+        return runtime
 
     def _step_io(self, graph) -> StepIO:
         """``graph``'s buffers. Graphs share a buffer where name, shape and dtype agree: a
@@ -205,6 +209,9 @@ class Runtime:
         ``names`` renames fields in its messages (HTTP: max_new_tokens -> max_tokens)."""
         check_values(mode=mode, max_new_tokens=max_new_tokens, block_length=block_length, temperature=temperature,
                      seed=seed, eos=eos, steps=steps, vocab_size=self.vocab_size, names=names, auto=True)
+        if mode in self.unopened_modes:
+            raise RequestError(f"{mode} was not opened (only {', '.join(self.modes)}: --modes); its graphs are in "
+                               f"the artifact: load it with {mode} in --modes", param="mode")
         if mode not in self.modes:
             raise RequestError(f"this artifact has no {mode} graphs (it has: {', '.join(self.modes)}); "
                                + ("auto needs two of ar, linear-spec, quadratic-spec: re-export with them"
