@@ -114,8 +114,9 @@ class Runtime:
         artifact_dir = Path(artifact_dir)
         manifest = Manifest.load(artifact_dir)
         modes = options.pop("modes", None)
-        every_mode = manifest.modes
+        unopened = []
         if modes:
+            unopened = [m for m in manifest.modes if m not in modes]
             manifest = manifest.for_modes(modes)
         # sizes only (a stat per file; `nemocompile check` reads the digests). A damaged graph that
         # some modes do not use costs only those modes; anything else damaged stops here.
@@ -125,7 +126,7 @@ class Runtime:
         max_queue = options.pop("max_queue", None)
         runtime = cls(artifact_dir, manifest, create_backend(backend, artifact_dir, manifest, device=device, **options),
                       max_queue=max_queue)
-        runtime.unopened_modes = [m for m in every_mode if m not in manifest.modes]
+        runtime.unopened_modes = [m for m in unopened if m not in runtime.modes]
         return runtime
 
     def _step_io(self, graph) -> StepIO:
