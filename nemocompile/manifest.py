@@ -63,6 +63,17 @@ WEIGHT_PRECISIONS = ("float", "int4", "int8")
 PRECISIONS = ("float", "fp8", "int4-awq", "nvfp4")  # TensorRT Q/DQ graphs (passes/quantize_qdq.py)
 
 
+def parse_modes(value) -> list[str]:
+    """Decode modes from a comma-separated string or a list (--modes, a Ray Serve config's ``modes``), without
+    repeats; ValueError names the first unknown one. ``auto`` is none: it picks among the modes opened."""
+    names = [m.strip() for m in (value.split(",") if isinstance(value, str) else map(str, value)) if m.strip()]
+    bad = [m for m in names if m not in MODE_STEPS]
+    if bad or not names:
+        raise ValueError(f"unknown mode {bad[0] if bad else '(none)'!r}; use a comma-separated list of "
+                         f"{', '.join(MODE_STEPS)}")
+    return list(dict.fromkeys(names))
+
+
 class ManifestError(NemocompileError):
     """A manifest is missing, malformed, or does not match its artifact."""
 

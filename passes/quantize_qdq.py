@@ -54,8 +54,6 @@ PRECISIONS = {"fp8": ("fp8", 19), "int4-awq": ("int4", 21), "nvfp4": ("nvfp4", 2
 HIGH_PRECISION = {"fp32": "fp32", "fp16": "fp16"}  # export dtype -> ModelOpt high_precision_dtype
 NVFP4_BLOCK = 16  # NVFP4's block along K (fixed by the format)
 AWQ_METHODS = ("awq_lite", "awq_clip")  # int4-awq calibrations (ModelOpt's ONNX int4 modes)
-# precisions whose graphs hold operators only TensorRT runs: ONNX Runtime cannot load them
-TENSORRT_ONLY = {"nvfp4": "TRT_FP4DynamicQuantize"}
 INSTALL = ('pip install --no-deps nvidia-modelopt onnx-graphsurgeon onnxslim lief cppimport nvidia-ml-py omegaconf '
            'antlr4-python3-runtime pulp (or pip install -e ".[modelopt]")')
 
@@ -141,7 +139,7 @@ def quantize_qdq(model: ir.Model, ctx: PassContext) -> PassResult:
     if done:
         opset = PRECISIONS[quantizer.settings.precision][1]
         model.opset_imports[""] = max(model.opset_imports.get("", 18), opset)
-        if quantizer.settings.precision in TENSORRT_ONLY:
+        if quantizer.settings.precision == "nvfp4":  # its TRT_FP4DynamicQuantize nodes
             model.opset_imports["trt"] = 1
     return PassResult(model, modified=done > 0, count=done, notes=notes)
 
@@ -308,5 +306,4 @@ def _nvfp4_one(weight: ir.TensorProtocol, name: str, activations: np.ndarray) ->
     return out
 
 
-__all__ = ["quantize_qdq", "QdqSettings", "QdqQuantizer", "PRECISIONS", "AWQ_METHODS", "TENSORRT_ONLY",
-           "load_modelopt"]
+__all__ = ["quantize_qdq", "QdqSettings", "QdqQuantizer", "PRECISIONS", "AWQ_METHODS", "load_modelopt"]

@@ -96,14 +96,12 @@ def _modes(value) -> tuple[str, ...] | None:
     """``modes`` of a Ray Serve config: a list or a comma-separated string (None: every mode)."""
     if value is None:
         return None
-    from ..manifest import MODE_STEPS
+    from ..manifest import parse_modes
 
-    names = [m.strip() for m in (value.split(",") if isinstance(value, str) else map(str, value)) if m.strip()]
-    bad = [m for m in names if m not in MODE_STEPS]
-    if bad or not names:
-        raise NemocompileError(f"args.modes: unknown mode {bad[0] if bad else '(none)'!r}; use a list of "
-                               f"{', '.join(MODE_STEPS)}")
-    return tuple(dict.fromkeys(names))
+    try:
+        return tuple(parse_modes(value))
+    except ValueError as e:
+        raise NemocompileError(f"args.modes: {e}") from None
 
 
 def parse_autoscale(text: str) -> tuple[int, int]:

@@ -24,10 +24,14 @@ def add_runtime_args(p) -> None:
 
 def mode_list(text: str) -> list[str]:
     """--modes: a comma-separated list of decode modes (auto is not one: it picks among those opened)."""
-    from ..manifest import MODE_STEPS
-    from .bench import _names
+    import argparse
 
-    return _names(text, list(MODE_STEPS), "mode")
+    from ..manifest import parse_modes
+
+    try:
+        return parse_modes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def load_runtime(args, **options):
