@@ -161,7 +161,8 @@ def export_artifact(
             else:
                 say(f"[{i}/{len(graphs)}] {spec.step}: tracing ({spec.layout.describe()}, C={max_seq_len}, "
                     f"batch={batch_size})")
-                onnx_model = _trace(module, module.example_inputs(batch_size, max_seq_len), spec, opset)
+                onnx_model = _trace(module, module.example_inputs(batch_size, max_seq_len),
+                                    module.dynamic_shapes(batch_size, max_seq_len), spec, opset)
                 _stream_weights(onnx_model, model.weight_source)
                 ctx = PassContext(spec.step, inputs, outputs, weights=store, opset=opset,
                                   dump_dir=tmp.parent / f"{out_dir.name}.dump" if dump_after else None,
@@ -315,13 +316,14 @@ def cast_model(model: TriModeModel, dtype: torch.dtype) -> TriModeModel:
 
 
 # ---- steps -----------------------------------------------------------------
-def _trace(module: StepModule, args: tuple, spec, opset: int):
+def _trace(module: StepModule, args: tuple, dynamic_shapes, spec, opset: int):
     """The graph as an onnx_ir model, unoptimized (the pass pipeline optimizes it)."""
     quiet = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), _quiet_loggers():
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, verbose=False,
+                                        dynamic_shapes=dynamic_shapes,
                                         input_names=list(INPUT_NAMES), output_names=list(spec.output_names),
                                         optimize=False, external_data=True)
         except Exception as e:

@@ -104,7 +104,7 @@ def artifact_teacher_forced(rt, ids: Sequence[int]) -> np.ndarray:
             n = min(P, T - start)
             io.input_ids[:, :n] = seq[start:start + n]
             io.input_ids[:, n:] = 0
-            rt.backend.run(("prefill", P))
+            rt.run(("prefill", P), range(B))
             out.append(np.array(io.logits[0, :n], dtype=np.float32))
             rt.cache.write(io.present_k, io.present_v, n)
     return np.concatenate(out)

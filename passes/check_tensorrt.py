@@ -11,6 +11,7 @@ engine build on the target GPU is still the final word.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import onnx
@@ -19,6 +20,8 @@ import onnx_ir as ir
 from .base import PassContext, PassResult
 
 TENSORRT_VERSION = "10.15"
+# the graphs' dynamic input dimensions (graphs/steps.py), which TensorRT's optimization profiles bound
+PROFILE_DIMS = ("batch", "slots")
 OPSET_RANGE = (9, 24)
 
 _F = "FP32 FP16 BF16"
@@ -100,9 +103,9 @@ def lint(model: ir.Model) -> list[str]:
                         "re-export with --opset 18")
     for kind, values in (("input", model.graph.inputs), ("output", model.graph.outputs)):
         for v in values:
-            if v.shape is None or not all(isinstance(d, int) for d in v.shape):
-                findings.append(f"graph {kind} {v.name!r} has a non-static shape {v.shape}; "
-                                "graphs must be exported with static shapes")
+            if not _profiled(v.shape):
+                findings.append(f"graph {kind} {v.name!r} has a shape {v.shape} that no optimization profile can "
+                                f"bound; graph dimensions must be static or one of {', '.join(PROFILE_DIMS)}")
             if v.dtype is not None and _TYPE_NAMES.get(v.dtype) in (None, "DOUBLE", "INT4", "FP4"):
                 findings.append(f"graph {kind} {v.name!r} has dtype {v.dtype}, which TensorRT cannot bind")
     for node in model.graph:
@@ -140,9 +143,24 @@ def _check_node(node: ir.Node) -> list[str]:
         if len(node.outputs) > 1 and any(v is not None and v.uses() for v in node.outputs[1:]):
             out.append(f"{where}: only the first output is supported by TensorRT")
     for v in node.outputs:
-        if v.shape is not None and not all(isinstance(d, int) for d in v.shape):
-            out.append(f"{where}: output {v.name!r} has a non-static shape {v.shape}")
+        if v.shape is not None and not _profiled(v.shape):
+            out.append(f"{where}: output {v.name!r} has a data-dependent shape {v.shape}")
     return out
+
+
+def _profiled(shape) -> bool:
+    """Every dimension static, or derived from the graph inputs' dynamic dimensions (the forward's rows and
+    the slots it reads: an optimization profile bounds them). A dimension named after anything else (the
+    exporter's ``u0`` for a size read from data) has no bound TensorRT can plan for."""
+    if shape is None:
+        return False
+    for d in shape:
+        if isinstance(d, int):
+            continue
+        names = set(re.findall(r"[A-Za-z_]\w*", str(d)))
+        if not names or not names <= set(PROFILE_DIMS):
+            return False
+    return True
 
 
 def _fp4_scale(node: ir.Node, idx: int) -> bool:

@@ -14,7 +14,10 @@ class KVCache:
     Layout: ``data`` is ``[2, layers, B, kv_heads, C, head_dim]``; ``k = data[0]``
     and ``v = data[1]`` are the graphs' ``cache_k`` / ``cache_v`` inputs
     (``[layers, B, kv_heads, C, head_dim]``, contiguous views bound once to every
-    graph). ``C`` is the manifest's ``cache_capacity``.
+    graph). ``C`` is the manifest's ``cache_capacity``: memory only. A forward
+    reads just its own rows' slots below their longest ``cache_len`` (the graphs
+    gather them: graphs/steps.py ``read_cache``), so its cost follows the rows in
+    flight and their lengths.
 
     Every row ``b`` is its own sequence (a request of a continuous batch): slots
     ``[row_start[b], cache_len[b])`` are valid, and the graphs mask every slot at
@@ -22,8 +25,8 @@ class KVCache:
     and nothing is ever cleared. A row's tokens start at ``row_start[b]`` (left
     padding, 0 unless a prompt is padded to a full chunk).
 
-    ``cache_len`` ([B] int64) and ``row_start`` ([B] int64) are the graph inputs of
-    the same names, host arrays updated in place.
+    ``cache_len`` ([B] int64) and ``row_start`` ([B] int64) are host arrays per
+    cache row; a forward passes its own rows' entries to the graph.
 
     API: ``write`` places a step's present rows at each row's length (a slice
     assignment of n slots per row, never a whole-cache copy), ``crop`` rolls a
@@ -45,24 +48,21 @@ class KVCache:
         return int(self.cache_len[row])
 
     def write(self, present_k, present_v, n: int | None = None, rows=None) -> None:
-        """Place the first ``n`` (default: all S) present rows ``[layers, B, kv_heads, S, head_dim]``
-        of each of ``rows`` (default: every row) at that row's slots ``length .. length+n-1``."""
+        """Place the first ``n`` (default: all S) present slots of a forward's entries
+        (``present_k`` ``[b, layers, kv_heads, S, head_dim]``, entry j for cache row ``rows[j]``;
+        default: entry j is row j) at each row's slots ``length .. length+n-1``."""
         S = present_k.shape[3]
         n = S if n is None else n
         rows = range(len(self.cache_len)) if rows is None else rows
-        for b in rows:
+        for j, b in enumerate(rows):
             start = int(self.cache_len[b])
             end = start + n
             if end > self.capacity:
                 # The runtime checks capacity before a request starts; reaching this is a bug.
                 raise GenerationError(f"KV cache full: row {b} at {start} + {n} slots exceeds its capacity of "
                                       f"{self.capacity}")
-            if n == S:
-                self.k[:, b, :, start:end] = present_k[:, b]
-                self.v[:, b, :, start:end] = present_v[:, b]
-            else:
-                self.k[:, b, :, start:end] = present_k[:, b, :, :n]
-                self.v[:, b, :, start:end] = present_v[:, b, :, :n]
+            self.k[:, b, :, start:end] = present_k[j, :, :, :n]
+            self.v[:, b, :, start:end] = present_v[j, :, :, :n]
             self.cache_len[b] = end
 
     def crop(self, row: int, length: int) -> None:

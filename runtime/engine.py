@@ -200,24 +200,27 @@ class Engine:
         return mine < theirs or (mine == theirs and step == "draft")
 
     def _forward(self, key: tuple[str, int], members: list[int]) -> None:
+        """Run graph ``key`` for the rows ``members`` only (entry j of the forward is row
+        ``members[j]``, which its scheduler reads as ``row.j``): idle rows cost nothing."""
         rt, cache = self.rt, self.rt.cache
         io = rt.io[key]
         width = io.input_ids.shape[1]
-        for b in members:
+        for j, b in enumerate(members):
             tokens = self.rows[b][2].tokens
             n = len(tokens)
             if n > width:
                 raise GenerationError(f"row {b} sent {n} tokens to the {key[0]!r} graph of width {width}")
-            io.input_ids[b, :n] = tokens
-            io.input_ids[b, n:] = 0  # right padding of a short chunk: computed, never placed in the cache
+            io.input_ids[j, :n] = tokens
+            io.input_ids[j, n:] = 0  # right padding of a short chunk: computed, never placed in the cache
         t0, c0 = time.perf_counter(), time.process_time()
-        rt.backend.run(key)
+        rt.run(key, members)
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
         self.live_s.setdefault(key, collections.deque(maxlen=16)).append(dt)
-        for b in members:
+        for j, b in enumerate(members):
             row, _, forward = self.rows[b]
+            row.j = j
             if forward.write:
-                cache.write(io.present_k, io.present_v, forward.write, rows=(b,))
+                cache.write(io.present_k[j:j + 1], io.present_v[j:j + 1], forward.write, rows=(b,))
             timer = row.timer
             timer.graph_s += dt
             timer.graph_cpu_s += dc

@@ -3,7 +3,9 @@
 A scheduler (``schedulers/``) is a generator over a :class:`Row`. It yields a
 :class:`Forward` (which graph it needs next and the row's input tokens), and the
 engine sends back that graph's outputs once it has run the graph for every row
-that asked for it in the same tick. Between forwards the scheduler decides
+that asked for it in the same tick; the row's outputs are entry ``row.j`` of
+them (a forward runs only its own rows, in the order the engine lists them),
+its cache row is ``row.b``. Between forwards the scheduler decides
 tokens (``choose``), emits them (``emit``), and rolls its cache row back
 (``crop``). It never sees the other rows.
 """
@@ -41,6 +43,7 @@ class Row:
 
     def __init__(self, runtime, request, index: int, b: int, job):
         self.rt, self.request, self.index, self.b, self.job = runtime, request, index, b, job
+        self.j = 0  # this row's entry in the outputs of its last forward (the engine sets it)
         self.prompt = request.prompts[index]
         self.mode = request.mode
         self.cache = runtime.cache
@@ -96,14 +99,14 @@ class Row:
         """The row's token at ``column``: the graph's argmax when greedy (the host never
         reads the logits), else a draw from the logits."""
         if self.sampler.greedy:
-            return int(io.candidate[self.b, column])
-        return int(self.sampler.sample(io.logits[self.b, column]))
+            return int(io.candidate[self.j, column])
+        return int(self.sampler.sample(io.logits[self.j, column]))
 
     def choose_all(self, io: StepIO, n: int) -> list[int]:
         """The row's tokens at columns 0..n-1."""
         if self.sampler.greedy:
-            return io.candidate[self.b, :n].tolist()
-        return self.sampler.sample(io.logits[self.b, :n]).tolist()
+            return io.candidate[self.j, :n].tolist()
+        return self.sampler.sample(io.logits[self.j, :n]).tolist()
 
     def budgeted(self, new: list[int]) -> list[int]:
         """``new`` tokens about to be emitted, with the request's thinking budget applied."""

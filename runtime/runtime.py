@@ -83,6 +83,7 @@ class Runtime:
             raise ManifestError(f"cache_k has batch {cache_spec.shape[1]} but the manifest's batch_size is "
                                 f"{self.batch_size}; re-export the artifact")
         self.cache = KVCache(backend.allocate((2, *cache_spec.shape), cache_spec.dtype), self.batch_size)
+        self.slots = np.arange(self.capacity, dtype=np.int64)  # graph input `slots`: a forward binds a prefix
         self.buffers: dict[tuple, object] = {}  # (name, shape, dtype) -> buffer, shared by graphs
         self.io: dict[tuple[str, int], StepIO] = {}  # (step, block length) -> its buffers
         for graph in manifest.graphs:
@@ -90,7 +91,7 @@ class Runtime:
                 raise ManifestError(f"graph {graph.step!r} has a different cache shape; every graph of an "
                                     "artifact must share one cache (re-export it)")
             io = self._step_io(graph)
-            backend.open(graph, io, self.cache)
+            backend.open(graph, io, self.cache, self.slots)
         self.sampling = manifest.sampling
         self.block_lengths = sorted({L for m in self.modes for L in manifest.block_lengths(m)})  # every mode's
         # quadratic-spec: branches of each fused step (its block length, unless exported with --draft-groups)
@@ -157,6 +158,17 @@ class Runtime:
         if io.candidate is None:
             raise ManifestError(f"graph {graph.step!r} returns no 'candidate'; re-export the artifact")
         self.io[(graph.step, L)] = io
+        return io
+
+    def run(self, key: tuple[str, int], rows) -> StepIO:
+        """Run graph ``key`` for cache rows ``rows`` (a sequence of b distinct row indices, in the
+        order of ``io``'s entries, whose ``input_ids`` the caller has filled), reading only the
+        slots below their longest row. The presents are left in ``io`` for the caller to place."""
+        io, cache, b = self.io[key], self.cache, len(rows)
+        io.rows[:b] = rows
+        io.cache_len[:b] = cache.cache_len[io.rows[:b]]
+        io.row_start[:b] = cache.row_start[io.rows[:b]]
+        self.backend.run(key, b, max(1, int(io.cache_len[:b].max())))
         return io
 
     def close(self) -> None:

@@ -13,7 +13,7 @@ cache; the mask is built inside from ``cache_len`` and the static shapes.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from .cache import KVCache
 from .layout import Layout, full_input
 
 Pattern = Literal["causal", "bidirectional"]
+# A cache as the layers read it: [layers, B, kv_heads, C, head_dim] stacked, or one [B, kv_heads, C, head_dim]
+# tensor per layer (an exported graph gathers each layer's used slots on its own: no stacked copy)
+CacheLayers = torch.Tensor | Sequence[torch.Tensor]
 PATTERNS = ("causal", "bidirectional")
 
 
@@ -260,8 +263,8 @@ class TriModeModel(nn.Module):
         input_ids: torch.Tensor,  # [B, L]
         positions: torch.Tensor,  # [B, L]
         block_mask: torch.Tensor,  # [B, L, L] bool
-        cache_k: torch.Tensor | None = None,  # [layers, B, kv_heads, C, head_dim]
-        cache_v: torch.Tensor | None = None,
+        cache_k: CacheLayers | None = None,  # per layer [B, kv_heads, C, head_dim]
+        cache_v: CacheLayers | None = None,
         cache_mask: torch.Tensor | None = None,  # [B, C] bool
         lora: bool | torch.Tensor = False,  # True: every row; a [L] bool tensor: those rows
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -285,8 +288,8 @@ class TriModeModel(nn.Module):
     def step(
         self,
         input_ids: torch.Tensor,  # [B, layout.input_length]
-        cache_k: torch.Tensor | None,  # [layers, B, kv_heads, C, head_dim]
-        cache_v: torch.Tensor | None,
+        cache_k: CacheLayers | None,  # per layer [B, kv_heads, C, head_dim]: a stacked tensor or a list
+        cache_v: CacheLayers | None,
         cache_len: torch.Tensor | int,  # committed slots, [] or per row [B]; positions count from here
         row_start: torch.Tensor | None = None,  # [B] first real slot per row (left padding)
         *,
@@ -301,8 +304,10 @@ class TriModeModel(nn.Module):
         ``pattern`` (with ``lora``) is shorthand for the two basic layouts: "causal"
         (a spine of L tokens) and "bidirectional" (one branch of L input tokens).
         ``C`` (the cache tensors' slot count) may exceed ``cache_len``: slots at
-        or beyond ``cache_len`` are masked, which is how static graphs use a
-        fixed-capacity buffer.
+        or beyond ``cache_len`` are masked. The caller decides how much of the cache
+        a step reads: an exported graph gathers only the slots below the longest
+        row's ``cache_len`` (graphs/steps.py), the eager cache passes its valid
+        prefix, and work follows what is used, never the capacity.
         """
         B, n_in = input_ids.shape
         if layout is None:
@@ -332,7 +337,7 @@ class TriModeModel(nn.Module):
         block_mask = (allowed[None] & key_real[:, None, :]) | itself[None]
         cache_mask = None
         if cache_k is not None:
-            cslots = torch.arange(cache_k.shape[3], device=device)  # [C]
+            cslots = torch.arange(cache_k[0].shape[2], device=device)  # [C]
             cache_mask = (cslots[None, :] < cache_len) & (cslots[None, :] >= row_start[:, None])  # [B, C]
         rows = layout.lora
         lora_rows: bool | torch.Tensor = rows == "all" or (

@@ -4,16 +4,18 @@ The interface is deliberately small, so an engine-based backend plugs in:
 
 - ``allocate(shape, dtype)``: a zeroed device buffer (numpy on the CPU, a torch
   tensor on an accelerator) for the KV cache and the present rows;
-- ``open(graph, io, cache)``: load the graph once and bind its buffers
-  (``io.input_ids``/``io.logits`` on the host, ``io.present_k``/``io.present_v``
-  and the cache on the device);
-- ``run(key)``: execute the step ``key = (step, block_length)`` in place;
+- ``open(graph, io, cache, slots)``: load the graph once and bind its buffers
+  (``io``'s host arrays, ``io.present_k``/``io.present_v`` and the cache on the
+  device, ``slots`` the static 0 .. C-1 array whose prefix a forward reads);
+- ``run(key, b, n)``: execute the step ``key = (step, block_length)`` in place for
+  the first ``b`` entries of ``io``'s per-forward arrays, reading ``n`` cache slots;
 - ``close()``.
 
-A step reads ``input_ids``, ``cache_len``, ``row_start``, ``cache_k``,
-``cache_v`` and writes ``logits`` (and ``present_k``/``present_v`` for steps that
-write the cache, ``candidate``/``confidence`` for bidirectional ones); placing the
-presents into the cache is the runtime's job.
+A step reads ``input_ids``, ``cache_len``, ``row_start``, ``rows`` (entries
+``0 .. b-1``), ``slots[:n]`` and the whole ``cache_k``/``cache_v``, and writes
+entries ``0 .. b-1`` of ``candidate``/``confidence`` (``logits`` where the graph
+keeps them, ``present_k``/``present_v`` for steps that write the cache); placing
+the presents into the cache is the runtime's job.
 """
 
 from __future__ import annotations
@@ -33,16 +35,25 @@ NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
 @dataclass
 class StepIO:
-    """Host and device buffers of one block length, shared by the steps of that length
-    (a diffusion block is denoised and committed in the same ``input_ids``)."""
+    """Host and device buffers of one graph, sized for the artifact's N rows; a forward of b
+    rows uses entries ``0 .. b-1`` of each (contiguous prefixes). Entry j is the forward's j-th
+    row, which reads and writes cache row ``rows[j]``."""
 
-    input_ids: np.ndarray  # [B, L] int64, host
-    logits: np.ndarray  # [B, L, V] float32, host
-    present_k: Any  # [layers, B, kv_heads, L, head_dim] device buffer
+    input_ids: np.ndarray  # [N, L] int64, host
+    logits: np.ndarray | None  # [N, T, V] float32, host (graphs that keep logits)
+    present_k: Any  # [N, layers, kv_heads, S, head_dim] device buffer (steps that write the cache)
     present_v: Any
-    # bidirectional graphs of current artifacts: per-position argmax and its softmax probability
-    candidate: np.ndarray | None = None  # [B, L] int64, host
-    confidence: np.ndarray | None = None  # [B, L] float32, host
+    candidate: np.ndarray | None = None  # [N, T] int64, host: per-position argmax
+    confidence: np.ndarray | None = None  # [N, T] float32, host: and its softmax probability
+    cache_len: np.ndarray | None = None  # [N] int64, host: the forward's rows' committed slots
+    row_start: np.ndarray | None = None  # [N] int64, host
+    rows: np.ndarray | None = None  # [N] int64, host: the cache row of each entry
+
+    def __post_init__(self):
+        N = self.input_ids.shape[0]
+        for name in ("cache_len", "row_start", "rows"):
+            if getattr(self, name) is None:
+                setattr(self, name, np.zeros(N, dtype=np.int64))
 
 
 class Backend(Protocol):
@@ -51,9 +62,9 @@ class Backend(Protocol):
 
     def allocate(self, shape: tuple[int, ...], dtype: str) -> Any: ...
 
-    def open(self, graph, io: StepIO, cache) -> None: ...
+    def open(self, graph, io: StepIO, cache, slots) -> None: ...
 
-    def run(self, key: GraphKey) -> None: ...
+    def run(self, key: GraphKey, b: int, n: int) -> None: ...
 
     def close(self) -> None: ...
 

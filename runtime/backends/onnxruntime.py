@@ -1,9 +1,11 @@
-"""ONNX Runtime backend: one InferenceSession per graph, IO bound once, run in place.
+"""ONNX Runtime backend: one InferenceSession per graph, IO bound once per row count, run in place.
 
-Every buffer is bound to its session's IOBinding when the graph is opened:
-on the CPU as OrtValues wrapping the runtime's numpy arrays (ORT reads and
-writes that memory directly), on a GPU as raw device pointers of torch
-tensors. A step is then ``run_with_iobinding`` and nothing else: no per-step
+A graph runs for b rows (1 .. the artifact's batch) reading n cache slots. Its
+buffers are bound to one IOBinding per b, made the first time a forward of b
+rows runs: on the CPU as OrtValues wrapping prefixes of the runtime's numpy
+arrays (ORT reads and writes that memory directly), on a GPU as raw device
+pointers of torch tensors. A step rebinds only ``slots`` (a prefix view of a
+static array, when n changed) and is then ``run_with_iobinding``: no per-step
 allocation, no copies in or out of ORT.
 
 Providers: the CPU provider by default; with onnxruntime-gpu and a GPU,
@@ -47,7 +49,8 @@ class OnnxRuntimeBackend:
         self.share_weights = share_weights and device == "cpu" and manifest.weights_file is not None
         self._weights = None  # memory map of the shared weights file (share_weights)
         self.sessions: dict[GraphKey, object] = {}
-        self.bindings: dict[GraphKey, object] = {}
+        self.graphs: dict[GraphKey, tuple] = {}  # graph, its StepIO, the cache, the slots array
+        self.bindings: dict[tuple, list] = {}  # (key, b) -> [IOBinding, bound slot count]
         self._keep: list = []  # OrtValues referenced by the bindings and the sessions
 
     @staticmethod
@@ -73,7 +76,7 @@ class OnnxRuntimeBackend:
     def allocate(self, shape, dtype: str):
         return host_or_torch_array(shape, dtype, self.device)
 
-    def open(self, graph, io: StepIO, cache) -> None:
+    def open(self, graph, io: StepIO, cache, slots) -> None:
         path = self.dir / graph.file
         if not path.is_file():
             raise BackendUnavailableError(f"{path}: missing; the artifact is incomplete, re-export it")
@@ -85,22 +88,33 @@ class OnnxRuntimeBackend:
                                           f"damaged: run `nemocompile check --artifact {self.dir}` or re-export it"
                                           ) from None
         names = {i.name for i in session.get_inputs()} | {o.name for o in session.get_outputs()}
-        buffers = {"input_ids": io.input_ids, "cache_len": cache.cache_len, "row_start": cache.row_start,
-                   "cache_k": cache.k, "cache_v": cache.v, "logits": io.logits,
-                   "present_k": io.present_k, "present_v": io.present_v,
-                   "candidate": io.candidate, "confidence": io.confidence}
-        binding = session.io_binding()
-        for spec in graph.inputs:
-            self._bind(binding.bind_ortvalue_input, binding.bind_input, spec.name, buffers[spec.name], spec.dtype)
-        for spec in graph.outputs:
-            self._bind(binding.bind_ortvalue_output, binding.bind_output, spec.name, buffers[spec.name], spec.dtype)
         missing = {s.name for s in (*graph.inputs, *graph.outputs)} - names
         if missing:
             raise BackendUnavailableError(f"{path}: the graph lacks {sorted(missing)} that the manifest lists; "
                                           "re-export the artifact")
         key = (graph.step, graph.block_length)
         self.sessions[key] = session
-        self.bindings[key] = binding
+        self.graphs[key] = (graph, io, cache, slots)
+
+    def _binding(self, key: GraphKey, b: int):
+        """The IOBinding of ``key`` for forwards of ``b`` rows: every per-forward buffer's first b
+        entries, the whole cache; made once per (graph, b)."""
+        graph, io, cache, slots = self.graphs[key]
+        binding = self.sessions[key].io_binding()
+        per_forward = {"input_ids": io.input_ids, "cache_len": io.cache_len, "row_start": io.row_start,
+                       "rows": io.rows, "logits": io.logits, "present_k": io.present_k,
+                       "present_v": io.present_v, "candidate": io.candidate, "confidence": io.confidence}
+        whole = {"cache_k": cache.k, "cache_v": cache.v}
+        for spec in graph.inputs:
+            if spec.name != "slots":
+                buf = whole[spec.name] if spec.name in whole else per_forward[spec.name][:b]
+                self._bind(binding.bind_ortvalue_input, binding.bind_input, spec.name, buf, spec.dtype)
+        for spec in graph.outputs:
+            self._bind(binding.bind_ortvalue_output, binding.bind_output, spec.name, per_forward[spec.name][:b],
+                       spec.dtype)
+        entry = [binding, -1]  # the binding and the slot count it has bound
+        self.bindings[(key, b)] = entry
+        return entry
 
     def _session_options(self, path: Path):
         ort = self.ort
@@ -159,11 +173,18 @@ class OnnxRuntimeBackend:
                                           "re-export the artifact with --dtype fp16")
         bind_raw(name, device_type, device_id, NUMPY_DTYPES[dtype], list(buf.shape), buf.data_ptr())
 
-    def run(self, key: GraphKey) -> None:
-        self.sessions[key].run_with_iobinding(self.bindings[key])
+    def run(self, key: GraphKey, b: int, n: int) -> None:
+        entry = self.bindings.get((key, b)) or self._binding(key, b)
+        binding = entry[0]
+        if entry[1] != n:
+            slots = self.graphs[key][3]
+            binding.bind_input("slots", "cpu", 0, np.int64, [n], slots.ctypes.data)  # a prefix view: no copy
+            entry[1] = n
+        self.sessions[key].run_with_iobinding(binding)
 
     def close(self) -> None:
         self.bindings.clear()
+        self.graphs.clear()
         self.sessions.clear()
         self._keep.clear()
 

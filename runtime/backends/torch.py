@@ -2,9 +2,11 @@
 exported from) run on the same buffers the compiled backends use.
 
 Weights come from the checkpoint the manifest's ``source`` names, an explicit
-checkpoint path, or a loaded model. The cache is read up to ``cache_len`` only
-(eager PyTorch has no reason to pay for static shapes), exactly as the eager
-decoders do, so this backend is also their per-step twin.
+checkpoint path, or a loaded model. A forward of b rows runs those rows only;
+each row reads its own cache slots up to its own ``cache_len`` (eager PyTorch
+has no static shapes to pay for): rows of one length run as one batch, rows of
+different lengths as one forward per length, exactly as the eager decoders read
+their cache, so this backend is also their per-step twin.
 """
 
 from __future__ import annotations
@@ -55,34 +57,37 @@ class TorchBackend:
     def allocate(self, shape, dtype: str):
         return host_or_torch_array(shape, dtype, self.device)
 
-    def open(self, graph, io: StepIO, cache) -> None:
-        t = self.torch
+    def open(self, graph, io: StepIO, cache, slots) -> None:
         from nemocompile.model.layout import Layout
 
-        def view(a):
+        self.steps[(graph.step, graph.block_length)] = (Layout.from_dict(graph.layout), io, cache)
+
+    def run(self, key: GraphKey, b: int, n: int) -> None:
+        t = self.torch
+        layout, io, cache = self.steps[key]
+
+        def host(a):
             return None if a is None else t.from_numpy(a) if isinstance(a, np.ndarray) else a
 
-        self.steps[(graph.step, graph.block_length)] = (
-            Layout.from_dict(graph.layout), t.from_numpy(io.input_ids), t.from_numpy(cache.row_start),
-            t.from_numpy(cache.cache_len),
-            view(cache.k), view(cache.v), cache, view(io.logits), view(io.present_k), view(io.present_v),
-            self.device == "cpu", view(io.candidate), view(io.confidence))
-
-    def run(self, key: GraphKey) -> None:
-        layout, ids, row_start, lengths, ck, cv, cache, logits, pk, pv, on_host, cand, conf = self.steps[key]
-        n = int(lengths.max())  # the longest row: no slot past it is read
-        if not on_host:
-            ids, row_start, lengths = ids.to(self.device), row_start.to(self.device), lengths.to(self.device)
-        with self.torch.inference_mode():
-            out, k, v = self.model.step(ids, ck[:, :, :, :n], cv[:, :, :, :n], lengths, row_start, layout=layout)
-            if logits is not None:
-                logits.copy_(out)
-            c, p = greedy_candidates(out)  # the graphs' argmax and its probability
-            cand.copy_(c)
-            conf.copy_(p)
-            if pk is not None:
-                pk.copy_(k)
-                pv.copy_(v)
+        ck, cv = host(cache.k), host(cache.v)  # [layers, N, kv_heads, C, head_dim]
+        lengths = io.cache_len[:b]
+        for length in np.unique(lengths):  # rows of one length share a forward: none reads past its own
+            idx = np.flatnonzero(lengths == length)
+            rows = t.from_numpy(io.rows[idx]).to(ck.device)
+            ids = t.from_numpy(io.input_ids[idx]).to(self.device)
+            row_start = t.from_numpy(io.row_start[idx]).to(self.device)
+            with t.inference_mode():
+                used_k = ck[:, :, :, :int(length)].index_select(1, rows)
+                used_v = cv[:, :, :, :int(length)].index_select(1, rows)
+                out, k, v = self.model.step(ids, used_k, used_v, int(length), row_start, layout=layout)
+                at = t.from_numpy(idx).to(out.device)
+                for name, value in (("logits", out), *zip(("candidate", "confidence"), greedy_candidates(out))):
+                    buf = host(getattr(io, name))
+                    if buf is not None:
+                        buf.index_copy_(0, at.to(buf.device), value.to(buf.dtype).to(buf.device))
+                if io.present_k is not None:
+                    for buf, value in ((host(io.present_k), k), (host(io.present_v), v)):
+                        buf.index_copy_(0, at.to(buf.device), value.transpose(0, 1).to(buf.device))
 
     def close(self) -> None:
         self.steps.clear()

@@ -81,12 +81,12 @@ def denoise(row, step: str, block: Block, threshold: float | None, k: int):
     pos = block.masked
     if row.sampler.greedy:
         # the graph computed argmax and confidence: the host never touches the logits
-        cand = io.candidate[row.b, pos].tolist()
-        conf = io.confidence[row.b, pos].tolist()
+        cand = io.candidate[row.j, pos].tolist()
+        conf = io.confidence[row.j, pos].tolist()
     else:
         # candidates only where a mask is (the softmax over the vocabulary is the costly host
         # work); threshold 0 commits every masked position, so it needs no confidences
-        logits = io.logits[row.b, pos]  # [n, V], a copy: the sampler may overwrite it
+        logits = io.logits[row.j, pos]  # [n, V], a copy: the sampler may overwrite it
         cand, conf = row.sampler.candidates(logits, with_confidence=threshold != 0, scratch=True)
         cand = cand.tolist()
         conf = conf.tolist() if conf is not None else None

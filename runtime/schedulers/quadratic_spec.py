@@ -53,7 +53,7 @@ def prefill_and_draft(row):
     """The prompt and the first draft's masks in one forward: the row's tokens (the
     prompt's argmaxes, then the B masks') and the column of the last prompt token."""
     io, last = yield from row.prefill(last="prefill_draft")
-    return io.candidate[row.b].tolist(), last
+    return io.candidate[row.j].tolist(), last
 
 
 def verify_and_draft(row, draft: list[int], B: int):
@@ -61,5 +61,5 @@ def verify_and_draft(row, draft: list[int], B: int):
     each branch's B guesses."""
     io = yield Forward("verify_draft", B, draft, write=B)
     groups = row.rt.draft_groups[B]
-    tokens = io.candidate[row.b].tolist()
+    tokens = io.candidate[row.j].tolist()
     return tokens[:B], [tokens[B + j * B: B + (j + 1) * B] for j in range(groups)]
