@@ -194,7 +194,8 @@ class Row:
         if text is not None:
             shown = text.final() if self.done else text.visible
             delta, self.shown = shown[self.shown:], len(shown)
-        self.job.emit(self.index, out[sent:], delta, self.logprobs[sent:] if self.k is not None else None)
+        self.job.emit(self.index, out[sent:], delta, self.logprobs[sent:] if self.k is not None else None,
+                      self.prompt_logprobs if sent == 0 and self.options.echo else None)
         for listener in self.rt.engine.listeners:
             listener("tokens", (self.mode, len(out) - sent))
 
