@@ -1,7 +1,8 @@
 """`nemocompile serve --http`: an OpenAI-compatible HTTP API over the runtime (FastAPI + uvicorn).
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
-``"stream": true`` as server-sent events), ``GET /v1/models``, ``GET /health``,
+``"stream": true`` as server-sent events), ``GET /v1/models``, ``GET /v1/models/{id}``,
+vLLM's ``POST /tokenize``, ``POST /detokenize`` and ``GET /tokenizer_info``, ``GET /health``,
 ``GET /metrics`` (Prometheus text: queue depth, active rows, tokens/s, time to
 first token and latency histograms, decode cycles per mode).
 
@@ -11,6 +12,12 @@ The decode mode and its knobs are extra body fields: ``mode`` ("ar",
 ``end_think_token_id``; chat requests also take ``chat_template_kwargs``
 (vLLM/SGLang's field, e.g. ``{"enable_thinking": false}``), passed to the
 checkpoint's chat template.
+OpenAI's output fields: ``stop``, ``logprobs``/``top_logprobs``, ``echo`` (prompt
+scoring, ``max_tokens`` 0 too), ``n``/``best_of`` and lists of prompts (each choice a
+request of its own to the engine), vLLM's ``stop_token_ids``, ``ignore_eos`` and
+``min_tokens`` (``parse_body`` maps a body to the runtime's keywords; the README lists
+every field). ``null`` means the default; metadata fields are ignored; every error,
+404 and 405 included, is OpenAI's error shape.
 ``temperature`` defaults to 0 (greedy) and ``max_tokens`` to 64. ``usage``
 also reports ``forwards``, ``tokens_per_forward``, ``acceptance_length``,
 ``time_to_first_token_s``, ``tokens_per_second``, ``queue_s`` and ``mode_mix``
