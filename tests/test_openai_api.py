@@ -285,6 +285,9 @@ def test_n_best_of_and_lists_of_prompts(server):
     assert [c.index for c in batch.choices] == [0, 1, 2, 3]
     assert [c.text for c in batch.choices[:2]] == [c.text for c in two.choices]
     assert batch.usage.completion_tokens == 32
+    sampled = complete(server, logprobs=5, **kw).choices[0].logprobs
+    for token, value, top in zip(sampled.tokens, sampled.token_logprobs, sampled.top_logprobs):
+        assert top[token] == value  # a sampled token too: its value is its entry among the alternatives
     three = complete(server, n=3, logprobs=0, **kw).choices
     best = complete(server, best_of=3, logprobs=0, **kw).choices
     totals = [sum(c.logprobs.token_logprobs) for c in three]
@@ -314,6 +317,32 @@ def test_the_shapes_clients_send(server):
     # the SDK's own calls with its optional arguments
     assert server.client.completions.create(model=server.model, prompt=PROMPT, max_tokens=6, n=1, echo=False,
                                             user="u", stream=False).choices[0].text == want
+
+
+def test_what_cannot_be_honoured_is_refused_in_one_line(server, monkeypatch):
+    with pytest.raises(openai.BadRequestError, match="quadratic-spec fuses"):
+        complete(server, max_tokens=0, echo=True, logprobs=1, extra_body={"mode": "quadratic-spec"})
+    with pytest.raises(openai.BadRequestError, match="best_of > n cannot stream"):
+        complete(server, best_of=2, stream=True)
+    with pytest.raises(openai.BadRequestError, match="'best_of' \\(1\\) must be at least 'n' \\(2\\)"):
+        complete(server, best_of=1, n=2)
+    with pytest.raises(openai.BadRequestError, match="logprobs must be an integer from 0 to 20"):
+        complete(server, logprobs=21)
+    monkeypatch.setattr(server.runtime, "logprobs", False)  # as an artifact exported with --no-logprobs
+    with pytest.raises(openai.BadRequestError, match="--no-logprobs"):
+        complete(server, logprobs=1)
+    assert complete(server, max_tokens=3).choices[0].logprobs is None  # the rest still serves
+
+
+def test_a_no_logprobs_plan_has_no_logprob_outputs():
+    from nemocompile.graphs import plan
+
+    lean = [s for s, _ in plan(["ar", "quadratic-spec"], block_length=4, prefill_length=8, has_lora=False,
+                               logprobs=False)]
+    full = [s for s, _ in plan(["ar", "quadratic-spec"], block_length=4, prefill_length=8, has_lora=False)]
+    assert not any(getattr(s, "logprobs", False) or getattr(getattr(s, "causal", None), "logprobs", False)
+                   for s in lean)
+    assert all(s.logprobs if hasattr(s, "logprobs") else s.causal.logprobs for s in full)
 
 
 def test_endpoints(server):

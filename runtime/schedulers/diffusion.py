@@ -50,7 +50,8 @@ class Block:
     def __init__(self, first: int, L: int, mask_token_id: int, first_logprob=()):
         self.tokens = [int(first)] + [mask_token_id] * (L - 1)
         self.masked = list(range(1, L))
-        self.logprobs = [*first_logprob[:1]] + [None] * (L - 1)  # per position, requests with logprobs
+        # per position (requests with logprobs): the seed's from the forward that chose it
+        self.logprobs = [first_logprob[0] if first_logprob else None] + [None] * (L - 1)
 
     def finished(self, eos: frozenset[int], need: int) -> bool:
         """No mask left, an EOS with no mask to its left, or the first ``need`` positions
