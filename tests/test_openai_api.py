@@ -390,10 +390,11 @@ def test_lm_eval_local_completions(server, eager, offline, artifact, backend):
     (huggingface); the loglikelihoods equal eager PyTorch scoring of the same prompts."""
     args = f"model={server.model},base_url={server.url}/v1/completions,num_concurrent=1,max_retries=1"
     tasks = ["tiny_gen", "tiny_choice"]
-    if backend == "huggingface":
+    batch = 1
+    if backend == "huggingface":  # and batches of 2: a list of prompts per request, one choice each
         args += f",tokenizer_backend=huggingface,tokenizer={artifact}"
-        tasks = ["tiny_choice"]
-    out = _lm_eval(server, "local-completions", tasks, args)
+        tasks, batch = ["tiny_choice"], 2
+    out = _lm_eval(server, "local-completions", tasks, args, batch_size=batch)
     assert 0 <= out["results"]["tiny_choice"]["acc,none"] <= 1
     tok = server.runtime.tokenizer
     checked = 0
