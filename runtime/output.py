@@ -152,7 +152,7 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()  # (token id, log-prob), best first
 
 
-def token_logprob(io, j: int, column: int, token: int, k: int, logits_ok: bool = True) -> TokenLogprob:
+def token_logprob(io, j: int, column: int, token: int, k: int) -> TokenLogprob:
     """The log-prob of ``token`` at output ``column`` of forward entry ``j`` with the ``k`` best
     alternatives, from the graph's top-20. A token among them takes its value there (the same
     float as its entry among the alternatives); one outside them (a sampled rare token) is
@@ -162,7 +162,7 @@ def token_logprob(io, j: int, column: int, token: int, k: int, logits_ok: bool =
     hit = np.flatnonzero(ids == token)
     if hit.size:
         value = float(values[hit[0]])
-    elif logits_ok and io.logits is not None and column < io.logits.shape[1]:
+    elif io.logits is not None and column < io.logits.shape[1]:
         row = io.logits[j, column].astype(np.float64)
         top = row.max()
         value = float(row[token] - top - np.log(np.exp(row - top).sum()))
