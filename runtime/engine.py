@@ -253,12 +253,12 @@ class Engine:
         self.rows[b] = None  # its cache row stays as it is until the next request resets it
         self._joined_or_left = True
         stats = row.finished_stats()
-        tokens = row.out
-        text = self.rt.tokenizer.decode(tokens) if self.rt.tokenizer is not None else None
-        reason = "stop" if tokens and tokens[-1] in row.request.eos else "length"
+        text = row.text.final() if row.text is not None else None
         from .runtime import RuntimeResult
 
-        result = RuntimeResult(tokens, text, stats, reason)
+        result = RuntimeResult(row.out, text, stats, row.finish_reason,
+                               row.logprobs if row.k is not None else None,
+                               row.prompt_logprobs if row.options.echo else None)
         for listener in self.listeners:
             listener("finish", result)
         row.job.finish_row(row.index, result)
