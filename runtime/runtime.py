@@ -30,7 +30,7 @@ from .backends import NUMPY_DTYPES, Backend, StepIO, create_backend
 from .cache import KVCache
 from .engine import Engine
 from .job import Job
-from .policy import lossless_options
+from .policy import CostTable, lossless_options
 from .stats import RuntimeStats
 
 
@@ -111,10 +111,13 @@ class Runtime:
         """Open an exported artifact. ``options``: ``threads`` (intra-op threads),
         ``model`` (torch backend: checkpoint path or loaded model; default the
         manifest's ``source``), ``providers`` (onnxruntime), ``modes`` (open only
-        the graphs of these modes; default every mode of the artifact)."""
+        the graphs of these modes; default every mode of the artifact), ``costs``
+        (False: do not read the cost table; ``nemocompile calibrate`` replaces it).
+        A malformed costs.json is refused here, not at the first ``mode="auto"`` request."""
         artifact_dir = Path(artifact_dir)
         manifest = Manifest.load(artifact_dir)
         modes = options.pop("modes", None)
+        read_costs = options.pop("costs", True)
         unopened = []
         if modes:
             unopened = [m for m in manifest.modes if m not in modes]
@@ -125,9 +128,13 @@ class Runtime:
         for line in damaged:
             print(f"warning: {line}", file=sys.stderr)
         max_queue = options.pop("max_queue", None)
+        costs = None
+        if read_costs and len({m for m, _ in lossless_options(manifest)}) > 1:  # auto will be served
+            costs = CostTable.load(artifact_dir, backend)  # CostTableError: one line, before any graph opens
         runtime = cls(artifact_dir, manifest, create_backend(backend, artifact_dir, manifest, device=device, **options),
                       max_queue=max_queue)
         runtime.unopened_modes = [m for m in unopened if m not in runtime.modes]
+        runtime.engine.costs, runtime.engine.costs_read = costs, read_costs and "auto" in runtime.modes
         return runtime
 
     def _step_io(self, graph) -> StepIO:

@@ -15,9 +15,10 @@ events    {"id": 7, "event": "tokens", "tokens": [..], "text": "..."}  only with
           one per commit; ``text`` is the new text since the previous event.
 final     {"id": 7, "done": true, "text": "...", "tokens": [..], "finish_reason": "stop"|"length",
            "stats": {...}}
-          or {"id": 7, "done": true, "error": {"type": "invalid_request"|"overloaded"|"timeout"|
-           "cancelled"|"runtime_error", "message": "..."}}; a line that is not a JSON object gets
-           "id": null.
+          or {"id": 7, "done": true, "error": {"type": "invalid_request"|"invalid_json"|"overloaded"|
+           "timeout"|"cancelled"|"server_error"|"runtime_error", "message": "..."}}; a line that is
+           not a JSON object gets "id": null. "server_error": the server failed this request alone
+           (the others go on); "runtime_error": an unexpected exception.
 
 Requests run concurrently (the runtime's engine gives each a row of the batch graphs):
 lines of different requests interleave, each tagged with its id. At most
@@ -38,7 +39,7 @@ from typing import Any, Callable, TextIO
 
 from nemocompile.errors import NemocompileError
 
-from .job import Cancelled, Overloaded, RequestTimeout
+from .job import Cancelled, Overloaded, RequestTimeout, ServerError
 
 KNOBS = ("mode", "max_new_tokens", "block_length", "threshold", "temperature", "seed", "eos", "steps",
          "chat_template_kwargs", "max_thinking_tokens", "end_think_token_id", "timeout")
@@ -78,7 +79,8 @@ def parse_request(raw: dict) -> tuple[Any, dict, bool]:
 
 
 def error_type(e: BaseException) -> str:
-    for cls, name in ((Overloaded, "overloaded"), (RequestTimeout, "timeout"), (Cancelled, "cancelled")):
+    for cls, name in ((Overloaded, "overloaded"), (RequestTimeout, "timeout"), (Cancelled, "cancelled"),
+                      (ServerError, "server_error")):
         if isinstance(e, cls):
             return name
     return "invalid_request" if isinstance(e, NemocompileError) else "runtime_error"

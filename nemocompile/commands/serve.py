@@ -89,7 +89,10 @@ def run_ray(args) -> int:
         from ..artifact_files import usable_graphs
         from ..manifest import Manifest
 
+        from ..runtime.policy import CostTable
+
         usable_graphs(args.artifact, Manifest.load(args.artifact))
+        CostTable.load(args.artifact, args.backend)  # a malformed costs.json: one line now, not in each replica
     timeout = args.request_timeout or DEFAULT_REQUEST_TIMEOUT_S
     max_queue = args.max_queue
     opts = RayServeOptions(artifact=str(args.artifact), backend=args.backend, device=args.device, model=args.model,

@@ -1,0 +1,57 @@
+"""What a new user tripped on (issue 25): one request's failure stays its own, checks come
+before the work, servers end and log like Unix tools, messages name the caller's fields."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import pytest
+import tiny_artifacts
+
+from nemocompile.runtime import Runtime, ServerError
+from nemocompile.runtime.policy import CostTableError
+from nemocompile.runtime.serve_stdio import error_type
+
+
+@pytest.fixture(scope="module")
+def artifact():
+    return tiny_artifacts.lora_batch2()[1]
+
+
+@pytest.fixture(scope="module")
+def rt(artifact):
+    with Runtime.load(artifact, threads=1) as runtime:
+        yield runtime
+
+
+# ---- 1: a malformed cost table, and one row's failure --------------------------------------
+def test_a_malformed_costs_json_is_refused_when_the_runtime_loads(artifact, tmp_path):
+    art = tmp_path / "art"
+    shutil.copytree(artifact, art)
+    (art / "costs.json").write_text("{not json")
+    with pytest.raises(CostTableError, match="costs.json: not readable JSON.*nemocompile calibrate") as e:
+        Runtime.load(art, threads=1)
+    assert "\n" not in str(e.value)
+    with Runtime.load(art, threads=1, costs=False) as runtime:  # calibrate replaces the table
+        assert "auto" in runtime.modes
+
+
+def test_a_failing_scheduler_ends_its_own_request_only(rt, monkeypatch):
+    """The policy raising for one row fails that request with a server-side error; the request
+    decoding beside it finishes with its own tokens."""
+    alone = rt.generate([5, 9, 11], mode="ar", max_new_tokens=20, eos=-1).tokens
+
+    def broken(row):
+        raise CostTableError("the cost table has no time for graph draft@8")
+
+    monkeypatch.setattr(rt.engine, "choose_mode", broken)
+    other = rt.submit([5, 9, 11], mode="ar", max_new_tokens=20, eos=-1)
+    failing = rt.submit([7, 7, 7], mode="auto", max_new_tokens=20, eos=-1)
+    with pytest.raises(ServerError, match="no time for graph draft@8") as e:
+        failing.result()
+    assert error_type(e.value) == "server_error"
+    assert other.result()[0].tokens == alone
+    monkeypatch.undo()
+    assert rt.generate([5, 9, 11], mode="ar", max_new_tokens=20, eos=-1).tokens == alone  # still serving
