@@ -55,3 +55,25 @@ def test_a_failing_scheduler_ends_its_own_request_only(rt, monkeypatch):
     assert other.result()[0].tokens == alone
     monkeypatch.undo()
     assert rt.generate([5, 9, 11], mode="ar", max_new_tokens=20, eos=-1).tokens == alone  # still serving
+
+
+# ---- 3: two exports to one --out ------------------------------------------------------------
+def test_an_export_that_finishes_second_does_not_replace_the_first(tmp_path):
+    """Another export writes --out while this one traces: this one fails at the rename
+    ("exists ... --force") and leaves the other's artifact as it was."""
+    from conftest import make_model
+
+    from nemocompile.graphs.export import ExportError, export_artifact
+
+    out = tmp_path / "art"
+    model = make_model()
+
+    def other_export_finishes(msg: str) -> None:
+        if "tracing" in msg and not out.exists():
+            out.mkdir()
+            (out / "manifest.json").write_text("{\"the\": \"first export\"}")
+
+    with pytest.raises(ExportError, match="exists.*--force"):
+        export_artifact(model, out, modes=["ar"], max_seq_len=32, prefill_length=8, progress=other_export_finishes)
+    assert json.loads((out / "manifest.json").read_text()) == {"the": "first export"}
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no partial directory left behind
