@@ -110,6 +110,12 @@ def check_export_destination(out_dir: str | Path, overwrite: bool, error=Nemocom
     existing = next(p for p in (out_dir.parent, *out_dir.parent.parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise error(f"{out_dir}: {existing} is not writable; choose another --out")
+    try:  # os.access can say yes where a folder cannot be made (/proc, a read-only mount)
+        import tempfile
+
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out_dir.name}.check-", dir=existing))
+    except OSError as e:
+        raise error(f"{out_dir}: cannot create a folder in {existing} ({e.strerror}); choose another --out") from None
     if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
         return
     if not overwrite:

@@ -165,6 +165,7 @@ def run_bench(artifacts: Sequence[str | Path], prompts: list, backends: Sequence
     ``modes``: open (and run) only these modes' graphs (default: every mode of each artifact)."""
     thinking = thinking or {}
     say = progress or (lambda msg: None)
+    check_artifacts(artifacts, modes)  # every artifact before the first is benchmarked
     rows: list[dict] = []
     step_rows: list[dict] = []
     all_backends = backends
@@ -218,6 +219,21 @@ def run_bench(artifacts: Sequence[str | Path], prompts: list, backends: Sequence
             rt.close()
     _add_speedups(rows)
     return {"results": rows, "step_times": step_rows, "summary": summarize(rows, step_rows)}
+
+
+def check_artifacts(artifacts: Sequence[str | Path], modes: Sequence[str] | None = None) -> None:
+    """Each artifact's manifest reads, holds ``modes`` and has its graph files (sizes): a bad one
+    is named before any is benchmarked."""
+    from nemocompile.artifact_files import usable_graphs
+
+    for artifact in artifacts:
+        manifest = Manifest.load(artifact)
+        if modes:
+            try:
+                manifest = manifest.for_modes(modes)
+            except NemocompileError as e:
+                raise NemocompileError(f"{artifact}: {e}") from None
+        usable_graphs(artifact, manifest)
 
 
 def weight_bytes(artifact: str | Path, manifest: Manifest) -> int:
@@ -394,6 +410,20 @@ def require_matplotlib():
     except ImportError:
         raise NemocompileError("--plot needs matplotlib: pip install 'nemocompile[plot]'") from None
     return matplotlib
+
+
+def check_plot_file(path: str | Path) -> None:
+    """--plot: matplotlib is installed and writes this file type (checked before any benchmark)."""
+    matplotlib = require_matplotlib()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(path).suffix.lstrip(".").lower()
+    if suffix not in kinds:
+        shown = "no extension" if not suffix else f".{suffix}"
+        raise NemocompileError(f"--plot {path}: matplotlib cannot write {shown}; name a .png, .svg or .pdf file "
+                               f"(any of {', '.join('.' + k for k in sorted(kinds))})")
+    del matplotlib
 
 
 def plot(report: dict, path: str | Path) -> None:

@@ -77,3 +77,46 @@ def test_an_export_that_finishes_second_does_not_replace_the_first(tmp_path):
         export_artifact(model, out, modes=["ar"], max_seq_len=32, prefill_length=8, progress=other_export_finishes)
     assert json.loads((out / "manifest.json").read_text()) == {"the": "first export"}
     assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no partial directory left behind
+
+
+# ---- 4: every argument, artifact and output path before the work -----------------------------
+def _no_work(monkeypatch):
+    from nemocompile.runtime import runtime as runtime_module
+
+    def refuse(*a, **k):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(runtime_module.Runtime, "load", refuse)
+
+
+def test_bench_refuses_a_plot_file_matplotlib_cannot_write_before_benchmarking(artifact, tmp_path, capsys,
+                                                                                monkeypatch):
+    from nemocompile.cli import main
+
+    _no_work(monkeypatch)
+    rc = main(["bench", "--artifact", str(artifact), "--plot", str(tmp_path / "out.txt"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot write .txt" in err and ".png" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_bench_checks_every_artifact_for_the_modes_before_the_first_runs(artifact, tmp_path, capsys, monkeypatch):
+    from nemocompile.cli import main
+    from nemocompile.manifest import Manifest
+
+    other = tmp_path / "other"
+    shutil.copytree(artifact, other)
+    Manifest.load(other).for_modes(["ar", "linear-spec"]).save(other)  # no diffusion graphs
+    _no_work(monkeypatch)
+    rc = main(["bench", "--artifact", str(artifact), "--artifact", str(other), "--modes", "diffusion", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(other) in err and "no diffusion graphs" in err, err
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_export_refuses_an_out_in_proc_where_no_folder_can_be_made(capsys):
+    from nemocompile.cli import main
+
+    rc = main(["export", "--out", "/proc/x", "--mode", "ar"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot create a folder in /proc" in err and "Traceback" not in err, err

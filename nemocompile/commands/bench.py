@@ -146,7 +146,7 @@ def run(args) -> int:
     check_output_file(args.json, "--json")
     check_output_file(args.plot, "--plot")
     if args.plot:
-        bench.require_matplotlib()
+        bench.check_plot_file(args.plot)
     prompts = bench.load_prompts(args.prompts, args.limit)
     report = bench.run_bench(
         args.artifact, prompts, backends=args.backends or list(BACKENDS[:2]),
@@ -198,7 +198,7 @@ def run_serve(args) -> int:
     check_output_file(args.json, "--json")
     check_output_file(args.plot, "--plot")
     if args.plot:
-        bench.require_matplotlib()
+        bench.check_plot_file(args.plot)
     prompts = bench.load_prompts(args.prompts, args.limit)
     extra = {k: v for k, v in (("eos", args.eos), ("max_thinking_tokens", args.max_thinking_tokens),
                                ("end_think_token_id", args.end_think_token_id)) if v is not None}
