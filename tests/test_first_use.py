@@ -120,3 +120,53 @@ def test_export_refuses_an_out_in_proc_where_no_folder_can_be_made(capsys):
     rc = main(["export", "--out", "/proc/x", "--mode", "ar"])
     err = capsys.readouterr().err
     assert rc == 2 and "cannot create a folder in /proc" in err and "Traceback" not in err, err
+
+
+# ---- 5: server logs and signals ----------------------------------------------------------------
+def test_http_server_is_quiet_on_a_client_leaving_mid_body_and_ends_on_sigterm_like_sigint(artifact):
+    """A client that closes while sending its body leaves no traceback in the log; SIGTERM ends
+    the server as Ctrl-C does: "interrupted", status 130."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("uvicorn")
+    proc = subprocess.Popen([sys.executable, "-m", "nemocompile", "serve", "--http", "--artifact", str(artifact),
+                             "--port", "0", "--threads", "1", "--modes", "ar"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        while not seen or "listening on " not in seen[-1]:
+            line = proc.stderr.readline()
+            assert line, "the server did not start:\n" + "".join(seen)
+            seen.append(line)
+        port = int(seen[-1].rsplit(":", 1)[1])
+        for _ in range(100):  # the address is printed just before uvicorn listens
+            try:
+                s = socket.create_connection(("127.0.0.1", port))
+                break
+            except ConnectionRefusedError:
+                time.sleep(0.1)
+        with s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n{\"prompt\": ")
+            time.sleep(0.5)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "Traceback" not in err and "ClientDisconnect" not in err, err
+    assert proc.returncode == 130 and err.strip().endswith("interrupted"), (proc.returncode, err)
+
+
+def test_serve_http_names_the_host_when_it_is_not_an_address(artifact, capsys):
+    pytest.importorskip("uvicorn")
+    from nemocompile.cli import main
+
+    rc = main(["serve", "--http", "--artifact", str(artifact), "--modes", "ar", "--host", "256.1.1.1", "--port", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--host" in err and "--port" not in err, err
