@@ -10,7 +10,11 @@ request   {"id": 7, "prompt": "def f(", "mode": "linear-spec", "max_new_tokens":
           {"enable_thinking": false}), stream, timeout (seconds). ``id`` is any JSON
           value, echoed back; ``mode`` may be "auto".
 cancel    {"cancel": 7}: stop request 7 and free its row; its final line is an error of
-          type "cancelled" (a cancel of an unknown or finished id is ignored).
+          type "cancelled". A cancel of an id not in flight (finished, or never sent) is
+          answered {"cancel": 7, "error": {"type": "unknown_id", "message": "..."}}.
+ids       a request whose ``id`` (not null) is already in flight is refused at once with an
+          error of type "duplicate_id" (the running one goes on): replies and cancels name
+          one request each.
 events    {"id": 7, "event": "tokens", "tokens": [..], "text": "..."}  only with "stream": true,
           one per commit; ``text`` is the new text since the previous event.
 final     {"id": 7, "done": true, "text": "...", "tokens": [..], "finish_reason": "stop"|"length",
@@ -156,6 +160,13 @@ def serve_stdio(runtime, stdin: TextIO | None = None, stdout: TextIO | None = No
     def start(raw) -> None:
         nonlocal serial
         rid = raw.get("id") if isinstance(raw, dict) else None
+        with lock:
+            taken = rid is not None and any(other == rid for other, _, _ in in_flight.values())
+        if taken:
+            write({"id": rid, "done": True, "error": {"type": "duplicate_id", "message": (
+                f"id {json.dumps(rid)[:60]} is already in flight; give each request its own id (this one was "
+                "not run; the first goes on)")}})
+            return
         try:
             job, stream = submit(runtime, raw, request_timeout)
         except NemocompileError as e:
@@ -169,9 +180,14 @@ def serve_stdio(runtime, stdin: TextIO | None = None, stdout: TextIO | None = No
         thread.start()
 
     def cancel(rid) -> None:
-        for other, job, _ in list(in_flight.values()):
-            if other == rid:
-                job.cancel()
+        with lock:
+            jobs = [job for other, job, _ in in_flight.values() if other == rid]
+        for job in jobs:
+            job.cancel()
+        if not jobs:
+            write({"cancel": rid, "error": {"type": "unknown_id", "message": (
+                f"no request with id {json.dumps(rid)[:60]} is in flight (finished, or never sent): nothing "
+                "to cancel")}})
 
     try:
         for line in stdin:

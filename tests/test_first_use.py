@@ -170,3 +170,26 @@ def test_serve_http_names_the_host_when_it_is_not_an_address(artifact, capsys):
     rc = main(["serve", "--http", "--artifact", str(artifact), "--modes", "ar", "--host", "256.1.1.1", "--port", "0"])
     err = capsys.readouterr().err
     assert rc == 2 and "--host" in err and "--port" not in err, err
+
+
+# ---- 6: stdio ids ---------------------------------------------------------------------------------
+def test_stdio_refuses_an_id_in_flight_and_answers_a_cancel_of_an_unknown_id(rt):
+    import io
+
+    from nemocompile.runtime.serve_stdio import serve_stdio
+
+    lines = [{"id": 1, "prompt": [5, 9, 11], "max_new_tokens": 40, "eos": -1},
+             {"id": 1, "prompt": [7, 7], "max_new_tokens": 2},
+             {"cancel": 99}]
+    out = io.StringIO()
+    assert serve_stdio(rt, stdin=io.BytesIO(b"".join(json.dumps(x).encode() + b"\n" for x in lines)),
+                       stdout=out) == 0
+    replies = [json.loads(line) for line in out.getvalue().splitlines()]
+    finals = [r for r in replies if r.get("done")]
+    assert len(finals) == 2 and all(r["id"] == 1 for r in finals)
+    refused = [r for r in finals if "error" in r]
+    assert len(refused) == 1 and refused[0]["error"]["type"] == "duplicate_id", finals
+    assert [len(r["tokens"]) for r in finals if "tokens" in r] == [40]  # the first one ran to its end
+    answers = [r for r in replies if "cancel" in r]
+    assert answers == [{"cancel": 99, "error": {"type": "unknown_id", "message": answers[0]["error"]["message"]}}]
+    assert "99" in answers[0]["error"]["message"]
