@@ -270,7 +270,8 @@ class Runtime:
         room = self._auto_room(block) if mode == "auto" else block
         check_room(self.prompt_width(prompts, mode), max_new_tokens, room, self.capacity,
                    "the artifact's KV cache capacity",
-                   "shorten the prompt, lower max_new_tokens, or re-export with a larger --max-seq-len", names)
+                   "shorten the prompt, lower max_new_tokens, or re-export with a larger --max-seq-len", names,
+                   prompt=max(map(len, prompts)))
         budget = thinking_budget(max_thinking_tokens, end_think_token_id, self.tokenizer, self.vocab_size)
         return Request(prompts, mode, max_new_tokens, block, thr, steps, float(temperature), seed, eos, batched,
                        budget)

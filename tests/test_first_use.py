@@ -193,3 +193,15 @@ def test_stdio_refuses_an_id_in_flight_and_answers_a_cancel_of_an_unknown_id(rt)
     answers = [r for r in replies if "cancel" in r]
     assert answers == [{"cancel": 99, "error": {"type": "unknown_id", "message": answers[0]["error"]["message"]}}]
     assert "99" in answers[0]["error"]["message"]
+
+
+# ---- 7: messages ---------------------------------------------------------------------------------
+def test_capacity_errors_say_the_prompt_and_its_padding_and_the_callers_field_name(rt):
+    from nemocompile.request import RequestError
+
+    with pytest.raises(RequestError) as e:  # capacity 48, prefill chunk 16, block 8
+        rt.submit([5], mode="quadratic-spec", max_new_tokens=30)
+    assert "prompt (1 tokens, padded to a prefill chunk of 16) + max_new_tokens (30)" in str(e.value), e.value
+    with pytest.raises(RequestError) as e:  # over HTTP the field is max_tokens
+        rt.submit([5, 6, 7], mode="ar", max_new_tokens=60, names={"max_new_tokens": "max_tokens"})
+    assert "max_new_tokens" not in str(e.value) and "lower max_tokens" in str(e.value) and e.value.param == "max_tokens"
