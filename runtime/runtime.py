@@ -106,14 +106,16 @@ class Runtime:
 
     # ---- construction ------------------------------------------------------------
     @classmethod
-    def load(cls, artifact_dir: str | Path, backend: str = "onnxruntime", device: str | None = None,
-             **options) -> "Runtime":
-        """Open an exported artifact. ``options``: ``threads`` (intra-op threads),
+    def load(cls, artifact_dir: str | Path, backend: str = "onnxruntime", device: str | None = None, *,
+             verify: bool = False, **options) -> "Runtime":
+        """Open an exported artifact (a malformed costs.json is refused here, not at the first
+        ``mode="auto"`` request). ``options``: ``threads`` (intra-op threads),
         ``model`` (torch backend: checkpoint path or loaded model; default the
         manifest's ``source``), ``providers`` (onnxruntime), ``modes`` (open only
         the graphs of these modes; default every mode of the artifact), ``costs``
-        (False: do not read the cost table; ``nemocompile calibrate`` replaces it).
-        A malformed costs.json is refused here, not at the first ``mode="auto"`` request."""
+        (False: do not read the cost table; ``nemocompile calibrate`` replaces it), ``verify``
+        (True: check every file's recorded SHA-256 before opening a graph: reads every byte,
+        for artifacts copied between machines)."""
         artifact_dir = Path(artifact_dir)
         manifest = Manifest.load(artifact_dir)
         modes = options.pop("modes", None)
@@ -122,9 +124,12 @@ class Runtime:
         if modes:
             unopened = [m for m in manifest.modes if m not in modes]
             manifest = manifest.for_modes(modes)
-        # sizes only (a stat per file; `nemocompile check` reads the digests). A damaged graph that
+        # sizes (a stat per file), and with verify the digests. A damaged graph that
         # some modes do not use costs only those modes; anything else damaged stops here.
-        manifest, damaged = usable_graphs(artifact_dir, manifest)
+        if verify and not any("sha256" in r for r in (manifest.files or {}).values()):
+            print(f"warning: {artifact_dir}: the manifest records no SHA-256 digests (an older export); "
+                  "--verify checks sizes only", file=sys.stderr)
+        manifest, damaged = usable_graphs(artifact_dir, manifest, hashes=verify)
         for line in damaged:
             print(f"warning: {line}", file=sys.stderr)
         max_queue = options.pop("max_queue", None)

@@ -205,3 +205,23 @@ def test_capacity_errors_say_the_prompt_and_its_padding_and_the_callers_field_na
     with pytest.raises(RequestError) as e:  # over HTTP the field is max_tokens
         rt.submit([5, 6, 7], mode="ar", max_new_tokens=60, names={"max_new_tokens": "max_tokens"})
     assert "max_new_tokens" not in str(e.value) and "lower max_tokens" in str(e.value) and e.value.param == "max_tokens"
+
+
+# ---- 8: --verify ----------------------------------------------------------------------------------
+def test_verify_refuses_a_same_size_damaged_artifact_that_a_plain_load_would_run(artifact, tmp_path, capsys):
+    from nemocompile.artifact_files import ArtifactDamagedError
+    from nemocompile.cli import main
+    from nemocompile.manifest import Manifest
+
+    art = tmp_path / "art"
+    shutil.copytree(artifact, art)
+    weights = art / Manifest.load(art).weights_file
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a copy that went wrong: same size, different bytes
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactDamagedError, match="SHA-256 differs"):
+        Runtime.load(art, threads=1, modes=["ar"], verify=True)
+    Runtime.load(art, threads=1, modes=["ar"]).close()  # sizes only: it would run
+    rc = main(["run", "--artifact", str(art), "--prompt", "x", "--verify", "--threads", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "SHA-256 differs" in err and "re-export" in err
