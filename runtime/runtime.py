@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -225,7 +225,7 @@ class Runtime:
 
     def validate(self, prompts: list[list[int]], batched: bool, mode: str = "ar", max_new_tokens: int = 64,
                  block_length: int | None = None, threshold=None, temperature: float = 0.0,
-                 seed: int | None = None, eos: int | None = None, steps: int | None = None, *,
+                 seed: int | None = None, eos: int | Sequence[int] | None = None, steps: int | None = None, *,
                  max_thinking_tokens: int | None = None, end_think_token_id: int | None = None,
                  names: dict[str, str] | None = None) -> Request:
         """Fill defaults and reject what cannot run, before any step does (spec defaults:
@@ -301,17 +301,20 @@ class Runtime:
         return block if block is not None else max(self._auto_lengths(), default=None)
 
     def submit(self, prompt_or_ids, mode: str = "ar", max_new_tokens: int = 64, block_length: int | None = None,
-               threshold=None, temperature: float = 0.0, seed: int | None = None, eos: int | None = None,
-               steps: int | None = None, chat: bool = False, chat_template_kwargs: dict | None = None,
-               max_thinking_tokens: int | None = None, end_think_token_id: int | None = None,
-               timeout: float | None = None, names: dict[str, str] | None = None) -> Job:
+               threshold=None, temperature: float = 0.0, seed: int | None = None,
+               eos: int | Sequence[int] | None = None, steps: int | None = None, chat: bool = False,
+               chat_template_kwargs: dict | None = None, max_thinking_tokens: int | None = None,
+               end_think_token_id: int | None = None, timeout: float | None = None,
+               names: dict[str, str] | None = None, eos_token_id: int | Sequence[int] | None = None) -> Job:
         """Validate a request and queue it for the engine without waiting: a :class:`Job`
         (iterate it, or ``async for``, for ``(sequence, tokens)`` commits; ``result()``).
+        ``eos``: the ids that stop generation (one id, a list, or -1: never; default every EOS
+        id of the checkpoint); ``eos_token_id`` is the same, as the eager ``generate`` names it.
         ``timeout``: seconds from now after which the request ends with ``RequestTimeout``.
         Raises ``Overloaded`` when ``max_queue`` requests already wait."""
-        return self._submit(prompt_or_ids, mode, max_new_tokens, block_length, threshold, temperature, seed, eos,
-                            steps, chat, chat_template_kwargs, max_thinking_tokens, end_think_token_id, timeout,
-                            names, stream=False)
+        return self._submit(prompt_or_ids, mode, max_new_tokens, block_length, threshold, temperature, seed,
+                            _eos(eos, eos_token_id), steps, chat, chat_template_kwargs, max_thinking_tokens,
+                            end_think_token_id, timeout, names, stream=False)
 
     def _submit(self, prompt_or_ids, mode, max_new_tokens, block_length, threshold, temperature, seed, eos, steps,
                 chat, chat_template_kwargs, max_thinking_tokens, end_think_token_id, timeout, names, stream) -> Job:
@@ -327,19 +330,20 @@ class Runtime:
         return self.engine.submit(request, timeout)
 
     def generate(self, prompt_or_ids, mode: str = "ar", max_new_tokens: int = 64, block_length: int | None = None,
-                 threshold=None, temperature: float = 0.0, seed: int | None = None, eos: int | None = None,
-                 stream: bool = False, steps: int | None = None, chat: bool = False,
-                 chat_template_kwargs: dict | None = None, max_thinking_tokens: int | None = None,
-                 end_think_token_id: int | None = None, timeout: float | None = None):
+                 threshold=None, temperature: float = 0.0, seed: int | None = None,
+                 eos: int | Sequence[int] | None = None, stream: bool = False, steps: int | None = None,
+                 chat: bool = False, chat_template_kwargs: dict | None = None,
+                 max_thinking_tokens: int | None = None, end_think_token_id: int | None = None,
+                 timeout: float | None = None, eos_token_id: int | Sequence[int] | None = None):
         """Generate for one prompt (text or ids) -> :class:`RuntimeResult`, or a list of
         prompts -> a list (each prompt takes a row; they decode together, with any other
         caller's requests). Thread-safe: concurrent callers share the batch graphs.
 
-        ``stream=True`` (one prompt) returns a :class:`TokenStream` that yields the
+        ``eos`` / ``eos_token_id``: as for :meth:`submit`. ``stream=True`` (one prompt) returns a :class:`TokenStream` that yields the
         token ids of each commit as it happens; its ``result`` is set at the end.
         """
-        job = self._submit(prompt_or_ids, mode, max_new_tokens, block_length, threshold, temperature, seed, eos,
-                           steps, chat, chat_template_kwargs, max_thinking_tokens, end_think_token_id, timeout, None,
+        job = self._submit(prompt_or_ids, mode, max_new_tokens, block_length, threshold, temperature, seed,
+                           _eos(eos, eos_token_id), steps, chat, chat_template_kwargs, max_thinking_tokens, end_think_token_id, timeout, None,
                            stream)
         if stream:
             return TokenStream(job)
@@ -372,6 +376,16 @@ class TokenStream:
     def close(self) -> None:
         """Abandon the generation and free its row."""
         self.job.cancel()
+
+
+def _eos(eos, eos_token_id):
+    """``eos``, or its other name ``eos_token_id`` (the eager ``generate``'s); not two different values."""
+    if eos_token_id is None:
+        return eos
+    if eos is not None and eos != eos_token_id:
+        raise RequestError(f"eos={eos!r} and eos_token_id={eos_token_id!r} name the same setting: give one",
+                           param="eos")
+    return eos_token_id
 
 
 def _tensor(specs, name: str, graph):

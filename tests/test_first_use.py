@@ -225,3 +225,43 @@ def test_verify_refuses_a_same_size_damaged_artifact_that_a_plain_load_would_run
     rc = main(["run", "--artifact", str(art), "--prompt", "x", "--verify", "--threads", "1"])
     err = capsys.readouterr().err
     assert rc == 2 and "SHA-256 differs" in err and "re-export" in err
+
+
+# ---- 11: the README against the code ---------------------------------------------------------------
+def test_runtime_generate_takes_eos_token_id_as_the_readme_names_it(rt):
+    from nemocompile.request import RequestError
+
+    by_eos = rt.generate([5, 9, 11], max_new_tokens=6, eos=-1).tokens
+    assert rt.generate([5, 9, 11], max_new_tokens=6, eos_token_id=-1).tokens == by_eos
+    assert rt.generate([5, 9, 11], max_new_tokens=6, eos_token_id=[by_eos[2]]).tokens == by_eos[:3]  # a list too
+    with pytest.raises(RequestError, match="give one"):
+        rt.submit([5, 9, 11], eos=-1, eos_token_id=3)
+
+
+def test_the_readmes_stdio_example_error_types_are_the_servers(rt):
+    import io
+    import re
+    from pathlib import Path
+
+    from nemocompile.runtime.serve_stdio import serve_stdio
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("### The stdio protocol", 1)[1].split("```", 2)[1]
+    sent = [line[2:] for line in block.splitlines() if line.startswith("> ")]
+    documented = re.findall(r'"type": "(\w+)"', block)
+    out = io.StringIO()
+    lines = [line for line in sent if '"prompt": "x"' in line or not line.startswith("{")]  # the failing ones
+    serve_stdio(rt, stdin=io.BytesIO("".join(line + "\n" for line in lines).encode()), stdout=out)
+    got = sorted(json.loads(line)["error"]["type"] for line in out.getvalue().splitlines())
+    assert got == sorted(documented) and len(got) == 2, (got, documented)
+
+
+def test_the_stdio_client_example_offers_every_mode():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "stdio_client.py"
+    text = subprocess.run([sys.executable, str(example), "--help"], capture_output=True, text=True).stdout
+    for mode in ("ar", "diffusion", "linear-spec", "quadratic-spec", "auto"):
+        assert mode in text, text
