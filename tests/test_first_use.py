@@ -265,3 +265,43 @@ def test_the_stdio_client_example_offers_every_mode():
     text = subprocess.run([sys.executable, str(example), "--help"], capture_output=True, text=True).stdout
     for mode in ("ar", "diffusion", "linear-spec", "quadratic-spec", "auto"):
         assert mode in text, text
+
+
+# ---- 10: pictures and summaries --------------------------------------------------------------------
+def test_check_groups_findings_that_differ_only_in_node_names(artifact, capsys, monkeypatch):
+    from nemocompile.cli import main
+    from nemocompile.passes import check_tensorrt
+
+    alike = [f"MatMulNBits node 'layers.{i}.mlp': custom domain 'com.microsoft' needs a TensorRT plugin"
+             for i in range(29)]
+    monkeypatch.setattr(check_tensorrt, "lint_file", lambda path: [*alike, "opset 99 is outside the range"])
+    assert main(["check", "--artifact", str(artifact)]) == 1
+    out = capsys.readouterr().out
+    assert "'layers.0.mlp'" in out and "(and 28 more like it)" in out and "'layers.5.mlp'" not in out, out
+    assert "31 problem(s)" not in out and "30 problem(s)" in out
+
+
+def test_bench_plot_has_a_log_rate_axis_a_title_and_no_none_thresholds(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from nemocompile.runtime import bench
+
+    def row(mode, L, t, tps):
+        return {"backend": "onnxruntime", "mode": mode, "block_length": L, "threshold": t, "artifact": "arts/tiny",
+                "tokens_per_second": tps, "tokens_per_forward": 2.0}
+
+    report = {"results": [row("ar", None, None, 150.0), row("diffusion", 32, None, 40.0),
+                          row("linear-spec", 32, 0.0, 90.0), row("quadratic-spec", 32, None, 6.0)],
+              "settings": {"artifacts": ["arts/tiny"], "backends": ["onnxruntime"], "prompts": 4,
+                           "max_new_tokens": 32, "threads": 1, "modes": None}}
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    bench.plot(report, tmp_path / "b.png")
+    fig = figures[0]
+    rate = fig.axes[0]
+    assert rate.get_yscale() == "log"
+    labels = [t.get_text() for t in rate.get_xticklabels()]
+    assert not any("None" in lab for lab in labels) and "diffusion B=32 fixed steps" in labels, labels
+    title = fig._suptitle.get_text()
+    assert "tiny" in title and "4 prompts x 32 new tokens" in title and "1 thread" in title, title
