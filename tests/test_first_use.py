@@ -305,3 +305,23 @@ def test_bench_plot_has_a_log_rate_axis_a_title_and_no_none_thresholds(tmp_path,
     assert not any("None" in lab for lab in labels) and "diffusion B=32 fixed steps" in labels, labels
     title = fig._suptitle.get_text()
     assert "tiny" in title and "4 prompts x 32 new tokens" in title and "1 thread" in title, title
+
+
+# ---- 9: silence ------------------------------------------------------------------------------------
+def test_a_long_eager_generation_says_it_is_alive_with_its_forward_count(tiny_model):
+    import time
+
+    import nemocompile
+    from nemocompile.progress import Heartbeat, counting_forwards
+
+    said: list[str] = []
+    count, unhook = counting_forwards(tiny_model)
+    with Heartbeat("generating (linear-spec)", say=said.append, every_s=0.05, after_s=0.05, count=count):
+        result = nemocompile.generate(tiny_model, [5, 9, 11], mode="linear-spec", max_new_tokens=8, eos_token_id=-1)
+        time.sleep(0.2)
+    unhook()
+    assert said and said[-1].startswith("generating (linear-spec): ")
+    assert said[-1].endswith(f"{result.stats.forwards} forwards"), (said, result.stats.forwards)
+    with Heartbeat("quick", say=said.append, after_s=5):  # quick work prints nothing
+        pass
+    assert not any(s.startswith("quick") for s in said)
