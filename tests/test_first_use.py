@@ -325,3 +325,23 @@ def test_a_long_eager_generation_says_it_is_alive_with_its_forward_count(tiny_mo
     with Heartbeat("quick", say=said.append, after_s=5):  # quick work prints nothing
         pass
     assert not any(s.startswith("quick") for s in said)
+
+
+def test_the_default_bench_is_the_quick_one_and_the_full_one_is_two_flags(artifact, tmp_path, monkeypatch, capsys):
+    from nemocompile.cli import main
+    from nemocompile.errors import NemocompileError
+    from nemocompile.runtime import bench
+
+    seen = []
+
+    def capture(artifacts, prompts, max_new_tokens, **kw):
+        seen.append((len(prompts), max_new_tokens))
+        raise NemocompileError("captured")
+
+    monkeypatch.setattr(bench, "run_bench", capture)
+    main(["bench", "--artifact", str(artifact)])
+    main(["bench", "--artifact", str(artifact), "--limit", "24", "--max-new-tokens", "64"])
+    own = tmp_path / "p.txt"
+    own.write_text("".join(f"line {i}\n" for i in range(6)))
+    main(["bench", "--artifact", str(artifact), "--prompts", str(own)])
+    assert seen == [(4, 32), (24, 64), (6, 32)]
