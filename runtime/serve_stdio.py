@@ -28,7 +28,7 @@ Requests run concurrently (the runtime's engine gives each a row of the batch gr
 lines of different requests interleave, each tagged with its id. At most
 ``max_queue`` requests wait for a row; a further one gets an "overloaded" error at
 once. EOF on stdin ends the process with status 0 once every request in flight has
-its final line; SIGINT with status 130, after a final line (``"type": "interrupted"``)
+its final line; SIGINT or SIGTERM with status 130, after a final line (``"type": "interrupted"``)
 for every request in flight. A line that is not UTF-8 gets an error line. Only
 protocol lines go to stdout; everything else to stderr.
 """
