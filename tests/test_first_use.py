@@ -120,6 +120,11 @@ def test_export_refuses_an_out_in_proc_where_no_folder_can_be_made(capsys):
     rc = main(["export", "--out", "/proc/x", "--mode", "ar"])
     err = capsys.readouterr().err
     assert rc == 2 and "cannot create a folder in /proc" in err and "Traceback" not in err, err
+    from nemocompile.commands.common import check_output_file
+    from nemocompile.errors import NemocompileError
+
+    with pytest.raises(NemocompileError, match="--json /proc/x.json: cannot create a file in /proc"):
+        check_output_file("/proc/x.json", "--json")
 
 
 # ---- 5: server logs and signals ----------------------------------------------------------------
