@@ -211,8 +211,12 @@ class Engine:
                 n = len(tokens)
                 if n > width:
                     raise GenerationError(f"row {b} sent {n} tokens to the {key[0]!r} graph of width {width}")
-                io.input_ids[j, :n] = tokens
-                io.input_ids[j, n:] = 0  # right padding of a short chunk: computed, never placed in the cache
+                if n == 1:
+                    io.input_ids[j, 0] = tokens[0]
+                else:
+                    io.input_ids[j, :n] = tokens
+                if n < width:
+                    io.input_ids[j, n:] = 0  # right padding of a short chunk: computed, never placed in the cache
             t0, c0 = time.perf_counter(), time.process_time()
             rt.run(key, members)
         except Exception as e:  # a backend failure ends the requests of this forward's rows only
@@ -221,7 +225,10 @@ class Engine:
                 self._drop(b, error)
             return
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
-        self.live_s.setdefault(key, collections.deque(maxlen=16)).append(dt)
+        live = self.live_s.get(key)
+        if live is None:
+            live = self.live_s[key] = collections.deque(maxlen=16)
+        live.append(dt)
         for j, b in enumerate(members):
             row, _, forward = self.rows[b]
             row.j = j
@@ -231,6 +238,7 @@ class Engine:
             timer.graph_s += dt
             timer.graph_cpu_s += dc
             timer.calls += 1
+            timer.rows += len(members)
             row.stats.forwards += 1
         for listener in self.listeners:
             listener("step", (key, len(members), dt))
