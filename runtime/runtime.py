@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -31,7 +31,7 @@ from .cache import KVCache
 from .engine import Engine
 from .job import Job
 from .output import OutputOptions, TokenLogprob, output_options
-from .policy import lossless_options
+from .policy import CostTable, lossless_options
 from .stats import RuntimeStats
 
 
@@ -116,28 +116,40 @@ class Runtime:
 
     # ---- construction ------------------------------------------------------------
     @classmethod
-    def load(cls, artifact_dir: str | Path, backend: str = "onnxruntime", device: str | None = None,
-             **options) -> "Runtime":
-        """Open an exported artifact. ``options``: ``threads`` (intra-op threads),
+    def load(cls, artifact_dir: str | Path, backend: str = "onnxruntime", device: str | None = None, *,
+             verify: bool = False, **options) -> "Runtime":
+        """Open an exported artifact (a malformed costs.json is refused here, not at the first
+        ``mode="auto"`` request). ``options``: ``threads`` (intra-op threads),
         ``model`` (torch backend: checkpoint path or loaded model; default the
         manifest's ``source``), ``providers`` (onnxruntime), ``modes`` (open only
-        the graphs of these modes; default every mode of the artifact)."""
+        the graphs of these modes; default every mode of the artifact), ``costs``
+        (False: do not read the cost table; ``nemocompile calibrate`` replaces it), ``verify``
+        (True: check every file's recorded SHA-256 before opening a graph: reads every byte,
+        for artifacts copied between machines)."""
         artifact_dir = Path(artifact_dir)
         manifest = Manifest.load(artifact_dir)
         modes = options.pop("modes", None)
+        read_costs = options.pop("costs", True)
         unopened = []
         if modes:
             unopened = [m for m in manifest.modes if m not in modes]
             manifest = manifest.for_modes(modes)
-        # sizes only (a stat per file; `nemocompile check` reads the digests). A damaged graph that
+        # sizes (a stat per file), and with verify the digests. A damaged graph that
         # some modes do not use costs only those modes; anything else damaged stops here.
-        manifest, damaged = usable_graphs(artifact_dir, manifest)
+        if verify and not any("sha256" in r for r in (manifest.files or {}).values()):
+            print(f"warning: {artifact_dir}: the manifest records no SHA-256 digests (an older export); "
+                  "--verify checks sizes only", file=sys.stderr)
+        manifest, damaged = usable_graphs(artifact_dir, manifest, hashes=verify)
         for line in damaged:
             print(f"warning: {line}", file=sys.stderr)
         max_queue = options.pop("max_queue", None)
+        costs = None
+        if read_costs and len({m for m, _ in lossless_options(manifest)}) > 1:  # auto will be served
+            costs = CostTable.load(artifact_dir, backend)  # CostTableError: one line, before any graph opens
         runtime = cls(artifact_dir, manifest, create_backend(backend, artifact_dir, manifest, device=device, **options),
                       max_queue=max_queue)
         runtime.unopened_modes = [m for m in unopened if m not in runtime.modes]
+        runtime.engine.costs, runtime.engine.costs_read = costs, read_costs and "auto" in runtime.modes
         return runtime
 
     def _step_io(self, graph) -> StepIO:
@@ -229,7 +241,7 @@ class Runtime:
 
     def validate(self, prompts: list[list[int]], batched: bool, mode: str = "ar", max_new_tokens: int = 64,
                  block_length: int | None = None, threshold=None, temperature: float = 0.0,
-                 seed: int | None = None, eos: int | None = None, steps: int | None = None, *,
+                 seed: int | None = None, eos: int | Sequence[int] | None = None, steps: int | None = None, *,
                  max_thinking_tokens: int | None = None, end_think_token_id: int | None = None,
                  names: dict[str, str] | None = None, stop=None, stop_token_ids=None, ignore_eos: bool = False,
                  min_tokens: int | None = None, logprobs: int | None = None, echo: bool = False) -> Request:
@@ -283,7 +295,8 @@ class Runtime:
         room = self._auto_room(block) if mode == "auto" else block
         check_room(self.prompt_width(prompts, mode), max_new_tokens, room, self.capacity,
                    "the artifact's KV cache capacity",
-                   "shorten the prompt, lower max_new_tokens, or re-export with a larger --max-seq-len", names)
+                   "shorten the prompt, lower max_new_tokens, or re-export with a larger --max-seq-len", names,
+                   prompt=max(map(len, prompts)))
         budget = thinking_budget(max_thinking_tokens, end_think_token_id, self.tokenizer, self.vocab_size)
         return Request(prompts, mode, max_new_tokens, block, thr, steps, float(temperature), seed, eos, batched,
                        budget, output)
@@ -325,18 +338,22 @@ class Runtime:
         return block if block is not None else max(self._auto_lengths(), default=None)
 
     def submit(self, prompt_or_ids, mode: str = "ar", max_new_tokens: int = 64, block_length: int | None = None,
-               threshold=None, temperature: float = 0.0, seed: int | None = None, eos: int | None = None,
-               steps: int | None = None, chat: bool = False, chat_template_kwargs: dict | None = None,
-               max_thinking_tokens: int | None = None, end_think_token_id: int | None = None,
-               timeout: float | None = None, names: dict[str, str] | None = None, **output) -> Job:
+               threshold=None, temperature: float = 0.0, seed: int | None = None,
+               eos: int | Sequence[int] | None = None, steps: int | None = None, chat: bool = False,
+               chat_template_kwargs: dict | None = None, max_thinking_tokens: int | None = None,
+               end_think_token_id: int | None = None, timeout: float | None = None,
+               names: dict[str, str] | None = None, eos_token_id: int | Sequence[int] | None = None,
+               **output) -> Job:
         """Validate a request and queue it for the engine without waiting: a :class:`Job`
         (iterate it, or ``async for``, for ``(sequence, tokens)`` commits; ``result()``).
+        ``eos``: the ids that stop generation (one id, a list, or -1: never; default every EOS
+        id of the checkpoint); ``eos_token_id`` is the same, as the eager ``generate`` names it.
         ``timeout``: seconds from now after which the request ends with ``RequestTimeout``.
         Raises ``Overloaded`` when ``max_queue`` requests already wait. ``output``: ``stop``,
         ``stop_token_ids``, ``ignore_eos``, ``min_tokens``, ``logprobs``, ``echo`` (see ``generate``)."""
-        return self._submit(prompt_or_ids, mode, max_new_tokens, block_length, threshold, temperature, seed, eos,
-                            steps, chat, chat_template_kwargs, max_thinking_tokens, end_think_token_id, timeout,
-                            names, stream=False, **output)
+        return self._submit(prompt_or_ids, mode, max_new_tokens, block_length, threshold, temperature, seed,
+                            _eos(eos, eos_token_id), steps, chat, chat_template_kwargs, max_thinking_tokens,
+                            end_think_token_id, timeout, names, stream=False, **output)
 
     def _submit(self, prompt_or_ids, mode, max_new_tokens, block_length, threshold, temperature, seed, eos, steps,
                 chat, chat_template_kwargs, max_thinking_tokens, end_think_token_id, timeout, names, stream,
@@ -356,18 +373,20 @@ class Runtime:
         return self.engine.submit(request, timeout)
 
     def generate(self, prompt_or_ids, mode: str = "ar", max_new_tokens: int = 64, block_length: int | None = None,
-                 threshold=None, temperature: float = 0.0, seed: int | None = None, eos: int | None = None,
-                 stream: bool = False, steps: int | None = None, chat: bool = False,
-                 chat_template_kwargs: dict | None = None, max_thinking_tokens: int | None = None,
-                 end_think_token_id: int | None = None, timeout: float | None = None, stop=None,
+                 threshold=None, temperature: float = 0.0, seed: int | None = None,
+                 eos: int | Sequence[int] | None = None, stream: bool = False, steps: int | None = None,
+                 chat: bool = False, chat_template_kwargs: dict | None = None,
+                 max_thinking_tokens: int | None = None, end_think_token_id: int | None = None,
+                 timeout: float | None = None, eos_token_id: int | Sequence[int] | None = None, stop=None,
                  stop_token_ids=None, ignore_eos: bool = False, min_tokens: int | None = None,
                  logprobs: int | None = None, echo: bool = False):
         """Generate for one prompt (text or ids) -> :class:`RuntimeResult`, or a list of
         prompts -> a list (each prompt takes a row; they decode together, with any other
         caller's requests). Thread-safe: concurrent callers share the batch graphs.
 
-        ``stream=True`` (one prompt) returns a :class:`TokenStream` that yields the
-        token ids of each commit as it happens; its ``result`` is set at the end.
+        ``eos`` / ``eos_token_id``: as for :meth:`submit`. ``stream=True`` (one prompt) returns a
+        :class:`TokenStream` that yields the token ids of each commit as it happens; its ``result``
+        is set at the end.
 
         Output: ``stop`` (a string or up to 4) ends the text before the first occurrence of
         any (``finish_reason`` "stop"); ``stop_token_ids`` stop like an EOS; ``ignore_eos``
@@ -375,10 +394,10 @@ class Runtime:
         ``logprobs`` k (0..20): each token's log-prob and its k best alternatives in
         ``result.logprobs``; ``echo``: the prompt's too, in ``result.prompt_logprobs``.
         """
-        job = self._submit(prompt_or_ids, mode, max_new_tokens, block_length, threshold, temperature, seed, eos,
-                           steps, chat, chat_template_kwargs, max_thinking_tokens, end_think_token_id, timeout, None,
-                           stream, stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
-                           min_tokens=min_tokens, logprobs=logprobs, echo=echo)
+        job = self._submit(prompt_or_ids, mode, max_new_tokens, block_length, threshold, temperature, seed,
+                           _eos(eos, eos_token_id), steps, chat, chat_template_kwargs, max_thinking_tokens,
+                           end_think_token_id, timeout, None, stream, stop=stop, stop_token_ids=stop_token_ids,
+                           ignore_eos=ignore_eos, min_tokens=min_tokens, logprobs=logprobs, echo=echo)
         if stream:
             return TokenStream(job)
         results = job.result()
@@ -413,6 +432,16 @@ class TokenStream:
     def close(self) -> None:
         """Abandon the generation and free its row."""
         self.job.cancel()
+
+
+def _eos(eos, eos_token_id):
+    """``eos``, or its other name ``eos_token_id`` (the eager ``generate``'s); not two different values."""
+    if eos_token_id is None:
+        return eos
+    if eos is not None and eos != eos_token_id:
+        raise RequestError(f"eos={eos!r} and eos_token_id={eos_token_id!r} name the same setting: give one",
+                           param="eos")
+    return eos_token_id
 
 
 def _tensor(specs, name: str, graph):

@@ -243,6 +243,7 @@ def create_app(runtime, model_name: str | None = None, max_body_bytes: int = MAX
     from fastapi import FastAPI, Request
     from fastapi.responses import Response, StreamingResponse
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
     from .metrics import ServerMetrics
 
@@ -343,10 +344,14 @@ def create_app(runtime, model_name: str | None = None, max_body_bytes: int = MAX
         if declared.isdigit() and int(declared) > max_body_bytes:
             raise too_large  # refused before reading a byte of it
         body = bytearray()
-        async for part in request.stream():  # a missing or false content-length: count as it arrives
-            body += part
-            if len(body) > max_body_bytes:
-                raise too_large
+        try:
+            async for part in request.stream():  # a missing or false content-length: count as it arrives
+                body += part
+                if len(body) > max_body_bytes:
+                    raise too_large
+        except ClientDisconnect:  # the client left mid-body: nothing to answer, nothing to log
+            raise APIError("the client disconnected while sending the request", 499, "client_disconnected") \
+                from None
         try:
             return json.loads(bytes(body).decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -633,7 +638,11 @@ def serve_http(runtime, host: str = "127.0.0.1", port: int = 8000, model_name: s
     try:
         sock.bind((host, port))
     except OSError as e:
-        raise NemocompileError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port") from None
+        import errno
+
+        fix = "pick another --port" if e.errno in (errno.EADDRINUSE, errno.EACCES) else \
+            "--host must be an address of this machine (e.g. 127.0.0.1, 0.0.0.0, ::1)"
+        raise NemocompileError(f"cannot listen on {host}:{port} ({e.strerror}); {fix}") from None
     bound = sock.getsockname()[1]
     if host not in ("127.0.0.1", "::1", "localhost"):
         print(f"warning: listening on {host}, beyond loopback; the API has no authentication", file=sys.stderr)

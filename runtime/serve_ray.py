@@ -72,6 +72,7 @@ class RayServeOptions:
     max_queued_requests: int = -1  # requests waiting for a replica beyond which 429 (-1: no limit)
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
     modes: tuple[str, ...] | None = None  # open only these modes' graphs in each replica (None: every mode)
+    verify: bool = False  # each replica checks the files' SHA-256 before opening the graphs
 
     @classmethod
     def from_args(cls, args: dict) -> "RayServeOptions":
@@ -89,7 +90,7 @@ class RayServeOptions:
                                             else float(args["target_ongoing_requests"])),
                    max_queued_requests=int(args.get("max_queued_requests", -1)),
                    request_timeout_s=float(args.get("request_timeout_s", DEFAULT_REQUEST_TIMEOUT_S)),
-                   modes=_modes(args.get("modes")))
+                   modes=_modes(args.get("modes")), verify=bool(args.get("verify", False)))
 
 
 def _modes(value) -> tuple[str, ...] | None:
@@ -162,7 +163,8 @@ class EngineReplica:
             extra["model"] = opts.model
         if opts.modes:
             extra["modes"] = list(opts.modes)
-        self.runtime = Runtime.load(opts.artifact, backend=opts.backend, device=opts.device, **extra)
+        self.runtime = Runtime.load(opts.artifact, backend=opts.backend, device=opts.device, verify=opts.verify,
+                                    **extra)
         self.app = create_app(self.runtime, opts.model_name)
         self.app.add_middleware(ReplicaHeader, value=f"{socket.gethostname()}:{os.getpid()}")
 

@@ -103,3 +103,11 @@ def check_output_file(path: str | None, flag: str) -> None:
         raise NemocompileError(f"{flag} {path}: the folder {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
         raise NemocompileError(f"{flag} {path}: not writable; choose another path")
+    try:  # os.access can say yes where no file can be made (/proc, a read-only mount)
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{target.name}.check-"):
+            pass
+    except OSError as e:
+        raise NemocompileError(f"{flag} {path}: cannot create a file in {parent} ({e.strerror}); "
+                               "choose another path") from None

@@ -17,6 +17,9 @@ def add_runtime_args(p) -> None:
     from .common import positive_int
 
     p.add_argument("--threads", type=positive_int, default=None, help="intra-op threads (default: the backend's)")
+    p.add_argument("--verify", action="store_true",
+                   help="check every file's SHA-256 against the manifest before opening the graphs (reads every "
+                        "byte: use it for an artifact copied between machines; a load checks sizes only)")
     p.add_argument("--modes", type=mode_list, default=None, metavar="M,M,...",
                    help="open only these modes' graphs: less memory (ONNX Runtime holds a prepacked copy of "
                         "quantized weights per graph) and a faster start (default: every mode; run: its --mode)")
@@ -41,6 +44,8 @@ def load_runtime(args, **options):
         options["modes"] = args.modes
     if args.threads:
         options["threads"] = args.threads
+    if getattr(args, "verify", False):
+        options["verify"] = True
     if args.backend == "torch" and args.model:
         options["model"] = args.model
     return Runtime.load(args.artifact, backend=args.backend, device=args.device, **options)
