@@ -51,7 +51,9 @@ class StepSpec:
 
     step: str  # a manifest.STEP_KINDS key
     layout: Layout
-    logits: bool = True  # full logits [B, T, V] too (needed to sample); False: ids and confidences only
+    # full logits [B, T, V] too (needed to sample); "spine": the spine rows' only [B, spine, V] (a fused
+    # step samples its verify, never its branches); False: ids and confidences only
+    logits: bool | str = True
 
     @classmethod
     def causal(cls, step: str, length: int) -> "StepSpec":
@@ -121,7 +123,8 @@ class StepModule(nn.Module):
         used = read_cache(cache_k, cache_v, rows, slots)
         logits, k, v = self.model.step(input_ids, *used, cache_len, row_start, layout=self.spec.layout)
         logits = logits.float()  # [b, T, V]: float32 whatever the weights' dtype
-        out = (logits,) if self.spec.logits else ()
+        out = ((logits[:, : self.spec.layout.spine] if self.spec.logits == "spine" else logits,)
+               if self.spec.logits else ())
         out += greedy_candidates(logits)
         if self.spec.writes_cache:
             out += (k.transpose(0, 1), v.transpose(0, 1))  # batch first: b rows are a prefix of the buffer
@@ -160,7 +163,8 @@ class StepModule(nn.Module):
                   TensorSpec("rows", [batch_size], "int64"), TensorSpec("slots", [capacity], "int64"),
                   TensorSpec("cache_k", cache, dt), TensorSpec("cache_v", cache, dt)]
         T = layout.tokens
-        shapes = {"logits": ([batch_size, T, cfg.vocab_size], "float32"), "candidate": ([batch_size, T], "int64"),
+        rows = layout.spine if self.spec.logits == "spine" else T
+        shapes = {"logits": ([batch_size, rows, cfg.vocab_size], "float32"), "candidate": ([batch_size, T], "int64"),
                   "confidence": ([batch_size, T], "float32"),
                   "present_k": ([batch_size, cache[0], cache[2], layout.spine, cache[4]], dt),
                   "present_v": ([batch_size, cache[0], cache[2], layout.spine, cache[4]], dt)}

@@ -17,7 +17,8 @@ outputs
   candidate   int64 [B, T]                      every token's argmax (T = the layout's tokens)
   confidence  float32 [B, T]                    and its softmax probability: a greedy runtime
                                                 never reads vocabulary-sized tensors
-  logits      float32 [B, T, vocab]             only in graphs that keep them (sampling)
+  logits      float32 [B, T, vocab]             only in graphs that keep them (sampling); a fused step's
+                                                are its spine's rows only [B, spine, vocab]
   present_k   dtype [layers, B, kv_heads, S, head_dim]   only for steps that write the cache (S = the
   present_v   dtype [layers, B, kv_heads, S, head_dim]   spine's tokens): the runtime places them at cache_len
 

@@ -81,7 +81,8 @@ class TorchBackend:
                 used_v = cv[:, :, :, :int(length)].index_select(1, rows)
                 out, k, v = self.model.step(ids, used_k, used_v, int(length), row_start, layout=layout)
                 at = t.from_numpy(idx).to(out.device)
-                for name, value in (("logits", out), *zip(("candidate", "confidence"), greedy_candidates(out))):
+                logits = out if io.logits is None else out[:, : io.logits.shape[1]]  # fused steps: the spine's
+                for name, value in (("logits", logits), *zip(("candidate", "confidence"), greedy_candidates(out))):
                     buf = host(getattr(io, name))
                     if buf is not None:
                         buf.index_copy_(0, at.to(buf.device), value.to(buf.dtype).to(buf.device))
