@@ -51,7 +51,7 @@ import numpy as np
 
 from .request import RequestError
 
-# request field -> (OpenAI/vLLM default, "off" value meaning)
+# the request fields of SamplingParams besides temperature and seed
 FIELDS = ("top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias")
 
 
@@ -94,10 +94,13 @@ class SamplingParams:
 
 def sampling_params(temperature: float = 0.0, seed: int | None = None, *, top_p=None, top_k=None, min_p=None,
                     presence_penalty=None, frequency_penalty=None, repetition_penalty=None, logit_bias=None,
-                    vocab_size: int | None = None) -> SamplingParams:
+                    vocab_size: int | None = None, **other) -> SamplingParams:
     """Checked :class:`SamplingParams` (None: the default); a bad value raises a one-line
     :class:`RequestError` naming the field. ``logit_bias`` maps token ids (ints or
     their decimal strings, as JSON sends them) to biases."""
+    if other:
+        raise RequestError(f"unknown sampling field(s) {sorted(other)}; known: {', '.join(FIELDS)}",
+                           param=sorted(other)[0])
 
     def number(name, v, default, ok, rule):
         if v is None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from nemocompile.decode.common import budgeted
+from nemocompile.sampling import History, distribution, speculative_accept
 
 from .backends import StepIO
 from .sampling import Sampler
@@ -49,7 +50,11 @@ class Row:
         self.cache = runtime.cache
         self.mask_token_id = runtime.mask_token_id
         seed = request.seed if request.seed is None or len(request.prompts) == 1 else [request.seed, index]
-        self.sampler = Sampler(request.temperature, seed)  # per row: a draw never depends on the other rows
+        # per row: a draw never depends on the other rows
+        self.sampler = Sampler(request.temperature, seed, request.sampling)
+        penalised = request.sampling is not None and request.sampling.penalised
+        self.history = History(self.prompt) if penalised else None  # what the penalties see
+        self.grammar = request.grammar.matcher() if request.grammar is not None else None  # structured output
         self.stats = RuntimeStats(mode=request.mode, backend=runtime.backend.name, block_length=request.block_length,
                                   threshold=request.threshold, batch_size=len(request.prompts))
         self.timer = StepTimer(start=job.submitted)
@@ -95,18 +100,40 @@ class Row:
         return int(self.choose(io, last))
 
     # ---- deciding and emitting ---------------------------------------------------
+    @property
+    def uses_logits(self) -> bool:
+        """Whether choices read the logits: sampling, a control that moves the argmax, a grammar."""
+        return not self.sampler.greedy or self.grammar is not None
+
+    def distribution(self, logits, drafts=()):
+        """The request's distribution (nemocompile.sampling) at a position whose history is the
+        output so far followed by ``drafts``, masked by the grammar's state."""
+        history = self.history.plus(drafts) if self.history is not None and len(drafts) else self.history
+        allowed = self.grammar.allowed() if self.grammar is not None else None
+        return distribution(logits, self.sampler.params, history, allowed)
+
     def choose(self, io: StepIO, column: int) -> int:
         """The row's token at ``column``: the graph's argmax when greedy (the host never
-        reads the logits), else a draw from the logits."""
-        if self.sampler.greedy:
+        reads the logits), else a draw from the request's distribution."""
+        if not self.uses_logits:
             return int(io.candidate[self.j, column])
-        return int(self.sampler.sample(io.logits[self.j, column]))
+        if self.sampler.params.plain and self.grammar is None:
+            return int(self.sampler.sample(io.logits[self.j, column]))
+        return self.sampler.pick(self.distribution(io.logits[self.j, column]))
 
-    def choose_all(self, io: StepIO, n: int) -> list[int]:
-        """The row's tokens at columns 0..n-1."""
-        if self.sampler.greedy:
-            return io.candidate[self.j, :n].tolist()
-        return self.sampler.sample(io.logits[self.j, :n]).tolist()
+    def verify(self, io: StepIO, drafted: Sequence[int]) -> list[int]:
+        """Self-speculation: the accepted drafts of ``drafted[1:]`` and the bonus, from the
+        verifier's columns 0..n-1 (column i predicts position i+1). Greedy: the spec's rule
+        on the graph's argmax; sampling: nemocompile.sampling's rule (lossless in distribution)."""
+        n = len(drafted)
+        if not self.uses_logits:
+            a = io.candidate[self.j, :n].tolist()
+            k = 0
+            while k < n - 1 and a[k] == drafted[k + 1]:
+                k += 1
+            return a[: k + 1]
+        logits, x = io.logits[self.j], list(drafted[1:])
+        return speculative_accept(x, lambda i: self.distribution(logits[i], x[:i]), self.sampler.uniform)
 
     def budgeted(self, new: list[int]) -> list[int]:
         """``new`` tokens about to be emitted, with the request's thinking budget applied."""
@@ -119,9 +146,13 @@ class Row:
         for t in tokens:
             t = int(t)
             out.append(t)
-            if t in eos or len(out) >= limit:
+            if self.grammar is not None:
+                self.grammar.accept(t)
+            if t in eos or len(out) >= limit or (self.grammar is not None and self.grammar.finished):
                 self.done = True
                 break
+        if self.history is not None:
+            self.history.extend(out[sent:])
         self.timer.mark_first_token()
         self.job.emit(self.index, out[sent:])
         for listener in self.rt.engine.listeners:

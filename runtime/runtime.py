@@ -21,6 +21,7 @@ import numpy as np
 from nemocompile.artifact_files import usable_graphs
 from nemocompile.decode.common import (DEFAULT, ThinkingBudget, check_quadratic, eos_id_set, parse_threshold,
                                        thinking_budget)
+from nemocompile.sampling import SamplingParams, sampling_params
 from nemocompile.errors import GenerationError, NemocompileError
 from nemocompile.manifest import Manifest, ManifestError
 from nemocompile.request import RequestError, check_room, check_values
@@ -49,6 +50,8 @@ class Request:
     eos: frozenset[int]  # the ids that stop generation; empty: never stop on EOS
     batched: bool  # the caller passed a list of prompts
     budget: ThinkingBudget | None = None  # spec 3.5: max_thinking_tokens and end_think_token_id
+    sampling: SamplingParams | None = None  # top_p, top_k, min_p, penalties, logit_bias (nemocompile.sampling)
+    grammar: "Grammar | None" = None  # response_format: the compiled grammar every token must follow
 
 
 @dataclass
@@ -215,11 +218,15 @@ class Runtime:
                  block_length: int | None = None, threshold=None, temperature: float = 0.0,
                  seed: int | None = None, eos: int | None = None, steps: int | None = None, *,
                  max_thinking_tokens: int | None = None, end_think_token_id: int | None = None,
-                 names: dict[str, str] | None = None) -> Request:
+                 names: dict[str, str] | None = None, sampling: dict | None = None,
+                 response_format: dict | None = None) -> Request:
         """Fill defaults and reject what cannot run, before any step does (spec defaults:
         diffusion threshold 0.9, linear-spec threshold 0; block length: the artifact's).
         Values are checked by ``nemocompile.request``, the checks every front door shares;
-        ``names`` renames fields in its messages (HTTP: max_new_tokens -> max_tokens)."""
+        ``names`` renames fields in its messages (HTTP: max_new_tokens -> max_tokens).
+        ``sampling``: top_p, top_k, min_p, presence/frequency/repetition_penalty, logit_bias
+        (nemocompile.sampling); ``response_format``: OpenAI's json_object / json_schema
+        (runtime/grammar.py: constrained decoding in ar and auto)."""
         check_values(mode=mode, max_new_tokens=max_new_tokens, block_length=block_length, temperature=temperature,
                      seed=seed, eos=eos, steps=steps, vocab_size=self.vocab_size, names=names, auto=True)
         if mode in self.unopened_modes:
@@ -232,11 +239,21 @@ class Runtime:
         eos = eos_id_set(self.eos_token_ids if eos is None else eos, self.vocab_size)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise GenerationError("empty prompt: give at least one token")
-        if temperature > 0 and not self.sampling:
-            raise GenerationError("this artifact was exported with --greedy-only (its graphs return no logits): "
-                                  "use temperature 0, or re-export without --greedy-only to sample")
+        params = sampling_params(temperature, seed, **(sampling or {}), vocab_size=self.vocab_size)
+        grammar = None
+        if response_format is not None:
+            from .grammar import compile_response_format
+
+            grammar = compile_response_format(self, response_format, mode, eos)
+        if (temperature > 0 or params.shapes_logits or grammar is not None) and not self.sampling:
+            what = "sampling" if temperature > 0 else "this request (logit_bias, penalties or response_format)"
+            raise GenerationError(f"this artifact was exported with --greedy-only (its graphs return no logits): "
+                                  f"{what} needs them; re-export without --greedy-only")
         if mode == "quadratic-spec":
-            check_quadratic(threshold, temperature)
+            check_quadratic(threshold)
+            if (temperature > 0 or params.shapes_logits) and self.manifest.graph("verify_draft").output("logits") is None:
+                raise GenerationError("this artifact's quadratic-spec graphs return no logits (exported before fused "
+                                      "steps kept their spine's): use temperature 0, another mode, or re-export")
         if len(prompts) > self.batch_size:
             raise GenerationError(f"{len(prompts)} prompts exceed the artifact's batch size {self.batch_size}; send "
                                   f"at most {self.batch_size} at a time or re-export with a larger batch size")
@@ -266,7 +283,7 @@ class Runtime:
                    "shorten the prompt, lower max_new_tokens, or re-export with a larger --max-seq-len", names)
         budget = thinking_budget(max_thinking_tokens, end_think_token_id, self.tokenizer, self.vocab_size)
         return Request(prompts, mode, max_new_tokens, block, thr, steps, float(temperature), seed, eos, batched,
-                       budget)
+                       budget, None if params.plain else params, grammar)
 
     def _auto_block(self, block_length, threshold, steps) -> int | None:
         """mode="auto": the block length the request pins its self-speculation to (None: auto
@@ -291,21 +308,25 @@ class Runtime:
                threshold=None, temperature: float = 0.0, seed: int | None = None, eos: int | None = None,
                steps: int | None = None, chat: bool = False, chat_template_kwargs: dict | None = None,
                max_thinking_tokens: int | None = None, end_think_token_id: int | None = None,
-               timeout: float | None = None, names: dict[str, str] | None = None) -> Job:
+               timeout: float | None = None, names: dict[str, str] | None = None, sampling: dict | None = None,
+               response_format: dict | None = None) -> Job:
         """Validate a request and queue it for the engine without waiting: a :class:`Job`
         (iterate it, or ``async for``, for ``(sequence, tokens)`` commits; ``result()``).
         ``timeout``: seconds from now after which the request ends with ``RequestTimeout``.
-        Raises ``Overloaded`` when ``max_queue`` requests already wait."""
+        Raises ``Overloaded`` when ``max_queue`` requests already wait. ``sampling``,
+        ``response_format``: see :meth:`validate`."""
         return self._submit(prompt_or_ids, mode, max_new_tokens, block_length, threshold, temperature, seed, eos,
                             steps, chat, chat_template_kwargs, max_thinking_tokens, end_think_token_id, timeout,
-                            names, stream=False)
+                            names, stream=False, sampling=sampling, response_format=response_format)
 
     def _submit(self, prompt_or_ids, mode, max_new_tokens, block_length, threshold, temperature, seed, eos, steps,
-                chat, chat_template_kwargs, max_thinking_tokens, end_think_token_id, timeout, names, stream) -> Job:
+                chat, chat_template_kwargs, max_thinking_tokens, end_think_token_id, timeout, names, stream,
+                sampling=None, response_format=None) -> Job:
         prompts, batched = self.encode(prompt_or_ids, chat, chat_template_kwargs)
         request = self.validate(prompts, batched, mode, max_new_tokens, block_length, threshold, temperature,
                                 seed, eos, steps, max_thinking_tokens=max_thinking_tokens,
-                                end_think_token_id=end_think_token_id, names=names)
+                                end_think_token_id=end_think_token_id, names=names, sampling=sampling,
+                                response_format=response_format)
         if stream and batched:
             raise GenerationError("stream=True takes a single prompt; call generate once per prompt")
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
@@ -317,7 +338,8 @@ class Runtime:
                  threshold=None, temperature: float = 0.0, seed: int | None = None, eos: int | None = None,
                  stream: bool = False, steps: int | None = None, chat: bool = False,
                  chat_template_kwargs: dict | None = None, max_thinking_tokens: int | None = None,
-                 end_think_token_id: int | None = None, timeout: float | None = None):
+                 end_think_token_id: int | None = None, timeout: float | None = None, sampling: dict | None = None,
+                 response_format: dict | None = None):
         """Generate for one prompt (text or ids) -> :class:`RuntimeResult`, or a list of
         prompts -> a list (each prompt takes a row; they decode together, with any other
         caller's requests). Thread-safe: concurrent callers share the batch graphs.
@@ -327,7 +349,7 @@ class Runtime:
         """
         job = self._submit(prompt_or_ids, mode, max_new_tokens, block_length, threshold, temperature, seed, eos,
                            steps, chat, chat_template_kwargs, max_thinking_tokens, end_think_token_id, timeout, None,
-                           stream)
+                           stream, sampling=sampling, response_format=response_format)
         if stream:
             return TokenStream(job)
         results = job.result()
