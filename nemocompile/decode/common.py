@@ -169,7 +169,7 @@ class Sampler:
             cand = logits.argmax(-1)
         else:
             u = torch.rand(logits.shape, generator=self.generator, device=logits.device)
-            gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)).clamp_min(1e-20))
+            gumbel = -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))  # (-log u) before the clamp
             cand = (logits / self.temperature + gumbel).argmax(-1)
         conf = torch.softmax(conf_logits, dim=-1).gather(-1, cand[..., None])[..., 0]
         return cand, conf
