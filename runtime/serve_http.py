@@ -10,7 +10,12 @@ The decode mode and its knobs are extra body fields: ``mode`` ("ar",
 ``steps``, ``eos``, and the thinking budget ``max_thinking_tokens`` /
 ``end_think_token_id``; chat requests also take ``chat_template_kwargs``
 (vLLM/SGLang's field, e.g. ``{"enable_thinking": false}``), passed to the
-checkpoint's chat template.
+checkpoint's chat template. Sampling: ``top_p``, ``presence_penalty``,
+``frequency_penalty``, ``logit_bias``, vLLM's ``top_k``, ``min_p``,
+``repetition_penalty`` (nemocompile.sampling; every mode). ``response_format``
+``json_object`` / ``json_schema``: constrained decoding (runtime/grammar.py; ar and
+auto). Chat ``tools`` / ``tool_choice`` ("auto", "none"): rendered by the chat
+template, calls parsed into ``message.tool_calls`` (runtime/tools.py).
 ``temperature`` defaults to 0 (greedy) and ``max_tokens`` to 64. ``usage``
 also reports ``forwards``, ``tokens_per_forward``, ``acceptance_length``,
 ``time_to_first_token_s``, ``tokens_per_second``, ``queue_s`` and ``mode_mix``
@@ -37,20 +42,22 @@ from nemocompile.errors import NemocompileError
 from nemocompile.request import RequestError
 
 from .job import Overloaded, RequestTimeout
+from .tools import check_tools, parse_tool_calls, template_messages
 
 DEFAULT_MAX_TOKENS = 64
 MAX_BODY_BYTES = 1 << 20  # larger request bodies get 413 before they are read in full
 
 # OpenAI fields accepted only at their no-op value (anything else is a clear 400)
 NEUTRAL = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (None, False), "top_logprobs": (None, 0),
-           "stop": (None, [], ""), "suffix": (None,), "top_p": (1, 1.0), "presence_penalty": (0, 0.0),
-           "frequency_penalty": (0, 0.0), "logit_bias": (None, {}), "user": None, "stream_options": None,
-           "parallel_tool_calls": None, "response_format": (None, {"type": "text"})}
+           "stop": (None, [], ""), "suffix": (None,), "user": None, "stream_options": None,
+           "parallel_tool_calls": None}
 KNOBS = ("mode", "block_length", "threshold", "steps", "eos", "temperature", "seed", "max_thinking_tokens",
          "end_think_token_id", "timeout")
-COMMON = {"model", "stream", "max_tokens", *KNOBS, *NEUTRAL}
+# nemocompile.sampling's controls (OpenAI's top_p and penalties, vLLM's top_k, min_p, repetition_penalty)
+SAMPLING = ("top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias")
+COMMON = {"model", "stream", "max_tokens", "response_format", *KNOBS, *NEUTRAL, *SAMPLING}
 COMPLETION_FIELDS = COMMON | {"prompt"}
-CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "chat_template_kwargs"}  # the vLLM/SGLang field
+CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "chat_template_kwargs", "tools", "tool_choice"}
 
 
 def final_chunks(chunk, usage: dict, finish_reason: str, include_usage: bool) -> list[dict]:
@@ -96,10 +103,23 @@ def parse_body(body: Any, allowed: set[str], model_name: str) -> dict:
                        "model_not_found", "model")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     kwargs = {k: body[k] for k in KNOBS if body.get(k) is not None}
+    kwargs.update(sampling_fields(body))
     kwargs["max_new_tokens"] = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
     if not isinstance(body.get("stream", False), bool):
         raise APIError("'stream' must be true or false", param="stream")
     return kwargs
+
+
+def sampling_fields(body: dict) -> dict:
+    """The runtime's ``sampling`` and ``response_format`` from a request body (null: the default;
+    values are checked by nemocompile.sampling and runtime/grammar.py)."""
+    out = {}
+    sampling = {k: body[k] for k in SAMPLING if body.get(k) is not None}
+    if sampling:
+        out["sampling"] = sampling
+    if body.get("response_format") is not None:
+        out["response_format"] = body["response_format"]
+    return out
 
 
 def usage(prompt_tokens: int, result) -> dict:
@@ -222,7 +242,9 @@ def create_app(runtime, model_name: str | None = None, max_body_bytes: int = MAX
                     if text.endswith("\ufffd"):
                         continue  # a partial UTF-8 character: wait for the rest
                     delta, shown = text[len(shown):], text
-                    yield _sse(make_chunk(delta, value))
+                    chunk = make_chunk(delta, value)
+                    if chunk is not None:  # None: held back (a tool call is parsed at the end)
+                        yield _sse(chunk)
                 for c in make_final(job.results[0], ids):
                     yield _sse(c)
             except Exception as e:  # reported in-band: the status line is already sent
@@ -238,14 +260,17 @@ def create_app(runtime, model_name: str | None = None, max_body_bytes: int = MAX
         return {"id": rid, "object": obj, "created": int(time.time()), "model": name,
                 "choices": [{"index": 0, **payload, "tokens": tokens, "logprobs": None, "finish_reason": finish}]}
 
-    async def answer(request: Request, body: dict, ids: list[int], job, chunk, on_delta, reply):
+    async def answer(request: Request, body: dict, ids: list[int], job, chunk, on_delta, reply, wrap_final=None):
         """Decode ``ids``: a server-sent event stream of ``on_delta`` chunks closed by
-        ``chunk``'s final ones, or one response that ``reply(result)`` builds."""
+        ``chunk``'s final ones (``wrap_final`` may rewrite them), or one response that
+        ``reply(result)`` builds."""
         include_usage = _include_usage(body)
 
         def final(result, ids) -> list[dict]:
             return final_chunks(chunk, usage(len(ids), result), result.finish_reason, include_usage)
 
+        if wrap_final is not None:
+            final = wrap_final(final)
         if body.get("stream"):
             return stream_events(ids, job, on_delta, final)
         result = await run_generation(request, job)
@@ -282,8 +307,15 @@ def create_app(runtime, model_name: str | None = None, max_body_bytes: int = MAX
         body = await read_json(request)
         kwargs = parse_body(body, CHAT_FIELDS, name)
         messages = _messages(body.get("messages"))
-        ids, job = await asyncio.to_thread(submit, messages, {**kwargs, "chat": True}, _names(body),
-                                           body.get("chat_template_kwargs"))
+        try:
+            tools = check_tools(body.get("tools"), body.get("tool_choice"))
+            messages = template_messages(messages)
+        except RequestError as e:
+            raise APIError(str(e), param=e.param) from None
+        template_kwargs = body.get("chat_template_kwargs")
+        if tools:
+            template_kwargs = {**(template_kwargs if isinstance(template_kwargs, dict) else {}), "tools": tools}
+        ids, job = await asyncio.to_thread(submit, messages, {**kwargs, "chat": True}, _names(body), template_kwargs)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
 
         def chunk(delta: str, tokens: list[int], finish=None, first=False) -> dict:
@@ -292,16 +324,40 @@ def create_app(runtime, model_name: str | None = None, max_body_bytes: int = MAX
 
         started = False
 
-        def on_delta(text: str, tokens: list[int]) -> dict:
+        def on_delta(text: str, tokens: list[int]) -> dict | None:
             nonlocal started
+            if tools:
+                return None  # the whole answer is parsed for tool calls at the end
             first, started = not started, True
             return chunk(text, tokens, first=first)
 
         def reply(result) -> dict:
-            message = {"role": "assistant", "content": result.text or ""}
-            return envelope(rid, "chat.completion", {"message": message}, result.tokens, result.finish_reason)
+            message, finish = tool_message(result)
+            return envelope(rid, "chat.completion", {"message": message}, result.tokens, finish)
 
-        return await answer(request, body, ids, job, chunk, on_delta, reply)
+        def tool_message(result) -> tuple[dict, str]:
+            """The assistant message, with ``tool_calls`` parsed from its text when tools were given."""
+            content, calls = parse_tool_calls(result.text or "") if tools else (result.text or "", [])
+            if not calls:
+                return {"role": "assistant", "content": content}, result.finish_reason
+            return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+
+        def tool_chunks(final_chunks_of):
+            """Streaming with tools: the answer in one delta at the end (content or tool_calls)."""
+            def final(result, ids):
+                message, finish = tool_message(result)
+                delta = {k: v for k, v in message.items() if v is not None}
+                if "tool_calls" in delta:
+                    delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(delta["tool_calls"])]
+                first = envelope(rid, "chat.completion.chunk", {"delta": delta}, result.tokens, None)
+                closing = final_chunks_of(result, ids)
+                for c in closing:
+                    if c.get("choices"):
+                        c["choices"][0]["finish_reason"] = finish
+                return [first, *closing]
+            return final
+
+        return await answer(request, body, ids, job, chunk, on_delta, reply, tool_chunks if tools else None)
 
     return app
 
@@ -325,6 +381,9 @@ def _messages(messages) -> list[dict]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise APIError("each message needs a 'role' and a 'content'", param="messages")
         content = m.get("content")
+        if content is None and m["role"] == "assistant" and m.get("tool_calls"):
+            out.append({"role": "assistant", "content": None, "tool_calls": m["tool_calls"]})
+            continue
         if isinstance(content, list):
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                        for p in content):
@@ -332,7 +391,8 @@ def _messages(messages) -> list[dict]:
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise APIError("message 'content' must be text", param="messages")
-        out.append({"role": m["role"], "content": content})
+        extra = {k: m[k] for k in ("tool_calls", "tool_call_id", "name") if m.get(k) is not None}
+        out.append({"role": m["role"], "content": content, **extra})
     return out
 
 
