@@ -22,27 +22,41 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 
 
 @pytest.fixture(scope="module")
-def rt(embedded_dir):
-    from tiny_artifacts import embedded
-
+def rt(embedded_dir, tmp_path_factory):
+    """The embedded model's ar graphs with room for a chat that lists tools (its tiny
+    tokenizer spends ~200 tokens on one tool's JSON)."""
+    from nemocompile.graphs.export import export_artifact
     from nemocompile.runtime import Runtime
 
-    with Runtime.load(embedded(), threads=1) as runtime:
+    out = tmp_path_factory.mktemp("structured") / "embedded_ar"
+    export_artifact(None, out, modes=["ar"], max_seq_len=512, prefill_length=32)
+    with Runtime.load(out, threads=1) as runtime:
         yield runtime
 
 
 CHAT = [{"role": "user", "content": "Give me a JSON object."}]
 
 
-@pytest.mark.parametrize("mode", ["ar", "auto"])
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
-def test_json_schema_outputs_parse_and_validate(rt, mode, temperature):
+def test_json_schema_outputs_parse_and_validate(rt, temperature, mode="ar"):
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
     for seed in range(3):
         r = rt.generate(CHAT, chat=True, mode=mode, max_new_tokens=80, temperature=temperature, seed=seed,
                         response_format=fmt)
         assert r.finish_reason == "stop", r.text
         jsonschema.validate(json.loads(r.text), SCHEMA)
+
+
+def test_auto_runs_ar_cycles_under_a_grammar(embedded_dir):
+    from tiny_artifacts import embedded
+
+    from nemocompile.runtime import Runtime
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
+    with Runtime.load(embedded(), threads=1) as every_mode:
+        r = every_mode.generate("Person:", mode="auto", max_new_tokens=80, response_format=fmt)
+    jsonschema.validate(json.loads(r.text), SCHEMA)
+    assert set(r.stats.mode_mix) == {"ar"} and "response_format" in r.stats.auto_reason
 
 
 def test_json_object_parses_and_unconstrained_does_not(rt):
@@ -53,11 +67,18 @@ def test_json_object_parses_and_unconstrained_does_not(rt):
         json.loads(free.text)  # the tiny model does not write JSON by itself: the mask did
 
 
-@pytest.mark.parametrize("mode", ["diffusion", "linear-spec", "quadratic-spec"])
-def test_modes_without_the_mask_refuse_in_one_line(rt, mode):
-    with pytest.raises(RequestError, match="use mode ar or auto") as e:
-        rt.generate("hi", mode=mode, response_format={"type": "json_object"})
-    assert "\n" not in str(e.value)
+def test_auto_applies_the_grammar_and_other_modes_refuse_in_one_line():
+    from tiny_artifacts import lora_batch2
+
+    from nemocompile.runtime import Runtime
+
+    with Runtime.load(lora_batch2()[1], threads=1) as other:  # every mode, no tokenizer
+        for mode in ("diffusion", "linear-spec", "quadratic-spec"):
+            with pytest.raises(RequestError, match="use mode ar or auto") as e:
+                other.generate([5, 6], mode=mode, response_format={"type": "json_object"})
+            assert "\n" not in str(e.value)
+        with pytest.raises(RequestError, match="tokenizer"):
+            other.generate([5, 6], mode="auto", response_format={"type": "json_object"})
 
 
 def test_bad_formats_are_one_line_errors(rt):
