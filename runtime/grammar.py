@@ -5,8 +5,11 @@ request's schema. Each row keeps a matcher; before every choice its token mask
 (the tokens the grammar allows next, EOS once the value is complete) is applied to
 the logits (``Row.distribution``: -inf outside the mask, then the request's
 sampling), and every emitted token advances it. The mask needs the state after each
-earlier token, so it runs where tokens are chosen one at a time: ar, and auto (whose
-rows with a grammar run ar cycles). Diffusion and self-speculation refuse it.
+earlier token: ar and auto (whose rows with a grammar run ar cycles) mask each token;
+self-speculation masks each verify position with the state after the drafts before it
+(``Row.verify``: the matcher advances over the accepted drafts, then rolls back), so a
+draft the grammar forbids is rejected. Block diffusion decides tokens out of order and
+refuses it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 
 from nemocompile.request import RequestError
 
-MODES = ("ar", "auto")  # the modes that apply a grammar's mask
+MODES = ("ar", "linear-spec", "quadratic-spec", "auto")  # the modes that apply a grammar's mask
 
 
 def _xgrammar():
@@ -87,21 +90,57 @@ class RowGrammar:
         self.matcher = xgr.GrammarMatcher(grammar.compiled, override_stop_tokens=list(grammar.stop) or None,
                                           terminate_without_stop_token=not grammar.stop)
         self.bitmask = np.zeros(xgr.get_bitmask_shape(1, grammar.vocab_size), dtype=np.int32)
+        self.accepted = 0  # tokens the matcher holds (what a rollback may undo)
 
     def allowed(self) -> np.ndarray:
-        """bool [V]: the tokens the grammar allows next."""
+        """bool [V]: the tokens the grammar allows next (any, once it has ended: nothing after
+        the stop token is kept)."""
+        if self.matcher.is_terminated():
+            return np.ones(self.vocab_size, dtype=bool)
         self.matcher.fill_next_token_bitmask(self.bitmask)
         bits = np.unpackbits(self.bitmask.view(np.uint8), bitorder="little")
         return bits[: self.vocab_size].astype(bool)
 
     def accept(self, token: int) -> None:
         if not self.matcher.is_terminated():
-            self.matcher.accept_token(int(token))
+            self.accepted += bool(self.matcher.accept_token(int(token)))
+
+    def rollback(self, n: int) -> None:
+        """Undo the last ``n`` accepted tokens (a verify's look-ahead)."""
+        n = min(n, self.accepted)
+        if n:
+            self.matcher.rollback(n)
+            self.accepted -= n
 
     @property
     def finished(self) -> bool:
         """The value is complete and its stop token (or, without EOS ids, its end) was emitted."""
         return self.matcher.is_terminated()
+
+
+TOOL_CALL = "tool_call"  # nemocompile's own format: the chat API's tool_choice "required" or a named tool
+
+
+def tool_call_grammar(tools):
+    """One Hermes call ``<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`` to one of
+    ``tools`` (OpenAI's function objects), its arguments following the tool's parameters schema."""
+    xgr = _xgrammar()
+    if not isinstance(tools, list) or not tools:
+        raise RequestError("a forced tool call needs the tools to choose from", param="tool_choice")
+    calls = []
+    for tool in tools:
+        f = tool["function"]
+        schema = {"type": "object", "properties": {"name": {"const": f["name"]},
+                                                   "arguments": f.get("parameters") or {"type": "object"}},
+                  "required": ["name", "arguments"], "additionalProperties": False}
+        try:
+            body = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+        except Exception as e:
+            raise RequestError(f"tool {f['name']!r:.40}: its parameters schema cannot be compiled: "
+                               f"{str(e).splitlines()[0]:.200}", param="tools") from None
+        calls.append(xgr.Grammar.concat(xgr.Grammar.from_ebnf('root ::= "<tool_call>\\n"'), body,
+                                        xgr.Grammar.from_ebnf('root ::= "\\n</tool_call>"')))
+    return xgr.Grammar.union(*calls) if len(calls) > 1 else calls[0]
 
 
 def compile_response_format(runtime, response_format, mode: str, eos: frozenset[int]) -> Grammar | None:
@@ -113,15 +152,17 @@ def compile_response_format(runtime, response_format, mode: str, eos: frozenset[
     kind = response_format["type"]
     if kind == "text":
         return None
-    if kind not in ("json_object", "json_schema"):
+    if kind not in ("json_object", "json_schema", TOOL_CALL):
         raise RequestError(f"response_format type {kind!r:.40} is not supported; use text, json_object or "
                            "json_schema", param="response_format")
     if mode not in MODES:
-        raise RequestError(f"response_format needs token-by-token decoding: use mode ar or auto, not {mode}",
-                           param="response_format")
+        raise RequestError(f"response_format needs each token's grammar state, which {mode} (tokens decided out of "
+                           f"order) cannot give: use mode {', '.join(MODES[:-1])} or auto", param="response_format")
     compiler = tokenizer_info(runtime)
     if kind == "json_object":
         compiled = compiler.compile_builtin_json_grammar()
+    elif kind == TOOL_CALL:
+        compiled = compiler.compile_grammar(tool_call_grammar(response_format.get("tools")))
     else:
         spec = response_format.get("json_schema")
         schema = spec.get("schema") if isinstance(spec, dict) else None

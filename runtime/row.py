@@ -133,7 +133,23 @@ class Row:
                 k += 1
             return a[: k + 1]
         logits, x = io.logits[self.j], list(drafted[1:])
-        return speculative_accept(x, lambda i: self.distribution(logits[i], x[:i]), self.sampler.uniform)
+        if self.grammar is None:
+            return speculative_accept(x, lambda i: self.distribution(logits[i], x[:i]), self.sampler.uniform)
+        advanced = 0
+
+        def target(i: int):
+            # p_i is masked by the grammar's state after the accepted drafts x[:i] (a draft the
+            # grammar forbids has probability 0, so it is never accepted and never advanced past)
+            nonlocal advanced
+            while advanced < i:
+                self.grammar.accept(x[advanced])
+                advanced += 1
+            return self.distribution(logits[i], x[:i])
+
+        try:
+            return speculative_accept(x, target, self.sampler.uniform)
+        finally:
+            self.grammar.rollback(advanced)  # emit() advances it over what is kept
 
     def budgeted(self, new: list[int]) -> list[int]:
         """``new`` tokens about to be emitted, with the request's thinking budget applied."""

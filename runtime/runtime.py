@@ -251,7 +251,8 @@ class Runtime:
                                   f"{what} needs them; re-export without --greedy-only")
         if mode == "quadratic-spec":
             check_quadratic(threshold)
-            if (temperature > 0 or params.shapes_logits) and self.manifest.graph("verify_draft").output("logits") is None:
+            if (temperature > 0 or params.shapes_logits or grammar is not None) and \
+                    self.manifest.graph("verify_draft").output("logits") is None:
                 raise GenerationError("this artifact's quadratic-spec graphs return no logits (exported before fused "
                                       "steps kept their spine's): use temperature 0, another mode, or re-export")
         if len(prompts) > self.batch_size:

@@ -308,10 +308,15 @@ def create_app(runtime, model_name: str | None = None, max_body_bytes: int = MAX
         kwargs = parse_body(body, CHAT_FIELDS, name)
         messages = _messages(body.get("messages"))
         try:
-            tools = check_tools(body.get("tools"), body.get("tool_choice"))
+            tools, forced = check_tools(body.get("tools"), body.get("tool_choice"))
             messages = template_messages(messages)
         except RequestError as e:
             raise APIError(str(e), param=e.param) from None
+        if forced:
+            if kwargs.get("response_format") is not None:
+                raise APIError("tool_choice 'required' or a named tool cannot be combined with response_format",
+                               param="tool_choice")
+            kwargs["response_format"] = {"type": "tool_call", "tools": forced}
         template_kwargs = body.get("chat_template_kwargs")
         if tools:
             template_kwargs = {**(template_kwargs if isinstance(template_kwargs, dict) else {}), "tools": tools}

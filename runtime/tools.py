@@ -4,7 +4,8 @@ The tools reach the checkpoint's chat template (its ``tools`` variable, as
 transformers renders it); the model answers a call in the Hermes format the
 embedded template teaches, ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``,
 which :func:`parse_tool_calls` turns into ``message.tool_calls`` (``finish_reason``
-"tool_calls"). History in OpenAI's shape is accepted: assistant messages with
+"tool_calls"). ``tool_choice`` "required" or a named function constrains the answer to
+one such call (runtime/grammar.py's ``tool_call`` grammar). History in OpenAI's shape is accepted: assistant messages with
 ``content: null`` and ``tool_calls`` (their JSON-string ``arguments`` become objects
 for the template) and ``tool``-role results.
 """
@@ -20,23 +21,31 @@ from nemocompile.request import RequestError
 CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
-def check_tools(tools, tool_choice) -> list[dict] | None:
-    """The tools to render (None: none, or ``tool_choice`` "none"); one-line errors for bad shapes."""
+def check_tools(tools, tool_choice) -> tuple[list[dict] | None, list[dict] | None]:
+    """The tools to render (None: none, or ``tool_choice`` "none") and, for ``tool_choice``
+    "required" or a named function, the tools one of which the answer must call (its grammar:
+    runtime/grammar.py). One-line errors for bad shapes."""
     if tools is None:
         if tool_choice not in (None, "none", "auto"):
             raise RequestError("tool_choice needs 'tools'", param="tool_choice")
-        return None
+        return None, None
     if not isinstance(tools, list) or not all(
             isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
             and isinstance(t["function"].get("name"), str) for t in tools):
         raise RequestError("tools must be a list of {'type': 'function', 'function': {'name', 'description', "
                            "'parameters'}} objects", param="tools")
     if tool_choice in (None, "auto"):
-        return tools or None
+        return tools or None, None
     if tool_choice == "none":
-        return None
-    raise RequestError("tool_choice supports 'auto' and 'none' (the model decides; a forced call is not "
-                       "implemented)", param="tool_choice")
+        return None, None
+    if tool_choice == "required":
+        return tools, tools
+    name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
+    named = [t for t in tools if t["function"]["name"] == name]
+    if not named:
+        raise RequestError("tool_choice must be 'auto', 'none', 'required' or {'type': 'function', 'function': "
+                           "{'name': <one of the tools>}}", param="tool_choice")
+    return tools, named
 
 
 def template_messages(messages: list[dict]) -> list[dict]:

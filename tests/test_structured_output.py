@@ -17,7 +17,8 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength
                                            "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
           "required": ["name", "age", "tags"], "additionalProperties": False}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                           "parameters": {"type": "object",
+                                                          "properties": {"city": {"type": "string", "maxLength": 8}},
                                                           "required": ["city"]}}}]
 
 
@@ -47,15 +48,26 @@ def test_json_schema_outputs_parse_and_validate(rt, temperature, mode="ar"):
         jsonschema.validate(json.loads(r.text), SCHEMA)
 
 
-def test_auto_runs_ar_cycles_under_a_grammar(embedded_dir):
+def test_self_speculation_and_auto_follow_the_grammar(embedded_dir):
+    """linear-spec and quadratic-spec mask each verify position (drafts the grammar forbids
+    are rejected): at temperature 0 exactly AR's constrained output; auto runs ar cycles."""
     from tiny_artifacts import embedded
 
     from nemocompile.runtime import Runtime
 
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
     with Runtime.load(embedded(), threads=1) as every_mode:
+        ar = every_mode.generate("Person:", mode="ar", max_new_tokens=80, response_format=fmt)
+        jsonschema.validate(json.loads(ar.text), SCHEMA)
+        for mode in ("linear-spec", "quadratic-spec"):
+            r = every_mode.generate("Person:", mode=mode, max_new_tokens=80, response_format=fmt)
+            assert r.tokens == ar.tokens, mode
+            for seed in range(2):
+                s = every_mode.generate("Person:", mode=mode, max_new_tokens=80, response_format=fmt,
+                                        temperature=0.9, seed=seed)
+                jsonschema.validate(json.loads(s.text), SCHEMA)
         r = every_mode.generate("Person:", mode="auto", max_new_tokens=80, response_format=fmt)
-    jsonschema.validate(json.loads(r.text), SCHEMA)
+    assert r.tokens == ar.tokens
     assert set(r.stats.mode_mix) == {"ar"} and "response_format" in r.stats.auto_reason
 
 
@@ -73,10 +85,9 @@ def test_auto_applies_the_grammar_and_other_modes_refuse_in_one_line():
     from nemocompile.runtime import Runtime
 
     with Runtime.load(lora_batch2()[1], threads=1) as other:  # every mode, no tokenizer
-        for mode in ("diffusion", "linear-spec", "quadratic-spec"):
-            with pytest.raises(RequestError, match="use mode ar or auto") as e:
-                other.generate([5, 6], mode=mode, response_format={"type": "json_object"})
-            assert "\n" not in str(e.value)
+        with pytest.raises(RequestError, match="diffusion .* cannot give") as e:
+            other.generate([5, 6], mode="diffusion", response_format={"type": "json_object"})
+        assert "\n" not in str(e.value)
         with pytest.raises(RequestError, match="tokenizer"):
             other.generate([5, 6], mode="auto", response_format={"type": "json_object"})
 
@@ -146,6 +157,15 @@ def test_sdk_tool_calls_round_trip(client, rt, monkeypatch):
                {"role": "tool", "tool_call_id": msg.tool_calls[0].id, "content": "sunny"}]
     again = client.chat.completions.create(model="tiny", messages=history, tools=TOOLS, max_tokens=4)
     assert again.choices[0].message.role == "assistant" and again.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_sdk_forced_tool_choice_calls_the_tool(client, choice):
+    out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                         tools=TOOLS, tool_choice=choice, max_tokens=120)
+    msg = out.choices[0].message
+    assert out.choices[0].finish_reason == "tool_calls" and msg.tool_calls[0].function.name == "get_weather"
+    jsonschema.validate(json.loads(msg.tool_calls[0].function.arguments), TOOLS[0]["function"]["parameters"])
 
 
 def test_sdk_accepts_tool_history_and_renders_tools(client, rt):
