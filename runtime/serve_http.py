@@ -13,9 +13,10 @@ The decode mode and its knobs are extra body fields: ``mode`` ("ar",
 checkpoint's chat template. Sampling: ``top_p``, ``presence_penalty``,
 ``frequency_penalty``, ``logit_bias``, vLLM's ``top_k``, ``min_p``,
 ``repetition_penalty`` (nemocompile.sampling; every mode). ``response_format``
-``json_object`` / ``json_schema``: constrained decoding (runtime/grammar.py; ar and
-auto). Chat ``tools`` / ``tool_choice`` ("auto", "none"): rendered by the chat
-template, calls parsed into ``message.tool_calls`` (runtime/tools.py).
+``json_object`` / ``json_schema``: constrained decoding (runtime/grammar.py; every mode
+but diffusion). Chat ``tools`` / ``tool_choice`` ("auto", "none", "required", a named
+function): rendered by the chat template, calls parsed into ``message.tool_calls``
+(runtime/tools.py); "required" and a named function constrain the answer to one call.
 ``temperature`` defaults to 0 (greedy) and ``max_tokens`` to 64. ``usage``
 also reports ``forwards``, ``tokens_per_forward``, ``acceptance_length``,
 ``time_to_first_token_s``, ``tokens_per_second``, ``queue_s`` and ``mode_mix``
@@ -42,7 +43,7 @@ from nemocompile.errors import NemocompileError
 from nemocompile.request import RequestError
 
 from .job import Overloaded, RequestTimeout
-from .tools import check_tools, parse_tool_calls, template_messages
+from .tools import assistant_message, chat_tools, stream_delta
 
 DEFAULT_MAX_TOKENS = 64
 MAX_BODY_BYTES = 1 << 20  # larger request bodies get 413 before they are read in full
@@ -308,18 +309,9 @@ def create_app(runtime, model_name: str | None = None, max_body_bytes: int = MAX
         kwargs = parse_body(body, CHAT_FIELDS, name)
         messages = _messages(body.get("messages"))
         try:
-            tools, forced = check_tools(body.get("tools"), body.get("tool_choice"))
-            messages = template_messages(messages)
+            tools, messages, template_kwargs = chat_tools(body, messages, kwargs)
         except RequestError as e:
             raise APIError(str(e), param=e.param) from None
-        if forced:
-            if kwargs.get("response_format") is not None:
-                raise APIError("tool_choice 'required' or a named tool cannot be combined with response_format",
-                               param="tool_choice")
-            kwargs["response_format"] = {"type": "tool_call", "tools": forced}
-        template_kwargs = body.get("chat_template_kwargs")
-        if tools:
-            template_kwargs = {**(template_kwargs if isinstance(template_kwargs, dict) else {}), "tools": tools}
         ids, job = await asyncio.to_thread(submit, messages, {**kwargs, "chat": True}, _names(body), template_kwargs)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
 
@@ -337,30 +329,20 @@ def create_app(runtime, model_name: str | None = None, max_body_bytes: int = MAX
             return chunk(text, tokens, first=first)
 
         def reply(result) -> dict:
-            message, finish = tool_message(result)
+            message, finish = assistant_message(result.text or "", result.finish_reason, tools)
             return envelope(rid, "chat.completion", {"message": message}, result.tokens, finish)
 
-        def tool_message(result) -> tuple[dict, str]:
-            """The assistant message, with ``tool_calls`` parsed from its text when tools were given."""
-            content, calls = parse_tool_calls(result.text or "") if tools else (result.text or "", [])
-            if not calls:
-                return {"role": "assistant", "content": content}, result.finish_reason
-            return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
-
-        def tool_chunks(final_chunks_of):
+        def tool_chunks(final):
             """Streaming with tools: the answer in one delta at the end (content or tool_calls)."""
-            def final(result, ids):
-                message, finish = tool_message(result)
-                delta = {k: v for k, v in message.items() if v is not None}
-                if "tool_calls" in delta:
-                    delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(delta["tool_calls"])]
-                first = envelope(rid, "chat.completion.chunk", {"delta": delta}, result.tokens, None)
-                closing = final_chunks_of(result, ids)
+            def with_calls(result, ids):
+                message, finish = assistant_message(result.text or "", result.finish_reason, tools)
+                closing = final(result, ids)
                 for c in closing:
                     if c.get("choices"):
                         c["choices"][0]["finish_reason"] = finish
-                return [first, *closing]
-            return final
+                return [envelope(rid, "chat.completion.chunk", {"delta": stream_delta(message)}, result.tokens,
+                                 None), *closing]
+            return with_calls
 
         return await answer(request, body, ids, job, chunk, on_delta, reply, tool_chunks if tools else None)
 

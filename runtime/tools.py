@@ -95,3 +95,35 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict]]:
     kept.append(text[last:])
     content = "".join(kept).strip()
     return content or None, calls
+
+
+def chat_tools(body: dict, messages: list[dict], kwargs: dict) -> tuple[list[dict] | None, list[dict], dict | None]:
+    """A chat request's tools: the tools rendered (None: none), the messages as the template reads
+    them, and the template keywords (``chat_template_kwargs`` plus ``tools``). A forced call
+    (``tool_choice`` "required" or named) sets ``kwargs["response_format"]`` to its grammar."""
+    tools, forced = check_tools(body.get("tools"), body.get("tool_choice"))
+    if forced:
+        if kwargs.get("response_format") is not None:
+            raise RequestError("tool_choice 'required' or a named tool cannot be combined with response_format",
+                               param="tool_choice")
+        kwargs["response_format"] = {"type": "tool_call", "tools": forced}
+    template_kwargs = body.get("chat_template_kwargs")
+    if tools:
+        template_kwargs = {**(template_kwargs if isinstance(template_kwargs, dict) else {}), "tools": tools}
+    return tools, template_messages(messages), template_kwargs
+
+
+def assistant_message(text: str, finish_reason: str, tools) -> tuple[dict, str]:
+    """The chat answer and its finish reason: ``tool_calls`` parsed from the text when tools were given."""
+    content, calls = parse_tool_calls(text) if tools else (text, [])
+    if not calls:
+        return {"role": "assistant", "content": content}, finish_reason
+    return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+
+
+def stream_delta(message: dict) -> dict:
+    """A whole assistant message as one stream delta (each tool call with its ``index``)."""
+    delta = {k: v for k, v in message.items() if v is not None}
+    if "tool_calls" in delta:
+        delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(delta["tool_calls"])]
+    return delta

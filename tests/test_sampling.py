@@ -7,7 +7,6 @@ import collections
 
 import numpy as np
 import pytest
-import torch
 
 import nemocompile
 from nemocompile.request import RequestError
