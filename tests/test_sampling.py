@@ -68,6 +68,17 @@ def test_filters_min_p_top_k_top_p():
     assert np.count_nonzero(distribution(LOGITS, sampling_params(5.0, top_p=0.5))) > 1
 
 
+@pytest.mark.parametrize("scale", [4.0, 0.3])  # peaked: the nucleus fits the sorted head; flat: it does not
+def test_top_p_on_a_large_vocabulary_equals_a_full_sort(scale):
+    z = (np.random.default_rng(0).standard_normal(5000) * scale).astype(np.float32)
+    q = softmax(z.astype(np.float64) / 0.8)
+    order = np.argsort(-q, kind="stable")
+    keep = order[: np.count_nonzero(np.cumsum(q[order]) - q[order] < 0.9)]
+    got = distribution(z, sampling_params(0.8, top_p=0.9))
+    assert set(np.flatnonzero(got)) == set(keep.tolist())
+    np.testing.assert_allclose(got[keep], q[keep] / q[keep].sum(), rtol=1e-9)
+
+
 def test_a_grammar_mask_applies_before_sampling():
     allowed = np.array([0, 1, 1, 0, 0, 0], dtype=bool)
     assert distribution(LOGITS, SamplingParams(0.0), allowed=allowed).argmax() == 1
