@@ -41,7 +41,8 @@ from nemocompile.errors import NemocompileError
 from .job import Cancelled, Overloaded, RequestTimeout
 
 KNOBS = ("mode", "max_new_tokens", "block_length", "threshold", "temperature", "seed", "eos", "steps",
-         "chat_template_kwargs", "max_thinking_tokens", "end_think_token_id", "timeout")
+         "chat_template_kwargs", "max_thinking_tokens", "end_think_token_id", "timeout",
+         "sampling", "response_format")  # Runtime.submit's: {"top_p": ..., ...}, OpenAI's response_format
 FIELDS = {"id", "prompt", "messages", "chat", "stream", *KNOBS}
 
 

@@ -234,6 +234,17 @@ def test_runtime_refuses_unknown_sampling_fields(embedded_rt):
         embedded_rt.generate("hi", sampling={"top_q": 0.5})
 
 
+def test_stdio_requests_carry_sampling(embedded_rt):
+    from nemocompile.runtime.serve_stdio import submit
+
+    greedy = embedded_rt.generate("def add(a, b):", max_new_tokens=6, eos=-1)
+    job, _ = submit(embedded_rt, {"prompt": "def add(a, b):", "max_new_tokens": 6, "eos": -1, "temperature": 0.8,
+                                  "seed": 1, "sampling": {"top_p": 1e-6}})
+    assert job.result()[0].tokens == greedy.tokens
+    with pytest.raises(RequestError, match="top_p must be"):
+        submit(embedded_rt, {"prompt": "hi", "sampling": {"top_p": 3}})
+
+
 @pytest.mark.slow
 def test_runtime_self_speculation_samples_ar_distribution(embedded_rt):
     """The chi-square test of the eager decoders, on the runtime's schedulers (ONNX Runtime)."""
