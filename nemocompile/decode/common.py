@@ -157,21 +157,19 @@ class Sampler:
         and the candidate's softmax probability under the unperturbed logits. With
         controls, the candidates come from ``distribution`` (penalties: the row's history)."""
         logits = logits.float()
-        conf_logits = logits
-        if not self.params.plain:
+        scores, scale = logits, self.temperature  # Gumbel-max over logits / T ...
+        if not self.params.plain:  # ... or over the log of the request's distribution (T inside it)
             with np.errstate(divide="ignore"):  # a filtered token's log-probability is -inf
                 shaped = [[np.log(distribution(v, self.params, histories[b] if histories else None))
                            for v in row] for b, row in enumerate(logits.cpu().numpy())]
-            logits = torch.from_numpy(np.array(shaped, dtype=np.float32)).to(logits.device)
-            if self.temperature > 0:
-                logits = logits * self.temperature  # the distribution already holds the temperature
+            scores, scale = torch.from_numpy(np.array(shaped, dtype=np.float32)).to(logits.device), 1.0
         if self.temperature <= 0:
-            cand = logits.argmax(-1)
+            cand = scores.argmax(-1)
         else:
-            u = torch.rand(logits.shape, generator=self.generator, device=logits.device)
+            u = torch.rand(scores.shape, generator=self.generator, device=scores.device)
             gumbel = -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))  # (-log u) before the clamp
-            cand = (logits / self.temperature + gumbel).argmax(-1)
-        conf = torch.softmax(conf_logits, dim=-1).gather(-1, cand[..., None])[..., 0]
+            cand = (scores / scale + gumbel).argmax(-1)
+        conf = torch.softmax(logits, dim=-1).gather(-1, cand[..., None])[..., 0]
         return cand, conf
 
 
