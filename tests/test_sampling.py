@@ -4,6 +4,7 @@ seeds, and self-speculation's acceptance rule, lossless in distribution against 
 from __future__ import annotations
 
 import collections
+import json
 
 import numpy as np
 import pytest
@@ -261,3 +262,17 @@ def test_runtime_self_speculation_samples_ar_distribution(embedded_rt):
     ar = samples("ar")
     for mode in ("linear-spec", "quadratic-spec"):
         assert min(_chi_square(x, y) for x, y in zip(ar, samples(mode))) > 1e-3, mode
+
+
+def test_cli_sampling_flags(embedded_dir, capsys):
+    from nemocompile.cli import main
+
+    base = ["generate", "--prompt", "def add(a, b):", "--max-new-tokens", "8", "--json"]
+    assert main(base) == 0
+    greedy = json.loads(capsys.readouterr().out)["tokens"]
+    assert main(base + ["--temperature", "0.8", "--seed", "1", "--top-p", "1e-6"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == greedy
+    assert main(base + ["--repetition-penalty", "3", "--frequency-penalty", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] != greedy
+    assert main(base + ["--temperature", "1", "--top-p", "2"]) != 0
+    assert capsys.readouterr().err.strip() == "error: top_p must be a number in (0, 1], got 2.0"
