@@ -303,6 +303,9 @@ class Engine:
         if row.sampler.greedy is False:
             row.stats.auto_reason = "temperature > 0: ar (the only mode auto samples in)"
             return "ar", None
+        if row.grammar is not None:
+            row.stats.auto_reason = "response_format: ar (the mode that applies the grammar's mask)"
+            return "ar", None
         if row.auto_options is None:
             row.auto_options = self._auto_options(row.request)
         key = row.auto_options

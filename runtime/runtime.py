@@ -21,6 +21,7 @@ import numpy as np
 from nemocompile.artifact_files import usable_graphs
 from nemocompile.decode.common import (DEFAULT, ThinkingBudget, check_quadratic, eos_id_set, parse_threshold,
                                        thinking_budget)
+from nemocompile.sampling import SamplingParams, sampling_params
 from nemocompile.errors import GenerationError, NemocompileError
 from nemocompile.manifest import Manifest, ManifestError
 from nemocompile.request import RequestError, check_room, check_values
@@ -51,6 +52,8 @@ class Request:
     batched: bool  # the caller passed a list of prompts
     budget: ThinkingBudget | None = None  # spec 3.5: max_thinking_tokens and end_think_token_id
     output: OutputOptions = OutputOptions()  # stop strings, stop ids, min_tokens, log-probs, echo
+    sampling: SamplingParams | None = None  # top_p, top_k, min_p, penalties, logit_bias (nemocompile.sampling)
+    grammar: "Grammar | None" = None  # response_format: the compiled grammar every token must follow
 
 
 # a forward reads its rows' slots rounded up to a multiple of this (see Runtime.run)
@@ -244,11 +247,15 @@ class Runtime:
                  seed: int | None = None, eos: int | Sequence[int] | None = None, steps: int | None = None, *,
                  max_thinking_tokens: int | None = None, end_think_token_id: int | None = None,
                  names: dict[str, str] | None = None, stop=None, stop_token_ids=None, ignore_eos: bool = False,
-                 min_tokens: int | None = None, logprobs: int | None = None, echo: bool = False) -> Request:
+                 min_tokens: int | None = None, logprobs: int | None = None, echo: bool = False,
+                 sampling: dict | None = None, response_format: dict | None = None) -> Request:
         """Fill defaults and reject what cannot run, before any step does (spec defaults:
         diffusion threshold 0.9, linear-spec threshold 0; block length: the artifact's).
         Values are checked by ``nemocompile.request``, the checks every front door shares;
-        ``names`` renames fields in its messages (HTTP: max_new_tokens -> max_tokens)."""
+        ``names`` renames fields in its messages (HTTP: max_new_tokens -> max_tokens).
+        ``sampling``: top_p, top_k, min_p, presence/frequency/repetition_penalty, logit_bias
+        (nemocompile.sampling); ``response_format``: OpenAI's json_object / json_schema
+        (runtime/grammar.py: constrained decoding in ar and auto)."""
         check_values(mode=mode, max_new_tokens=max_new_tokens, block_length=block_length, temperature=temperature,
                      seed=seed, eos=eos, steps=steps, vocab_size=self.vocab_size, names=names, auto=True)
         if mode in self.unopened_modes:
@@ -264,11 +271,22 @@ class Runtime:
         eos = (frozenset() if ignore_eos else eos) | output.stop_token_ids
         if not prompts or any(len(p) == 0 for p in prompts):
             raise GenerationError("empty prompt: give at least one token")
-        if temperature > 0 and not self.sampling:
-            raise GenerationError("this artifact was exported with --greedy-only (its graphs return no logits): "
-                                  "use temperature 0, or re-export without --greedy-only to sample")
+        params = sampling_params(temperature, seed, **(sampling or {}), vocab_size=self.vocab_size)
+        grammar = None
+        if response_format is not None:
+            from .grammar import compile_response_format
+
+            grammar = compile_response_format(self, response_format, mode, eos)
+        if (temperature > 0 or params.shapes_logits or grammar is not None) and not self.sampling:
+            what = "sampling" if temperature > 0 else "this request (logit_bias, penalties or response_format)"
+            raise GenerationError(f"this artifact was exported with --greedy-only (its graphs return no logits): "
+                                  f"{what} needs them; re-export without --greedy-only")
         if mode == "quadratic-spec":
-            check_quadratic(threshold, temperature)
+            check_quadratic(threshold)
+            if (temperature > 0 or params.shapes_logits or grammar is not None) and \
+                    self.manifest.graph("verify_draft").output("logits") is None:
+                raise GenerationError("this artifact's quadratic-spec graphs return no logits (exported before fused "
+                                      "steps kept their spine's): use temperature 0, another mode, or re-export")
         if len(prompts) > self.batch_size:
             raise GenerationError(f"{len(prompts)} prompts exceed the artifact's batch size {self.batch_size}; send "
                                   f"at most {self.batch_size} at a time or re-export with a larger batch size")
@@ -299,7 +317,7 @@ class Runtime:
                    prompt=max(map(len, prompts)))
         budget = thinking_budget(max_thinking_tokens, end_think_token_id, self.tokenizer, self.vocab_size)
         return Request(prompts, mode, max_new_tokens, block, thr, steps, float(temperature), seed, eos, batched,
-                       budget, output)
+                       budget, output, None if params.plain else params, grammar)
 
     def check_output(self, stop, stop_token_ids, min_tokens, logprobs, echo, max_new_tokens, mode) -> OutputOptions:
         """The request's :class:`OutputOptions`, refused where this artifact cannot honour them."""
@@ -350,7 +368,8 @@ class Runtime:
         id of the checkpoint); ``eos_token_id`` is the same, as the eager ``generate`` names it.
         ``timeout``: seconds from now after which the request ends with ``RequestTimeout``.
         Raises ``Overloaded`` when ``max_queue`` requests already wait. ``output``: ``stop``,
-        ``stop_token_ids``, ``ignore_eos``, ``min_tokens``, ``logprobs``, ``echo`` (see ``generate``)."""
+        ``stop_token_ids``, ``ignore_eos``, ``min_tokens``, ``logprobs``, ``echo`` (see ``generate``),
+        ``sampling``, ``response_format`` (see :meth:`validate`)."""
         return self._submit(prompt_or_ids, mode, max_new_tokens, block_length, threshold, temperature, seed,
                             _eos(eos, eos_token_id), steps, chat, chat_template_kwargs, max_thinking_tokens,
                             end_think_token_id, timeout, names, stream=False, **output)
@@ -379,7 +398,8 @@ class Runtime:
                  max_thinking_tokens: int | None = None, end_think_token_id: int | None = None,
                  timeout: float | None = None, eos_token_id: int | Sequence[int] | None = None, stop=None,
                  stop_token_ids=None, ignore_eos: bool = False, min_tokens: int | None = None,
-                 logprobs: int | None = None, echo: bool = False):
+                 logprobs: int | None = None, echo: bool = False, sampling: dict | None = None,
+                 response_format: dict | None = None):
         """Generate for one prompt (text or ids) -> :class:`RuntimeResult`, or a list of
         prompts -> a list (each prompt takes a row; they decode together, with any other
         caller's requests). Thread-safe: concurrent callers share the batch graphs.
@@ -397,14 +417,16 @@ class Runtime:
         job = self._submit(prompt_or_ids, mode, max_new_tokens, block_length, threshold, temperature, seed,
                            _eos(eos, eos_token_id), steps, chat, chat_template_kwargs, max_thinking_tokens,
                            end_think_token_id, timeout, None, stream, stop=stop, stop_token_ids=stop_token_ids,
-                           ignore_eos=ignore_eos, min_tokens=min_tokens, logprobs=logprobs, echo=echo)
+                           ignore_eos=ignore_eos, min_tokens=min_tokens, logprobs=logprobs, echo=echo,
+                           sampling=sampling, response_format=response_format)
         if stream:
             return TokenStream(job)
         results = job.result()
         return results if job.request.batched else results[0]
 
 
-OUTPUT_KEYWORDS = {"stop", "stop_token_ids", "ignore_eos", "min_tokens", "logprobs", "echo"}
+OUTPUT_KEYWORDS = {"stop", "stop_token_ids", "ignore_eos", "min_tokens", "logprobs", "echo", "sampling",
+                   "response_format"}
 
 
 class TokenStream:

@@ -49,7 +49,8 @@ from .job import Cancelled, Overloaded, RequestTimeout, ServerError
 
 KNOBS = ("mode", "max_new_tokens", "block_length", "threshold", "temperature", "seed", "eos", "steps",
          "chat_template_kwargs", "max_thinking_tokens", "end_think_token_id", "timeout", "stop", "stop_token_ids",
-         "ignore_eos", "min_tokens")
+         "ignore_eos", "min_tokens",
+         "sampling", "response_format")  # Runtime.submit's: {"top_p": ..., ...}, OpenAI's response_format
 FIELDS = {"id", "prompt", "messages", "chat", "stream", *KNOBS}
 
 

@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..decode import generate
     from ..loader import load
-    from .common import chat_options
+    from .common import chat_options, sampling_options
 
     from ..progress import Heartbeat, counting_forwards
 
@@ -34,7 +34,8 @@ def run(args) -> int:
                               block_length=args.block_length, threshold=args.threshold,
                               temperature=args.temperature, seed=args.seed, draft_groups=args.draft_groups,
                               max_thinking_tokens=args.max_thinking_tokens,
-                              end_think_token_id=args.end_think_token_id, **chat_options(args))
+                              end_think_token_id=args.end_think_token_id, **chat_options(args),
+                              **sampling_options(args))
     finally:
         unhook()
     if args.json:

@@ -69,12 +69,15 @@ def run(args) -> int:
 
 
 def _run(args, runtime) -> int:
-    from .common import chat_options
+    from .common import chat_options, sampling_options
 
     kw = dict(mode=args.mode, max_new_tokens=args.max_new_tokens, block_length=args.block_length,
               threshold=args.threshold, temperature=args.temperature, seed=args.seed,
               max_thinking_tokens=args.max_thinking_tokens, end_think_token_id=args.end_think_token_id,
               **chat_options(args))
+    sampling = sampling_options(args)
+    if sampling:
+        kw["sampling"] = sampling
     if args.stream:
         stream = runtime.generate(args.prompt, stream=True, **kw)
         tokens: list[int] = []
