@@ -243,12 +243,16 @@ class OutputComparison:
         theirs_top, theirs_conf = (t.numpy() for t in greedy_candidates(ref_logits))
         ref_logits = ref_logits.numpy().astype(np.float64)
         self.scale = max(self.scale, _nanmax(np.abs(ref_logits)))
-        ours, theirs = ((got["logits"], ref_logits) if "logits" in got else (got["confidence"], theirs_conf))
-        ours = ours.astype(np.float64)
-        self.nonfinite += int((~np.isfinite(ours)).sum())
-        d = np.abs(ours - theirs)
-        self.diffs.append(_nanmax(d))
-        self.means.append(float(d.mean()))
+        pairs = [(got["confidence"], theirs_conf)]
+        if "logits" in got:  # a fused graph's are its spine's rows only: their confidences cover the rest
+            rows = got["logits"].shape[1]
+            pairs = [(got["logits"], ref_logits[:, :rows])] + (pairs if rows < ref_logits.shape[1] else [])
+        for ours, theirs in pairs:
+            ours = ours.astype(np.float64)
+            self.nonfinite += int((~np.isfinite(ours)).sum())
+            d = np.abs(ours - theirs)
+            self.diffs.append(_nanmax(d))
+            self.means.append(float(d.mean()))
         cand = got["candidate"]
         differ = cand != theirs_top
         self.agree += int((~differ).sum())

@@ -4,6 +4,8 @@ watching what the engine asks the backend for."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -71,8 +73,8 @@ def test_a_forward_never_reads_other_rows_or_slots_past_its_rows(step):
 
 def test_the_engine_runs_the_rows_in_flight_over_the_slots_they_hold():
     """One request on a batch-4 artifact runs forwards of one row; each forward reads the slots
-    below its longest row, rounded up to a multiple of SLOT_STEP (at most the capacity); concurrent requests share forwards, and every
-    output still equals its solo eager run."""
+    below its longest row, rounded up to a multiple of SLOT_STEP (at most the capacity);
+    concurrent requests share forwards, and every output still equals its solo eager run."""
     model, path = tiny_artifacts.batch4()
     with Runtime.load(path, threads=1) as rt:
         seen = []
@@ -81,6 +83,7 @@ def test_the_engine_runs_the_rows_in_flight_over_the_slots_they_hold():
         def spy(key, b, n):
             rows = rt.io[key].rows[:b].copy()
             seen.append((key, b, n, int(rt.cache.cache_len[rows].max())))
+            time.sleep(0.003)  # rows stay a while, so concurrent requests meet in one forward
             return run(key, b, n)
 
         rt.backend.run = spy
