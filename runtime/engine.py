@@ -103,11 +103,15 @@ class Engine:
             self._paused += 1
             while any(self.rows):
                 self._cond.wait()
+            if self.rt.prefix is not None:
+                self.rt.prefix.clear()  # the caller writes the cache as it likes
             try:
                 yield
             finally:
                 self._paused -= 1
                 self.rt.cache.reset()
+                if self.rt.prefix is not None:
+                    self.rt.prefix.clear()
                 self._cond.notify_all()
 
     @property
@@ -138,6 +142,8 @@ class Engine:
             except Exception as e:  # a bug or a backend failure: fail the rows, keep serving
                 traceback.print_exc()
                 self._fail_all(GenerationError(f"the runtime failed: {type(e).__name__}: {e}"), queued=False)
+                if self.rt.prefix is not None:
+                    self.rt.prefix.clear()  # a forward may have stopped half way: trust no slot
             with self._cond:
                 self._cond.notify_all()  # exclusive() waits for the rows to drain
 
@@ -157,12 +163,29 @@ class Engine:
                 return
             self.queue.popleft()
             admitted = time.perf_counter()
-            for index, b in enumerate(free[: len(job.request.prompts)]):
+            for index in range(len(job.request.prompts)):
                 self._joined_or_left = True
+                b, reused = self._place(job.request, index, free)
+                free.remove(b)
                 row = Row(self.rt, job.request, index, b, job)
+                row.reused = reused
                 row.stats.queue_s = admitted - job.submitted
                 self._advance(b, row, self.rt.scheduler(row), None)
             job.started = len(job.request.prompts)
+
+    def _place(self, request, index: int, free: list[int]) -> tuple[int, int]:
+        """The free row for sequence ``index`` of ``request`` and the prompt tokens whose K/V it
+        already holds (the prefix cache; else the first free row, nothing reused)."""
+        prefix = self.rt.prefix
+        if prefix is None:
+            return free[0], 0
+        prompt = request.prompts[index]
+        pad = self.rt.prompt_width([prompt], request.mode) - len(prompt)
+        # the prefill must compute the last prompt token's logits; quadratic-spec's fused
+        # prefill-and-draft needs a full last chunk
+        limit = len(prompt) - (self.rt.prefill_length if request.mode == "quadratic-spec" else 1)
+        busy = [b for b, r in enumerate(self.rows) if r is not None]
+        return prefix.place(prompt, pad, max(limit, 0), free, busy)
 
     def _tick(self) -> None:
         """One forward per graph that some row needs; each row advances past it."""
@@ -220,6 +243,8 @@ class Engine:
             row, _, forward = self.rows[b]
             row.j = j
             if forward.write:
+                if rt.prefix is not None:
+                    rt.prefix.written(key, b, cache.length(b), forward.tokens, forward.write)
                 cache.write(io.present_k[j:j + 1], io.present_v[j:j + 1], forward.write, rows=(b,))
             timer = row.timer
             timer.graph_s += dt
@@ -243,6 +268,8 @@ class Engine:
 
     def _finish(self, b: int, row: Row) -> None:
         self.rows[b] = None  # its cache row stays as it is until the next request resets it
+        if self.rt.prefix is not None:
+            self.rt.prefix.release(b)
         self._joined_or_left = True
         stats = row.finished_stats()
         tokens = row.out
@@ -258,6 +285,8 @@ class Engine:
     def _drop(self, b: int, error: BaseException) -> None:
         row = self.rows[b][0]
         self.rows[b] = None
+        if self.rt.prefix is not None:
+            self.rt.prefix.release(b)  # what it committed stays valid
         self._joined_or_left = True
         for listener in self.listeners:
             listener("drop", error)

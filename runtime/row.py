@@ -54,6 +54,7 @@ class Row:
                                   threshold=request.threshold, batch_size=len(request.prompts))
         self.timer = StepTimer(start=job.submitted)
         self.out: list[int] = []
+        self.reused = 0  # prompt tokens whose K/V the engine put in the row's slots (the prefix cache)
         self.done = False
         self.acceptance = None  # mode auto: this row's acceptance record (runtime/policy.py)
         self.auto_options = None  # mode auto: the (mode, block length) pairs it may run, set by the engine
@@ -75,15 +76,19 @@ class Row:
         """Run the prompt causally into the row's cache in prefill-graph chunks, the last
         through graph ``last`` (quadratic-spec: the fused prefill that also drafts after
         the prompt, so the last chunk must be full: a short chunk goes first, and a prompt
-        shorter than a chunk is left padded). Generator; returns the last chunk's outputs
-        and the column of the last prompt token. Counts as one forward."""
+        shorter than a chunk is left padded). The first ``reused`` prompt tokens are not
+        run: the prefix cache put their slots in the row. Generator; returns the last
+        chunk's outputs and the column of the last prompt token. Counts as one forward."""
         P = self.rt.prefill_length
         width = self.rt.prompt_width([self.prompt], self.mode if last == "prefill" else "quadratic-spec")
         pad = width - len(self.prompt)
         ids = [0] * pad + list(self.prompt)  # pad id 0: slots before row_start are masked
-        self.cache.reset_row(self.b, row_start=pad)
-        first = P if last == "prefill" else width % P or P
-        bounds = [0, *range(first, width, P), width]
+        n = self.reused  # slots pad .. pad+n-1 already hold the prompt's first n tokens
+        self.cache.reset_row(self.b, row_start=pad, length=pad + n if n else 0)
+        self.stats.cached_prompt_tokens = n
+        begin = pad + n if n else 0
+        first = P if last == "prefill" else (width - begin) % P or P
+        bounds = [begin, *range(begin + first, width, P), width]
         for start, end in zip(bounds, bounds[1:]):
             io = yield Forward(last if end == width else "prefill", P, ids[start:end], write=end - start)
         self.stats.forwards -= len(bounds) - 2  # the spec counts the prefill as one forward

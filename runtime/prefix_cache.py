@@ -1,0 +1,146 @@
+"""Prefix cache across requests: a new prompt starts from the K/V its longest cached
+prefix already has in some cache row, and prefills only the rest.
+
+Glossary:
+- a row's tokens: the token ids whose keys and values the row's committed slots
+  ``row_start .. cache_len-1`` hold (its prompt and the tokens it decoded), kept
+  here per slot as the engine places each forward's rows.
+- kept row: a row whose tokens may be reused: a row in flight, or a finished row
+  still in the LRU (its slots stay as they are until the row is given out again).
+- hit: a new prompt whose first n tokens equal a kept row's first n tokens; those
+  n slots become the new row's own (in place when the new request gets that very
+  row, else copied into its row at admission) and its prefill starts at n.
+- evicted: a finished row dropped from the LRU (over the token budget, or its row
+  given to a request that reuses nothing of it).
+
+The key of a slot is its token and the tokens before it (a prefix match) in one
+runtime: one artifact, one precision, one backend. K/V also depend on the drafter
+LoRA of the rows written: every writing graph of the contract writes its spine,
+which never carries the LoRA (nemocompile/model/layout.py), so every cached slot is
+base-weight K/V; a graph whose written rows did carry it would leave slots marked
+unknown (-1), never reused.
+
+Safety: a reused slot is never overwritten while a row reads it, because slots
+are only written by their own row's request: reuse in place makes the slots the
+new request's own, and reuse from another row copies them at once, before the
+next forward, so later writes to the source row cannot reach the copy.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+
+UNKNOWN = -1  # a slot whose K/V may not be reused (written with the LoRA on, or never tracked)
+
+
+class PrefixCache:
+    """Which tokens each cache row holds, and an LRU of finished rows under a token budget."""
+
+    def __init__(self, cache, batch_size: int, budget: int | None = None, listeners=None):
+        self.cache = cache
+        self.ids = np.full((batch_size, cache.capacity), UNKNOWN, dtype=np.int64)  # [B, C]: token at each slot
+        self.kept = np.zeros(batch_size, dtype=bool)  # [B]: rows whose tokens may be reused
+        self.budget = budget  # tokens that finished rows may keep (None: every row's)
+        self.idle: collections.OrderedDict[int, int] = collections.OrderedDict()  # finished row -> tokens, LRU first
+        self.listeners = listeners if listeners is not None else []  # ("prefix", (event, tokens))
+        self.hits = self.misses = 0  # sequences that reused a prefix / reused nothing
+        self.evicted = 0  # tokens dropped from finished rows (over the budget, or their row given out)
+        self.cached_prompt_tokens = 0  # prompt tokens served from the cache, summed
+        self.unreusable_writes: set = set()  # graph keys whose written rows carry the LoRA
+
+    # ---- what rows hold ------------------------------------------------------------
+    def written(self, key, row: int, start: int, tokens, n: int) -> None:
+        """The engine placed ``n`` slots of a forward of graph ``key`` at ``start`` of ``row``."""
+        self.ids[row, start:start + n] = UNKNOWN if key in self.unreusable_writes else tokens[:n]
+
+    def tokens(self, row: int) -> np.ndarray:
+        """The token ids row ``row``'s committed slots hold (empty when it is not kept)."""
+        if not self.kept[row]:
+            return self.ids[row, :0]
+        return self.ids[row, self.cache.row_start[row]:self.cache.cache_len[row]]
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens finished rows keep for reuse."""
+        return sum(self.idle.values())
+
+    def match(self, prompt: np.ndarray, rows) -> tuple[int, int]:
+        """(row, n): among ``rows``, the one whose tokens share the longest prefix with ``prompt``."""
+        best, best_n = -1, 0
+        for r in rows:
+            held = self.tokens(r)
+            m = min(len(held), len(prompt))
+            if m <= best_n:
+                continue
+            same = held[:m] == prompt[:m]
+            n = m if same.all() else int(np.argmin(same))
+            if n > best_n:
+                best, best_n = r, n
+        return best, best_n
+
+    # ---- admission -------------------------------------------------------------------
+    def place(self, prompt, pad: int, limit: int, free: list[int], busy: list[int]) -> tuple[int, int]:
+        """Give a new sequence one of the ``free`` rows, with the longest reusable prefix of
+        ``prompt`` (at most ``limit`` tokens) already in its slots ``pad .. pad+n-1``: (row, n).
+
+        A free row holding the best prefix is taken in place; a better prefix in a row in
+        flight is copied into an empty free row, else the least recently used one. Copying
+        into an empty row rather than reusing a finished row in place keeps that row's tail."""
+        prompt = np.asarray(prompt, dtype=np.int64)
+        src, n = self.match(prompt, [*free, *busy]) if limit > 0 else (-1, 0)
+        n = min(n, limit)
+        empty = [r for r in free if not self.kept[r]]
+        if n and not empty and src in free:
+            dst = src  # in place: it evicts only the row's tail past n
+        elif empty:
+            dst = empty[0]
+        else:
+            dst = next((r for r in self.idle if r in free and r != src), free[0])
+        if n:
+            start = int(self.cache.row_start[src])
+            if (src, start) != (dst, pad):
+                self.cache.copy(src, dst, n, start, pad)
+                self.ids[dst, pad:pad + n] = self.ids[src, start:start + n]
+            if src in self.idle:
+                self.idle.move_to_end(src)
+            self.hits += 1
+            self.cached_prompt_tokens += n
+        else:
+            self.misses += 1
+        self._event("hit" if n else "miss", n)
+        held = self.idle.pop(dst, None)
+        if held is not None:  # a finished row given out again: what it held is lost but the reused prefix
+            self._evict(held - n if dst == src else held)
+        self.kept[dst] = True
+        return dst, n
+
+    def release(self, row: int) -> None:
+        """Row ``row`` finished: keep its tokens for reuse, most recently used, within the budget."""
+        if not self.kept[row]:
+            return
+        self.idle[row] = len(self.tokens(row))
+        self.idle.move_to_end(row)
+        self._enforce()
+
+    def _enforce(self) -> None:
+        while self.idle and self.budget is not None and self.cached_tokens > self.budget:
+            row, held = self.idle.popitem(last=False)
+            self.kept[row] = False
+            self._evict(held)
+
+    def _evict(self, tokens: int) -> None:
+        if tokens > 0:
+            self.evicted += tokens
+            self._event("evict", tokens)
+
+    def clear(self) -> None:
+        """Forget every row (someone else wrote the cache: timing, teacher-forced parity)."""
+        self.kept[:] = False
+        self.idle.clear()
+        self.ids[:] = UNKNOWN
+
+    def _event(self, what: str, tokens: int) -> None:
+        for listener in self.listeners:
+            listener("prefix", (what, tokens))
