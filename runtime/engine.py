@@ -35,9 +35,12 @@ import time
 import traceback
 from typing import Any, Callable
 
+import numpy as np
+
 from nemocompile.errors import GenerationError
 
 from .job import Cancelled, Job, Overloaded, RequestTimeout
+from .prefix_cache import shared_prefix
 from .row import Forward, Row
 
 
@@ -159,7 +162,7 @@ class Engine:
         while self.queue:
             job = self.queue[0]
             free = [b for b, r in enumerate(self.rows) if r is None]
-            if len(free) < len(job.request.prompts):
+            if len(free) < len(job.request.prompts) or self._awaits_prefix(job):
                 return
             self.queue.popleft()
             admitted = time.perf_counter()
@@ -186,6 +189,28 @@ class Engine:
         limit = len(prompt) - (self.rt.prefill_length if request.mode == "quadratic-spec" else 1)
         busy = [b for b, r in enumerate(self.rows) if r is not None]
         return prefix.place(prompt, pad, max(limit, 0), free, busy)
+
+    def _awaits_prefix(self, job) -> bool:
+        """Whether ``job`` should wait for a row still prefilling a prompt that shares at least
+        a prefill chunk more with one of its prompts than the prefix cache holds now (or the
+        rest of what it shares comes with that row's next chunk): copying
+        those slots once they are written costs less than computing them again beside them
+        (lm-eval sends a question's choices together, one context each)."""
+        prefix, P = self.rt.prefix, self.rt.prefill_length
+        prefilling = [r for r, _, _ in filter(None, self.rows)
+                      if r.length - self.rt.cache.row_start[r.b] < len(r.prompt)]
+        if prefix is None or not prefilling:
+            return False
+        for prompt in job.request.prompts:
+            prompt = np.asarray(prompt, dtype=np.int64)
+            limit = len(prompt) - (P if job.request.mode == "quadratic-spec" else 1)
+            _, now = prefix.match(prompt, range(len(self.rows)))
+            for r in prefilling:
+                gain = min(shared_prefix(np.asarray(r.prompt), prompt), limit) - now
+                # worth a chunk, or the rest of it comes with the row's next chunk
+                if gain >= P or 0 < gain <= P - (now - (r.length - self.rt.cache.row_start[r.b])):
+                    return True
+        return False
 
     def _tick(self) -> None:
         """One forward per graph that some row needs; each row advances past it."""

@@ -70,12 +70,7 @@ class PrefixCache:
         """(row, n): among ``rows``, the one whose tokens share the longest prefix with ``prompt``."""
         best, best_n = -1, 0
         for r in rows:
-            held = self.tokens(r)
-            m = min(len(held), len(prompt))
-            if m <= best_n:
-                continue
-            same = held[:m] == prompt[:m]
-            n = m if same.all() else int(np.argmin(same))
+            n = shared_prefix(self.tokens(r), prompt, best_n)
             if n > best_n:
                 best, best_n = r, n
         return best, best_n
@@ -144,3 +139,12 @@ class PrefixCache:
     def _event(self, what: str, tokens: int) -> None:
         for listener in self.listeners:
             listener("prefix", (what, tokens))
+
+
+def shared_prefix(a: np.ndarray, b: np.ndarray, at_least: int = 0) -> int:
+    """Length of the common prefix of two id arrays (0 when it cannot exceed ``at_least``)."""
+    m = min(len(a), len(b))
+    if m <= at_least:
+        return 0
+    same = a[:m] == b[:m]
+    return m if same.all() else int(np.argmin(same))
