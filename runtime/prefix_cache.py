@@ -44,6 +44,7 @@ class PrefixCache:
         self.kept = np.zeros(batch_size, dtype=bool)  # [B]: rows whose tokens may be reused
         self.budget = budget  # tokens that finished rows may keep (None: every row's)
         self.idle: collections.OrderedDict[int, int] = collections.OrderedDict()  # finished row -> tokens, LRU first
+        self._idle_tokens = 0  # sum of idle's values (read by the metrics thread)
         self.listeners = listeners if listeners is not None else []  # ("prefix", (event, tokens))
         self.hits = self.misses = 0  # sequences that reused a prefix / reused nothing
         self.evicted = 0  # tokens dropped from finished rows (over the budget, or their row given out)
@@ -64,7 +65,7 @@ class PrefixCache:
     @property
     def cached_tokens(self) -> int:
         """Tokens finished rows keep for reuse."""
-        return sum(self.idle.values())
+        return self._idle_tokens
 
     def match(self, prompt: np.ndarray, rows) -> tuple[int, int]:
         """(row, n): among ``rows``, the one whose tokens share the longest prefix with ``prompt``."""
@@ -105,7 +106,7 @@ class PrefixCache:
         else:
             self.misses += 1
         self._event("hit" if n else "miss", n)
-        held = self.idle.pop(dst, None)
+        held = self._unidle(dst)
         if held is not None:  # a finished row given out again: what it held is lost but the reused prefix
             self._evict(held - n if dst == src else held)
         self.kept[dst] = True
@@ -115,15 +116,23 @@ class PrefixCache:
         """Row ``row`` finished: keep its tokens for reuse, most recently used, within the budget."""
         if not self.kept[row]:
             return
+        self._unidle(row)
         self.idle[row] = len(self.tokens(row))
-        self.idle.move_to_end(row)
+        self._idle_tokens += self.idle[row]
         self._enforce()
 
     def _enforce(self) -> None:
         while self.idle and self.budget is not None and self.cached_tokens > self.budget:
-            row, held = self.idle.popitem(last=False)
+            row = next(iter(self.idle))
+            held = self._unidle(row)
             self.kept[row] = False
             self._evict(held)
+
+    def _unidle(self, row: int) -> int | None:
+        held = self.idle.pop(row, None)
+        if held is not None:
+            self._idle_tokens -= held
+        return held
 
     def _evict(self, tokens: int) -> None:
         if tokens > 0:
@@ -134,6 +143,7 @@ class PrefixCache:
         """Forget every row (someone else wrote the cache: timing, teacher-forced parity)."""
         self.kept[:] = False
         self.idle.clear()
+        self._idle_tokens = 0
         self.ids[:] = UNKNOWN
 
     def _event(self, what: str, tokens: int) -> None:

@@ -105,7 +105,8 @@ def parse_body(body: Any, allowed: set[str], model_name: str) -> dict:
 def usage(prompt_tokens: int, result) -> dict:
     s = result.stats
     return {"prompt_tokens": prompt_tokens, "completion_tokens": len(result.tokens),
-            "total_tokens": prompt_tokens + len(result.tokens), "forwards": s.forwards,
+            "total_tokens": prompt_tokens + len(result.tokens),
+            "prompt_tokens_details": {"cached_tokens": s.cached_prompt_tokens}, "forwards": s.forwards,
             "tokens_per_forward": s.tokens_per_forward, "acceptance_length": s.acceptance_length,
             "time_to_first_token_s": s.time_to_first_token_s, "tokens_per_second": s.tokens_per_second,
             "queue_s": s.queue_s, "mode": s.mode, "mode_mix": s.mode_mix}
