@@ -1,0 +1,182 @@
+"""The prefix cache: a request that starts from K/V an earlier request left in the cache
+decodes exactly the tokens it decodes cold, in every mode, with rows joining and leaving,
+under a token budget that evicts, and over HTTP (``usage.prompt_tokens_details``)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import tiny_artifacts
+
+from nemocompile.runtime import Runtime
+from nemocompile.runtime.cache import KVCache
+
+MODES = ["ar", "diffusion", "linear-spec", "quadratic-spec", "auto"]
+BASE = list(range(10, 40))  # 30 tokens: two prefill chunks (P = 16)
+OTHER = [70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81]
+P = tiny_artifacts.PREFILL
+
+
+@pytest.fixture(scope="module")
+def artifact():
+    return tiny_artifacts.batch4()[1]  # batch 4, capacity 96, prefill chunks of 16, block 8
+
+
+@pytest.fixture(scope="module")
+def cold(artifact):
+    with Runtime.load(artifact, threads=1, prefix_cache=False) as rt:
+        yield rt
+
+
+@pytest.fixture(scope="module")
+def warm(artifact):
+    with Runtime.load(artifact, threads=1) as rt:
+        yield rt
+
+
+def cold_tokens(cold, prompt, mode, n=8):
+    return cold.generate(prompt, mode=mode, max_new_tokens=n, eos=-1).tokens
+
+
+def limit(prompt, mode):
+    """The most a prompt may reuse: its last token is always prefilled; quadratic-spec keeps a full last chunk."""
+    return max(len(prompt) - (P if mode == "quadratic-spec" else 1), 0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sharing_none_part_all_or_more_than_all_of_a_cached_prompt_decodes_as_cold(mode, cold, warm):
+    warm.prefix.clear()
+    cases = [  # (prompt, the prompt tokens the cache holds for it)
+        (BASE, 0),
+        (BASE[:20] + OTHER[:3], 20),  # part: the first 20 tokens
+        (BASE, 30),  # all of it
+        (BASE + [3, 4, 5, 6], 30),  # more than all: the cached prompt, then tokens it never had
+        (OTHER, 0),  # nothing
+        (BASE[:12], 12),  # a prefix of the cached prompt (its last token is prefilled again)
+    ]
+    for prompt, held in cases:
+        got = warm.generate(prompt, mode=mode, max_new_tokens=8, eos=-1)
+        assert got.tokens == cold_tokens(cold, prompt, mode), (mode, prompt)
+        assert got.stats.cached_prompt_tokens == min(held, limit(prompt, mode)), (mode, prompt)
+    assert warm.prefix.hits >= (3 if mode == "quadratic-spec" else 4)
+
+
+def test_rows_joining_and_leaving_reuse_each_other_and_decode_as_cold(cold, warm, monkeypatch):
+    """Nine requests of every mode on four rows, started apart, sharing prefixes with rows
+    in flight and with rows that finished; a quadratic-spec prompt shorter than a chunk
+    (left padded) lends its slots to rows that start at slot 0."""
+    warm.prefix.clear()
+    run = warm.backend.run
+    monkeypatch.setattr(warm.backend, "run", lambda key, b, n: (time.sleep(0.002), run(key, b, n))[1])
+    short = BASE[:10]
+    calls = [(BASE, "ar", 20), (short, "quadratic-spec", 9), (BASE + [1, 2], "linear-spec", 12),
+             (BASE[:25] + OTHER, "diffusion", 10), (short + [5, 6, 7], "ar", 6), (BASE, "auto", 14),
+             (OTHER + BASE, "quadratic-spec", 8), (BASE[:18], "linear-spec", 9), (short, "ar", 5)]
+    results: list = [None] * len(calls)
+
+    def go(i):
+        prompt, mode, n = calls[i]
+        try:
+            results[i] = warm.generate(prompt, mode=mode, max_new_tokens=n, eos=-1)
+        except Exception as e:  # surfaced below
+            results[i] = e
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+        time.sleep(0.01)
+    for t in threads:
+        t.join(timeout=120)
+    for (prompt, mode, n), got in zip(calls, results):
+        assert not isinstance(got, Exception), got
+        assert got.tokens == cold_tokens(cold, prompt, mode, n), (mode, prompt)
+    assert sum(r.stats.cached_prompt_tokens > 0 for r in results) >= 4
+
+
+def test_a_small_budget_evicts_the_least_recently_used_rows(artifact, cold):
+    with Runtime.load(artifact, threads=1, prefix_cache_tokens=50) as rt:
+        a, b = BASE, OTHER + BASE[:20]  # 30 and 32 tokens; each row keeps its prompt and 8 decoded tokens
+        rt.generate(a, max_new_tokens=8, eos=-1)
+        assert rt.prefix.cached_tokens == 37  # the last decoded token was never run: not in the cache
+        rt.generate(b, max_new_tokens=8, eos=-1)  # 37 + 39 > 50: a's row, the least recently used, goes
+        assert rt.prefix.cached_tokens == 39 and rt.prefix.evicted == 37
+        again_a = rt.generate(a, max_new_tokens=8, eos=-1)
+        assert again_a.stats.cached_prompt_tokens == 0 and again_a.tokens == cold_tokens(cold, a, "ar")
+        # a's second run evicted b's row in turn
+        again_b = rt.generate(b, max_new_tokens=8, eos=-1)
+        assert again_b.stats.cached_prompt_tokens == 0
+    with Runtime.load(artifact, threads=1, prefix_cache_tokens=0) as rt:
+        rt.generate(a, max_new_tokens=4, eos=-1)
+        assert rt.prefix.cached_tokens == 0
+        assert rt.generate(a, max_new_tokens=4, eos=-1).stats.cached_prompt_tokens == 0
+
+
+def test_a_row_reading_reused_slots_keeps_them_while_others_would_evict(artifact, cold):
+    """Row A decodes from slots it reuses in place (every row holds a finished prompt, so none is
+    empty); meanwhile five requests with other prompts take the other rows one after another,
+    evicting what they held, and one more copies A's prompt out of A's busy row. A's slots are
+    never given out while it reads them: every output is cold's."""
+    with Runtime.load(artifact, threads=1) as rt:
+        run = rt.backend.run
+        rt.backend.run = lambda key, b, n: (time.sleep(0.002), run(key, b, n))[1]
+        rt.generate([OTHER, [1, 2, 3] * 5, OTHER[:5] + BASE, BASE], max_new_tokens=4, eos=-1)  # every row kept
+        job_a = rt.submit(BASE + [1], mode="linear-spec", max_new_tokens=40, eos=-1)
+        time.sleep(0.05)
+        others = [rt.submit([90 + i] + OTHER, max_new_tokens=6, eos=-1) for i in range(5)]
+        twin = rt.submit(BASE + [2], mode="ar", max_new_tokens=6, eos=-1)
+        a = job_a.result()[0]
+        assert a.stats.cached_prompt_tokens == 30
+        assert a.tokens == cold_tokens(cold, BASE + [1], "linear-spec", 40)
+        for i, job in enumerate(others):
+            assert job.result()[0].tokens == cold_tokens(cold, [90 + i] + OTHER, "ar", 6)
+        t = twin.result()[0]
+        assert t.stats.cached_prompt_tokens >= 30 and t.tokens == cold_tokens(cold, BASE + [2], "ar", 6)
+        assert rt.prefix.evicted > 0
+
+
+def test_a_row_copies_slots_within_itself_and_between_rows():
+    data = np.random.default_rng(0).standard_normal((2, 1, 2, 1, 12, 3)).astype(np.float32)
+    cache = KVCache(data, 2)
+    want = data[:, :, 0, :, 2:9].copy()
+    cache.copy(0, 0, 7, src_start=2, dst_start=0)  # overlapping ranges of one row, moved left
+    np.testing.assert_array_equal(data[:, :, 0, :, 0:7], want)
+    cache.copy(0, 1, 7, src_start=0, dst_start=5)
+    np.testing.assert_array_equal(data[:, :, 1, :, 5:12], want)
+
+
+def test_http_reports_cached_tokens_and_four_choices_reuse_their_context(warm, cold):
+    """lm-eval scores a multiple-choice item as 4 requests: one context, 4 continuations."""
+    from fastapi.testclient import TestClient
+
+    from nemocompile.runtime.serve_http import create_app
+
+    warm.prefix.clear()
+    context = list(range(20, 60))
+    choices = [[3, 4], [5], [6, 7, 8], [9, 10]]
+    with TestClient(create_app(warm, "tiny")) as client:
+        usages = []
+        for choice in choices:
+            r = client.post("/v1/completions", json={"prompt": context + choice, "max_tokens": 1, "eos": -1})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["tokens"] == cold_tokens(cold, context + choice, "ar", 1)
+            usages.append(r.json()["usage"])
+        assert [u["prompt_tokens_details"]["cached_tokens"] for u in usages] == [0, 40, 40, 40]
+        computed = sum(u["prompt_tokens"] - u["prompt_tokens_details"]["cached_tokens"] for u in usages)
+        assert computed <= 0.35 * sum(u["prompt_tokens"] for u in usages)
+        # the same four sent together: three wait for the first one's context, then copy it
+        warm.prefix.clear()
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(lambda c: client.post("/v1/completions", json={
+                "prompt": [1] + context + c, "max_tokens": 1, "eos": -1}).json(), choices))
+        assert sorted(r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in replies) == [0, 41, 41, 41]
+        metrics = client.get("/metrics").text
+    values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+              if line.startswith("nemocompile_prefix_cache")}
+    assert values['nemocompile_prefix_cache_requests_total{result="hit"}'] == 6
+    assert values['nemocompile_prefix_cache_requests_total{result="miss"}'] == 2
+    assert values["nemocompile_prefix_cache_hit_tokens_total"] == 3 * 40 + 3 * 41
