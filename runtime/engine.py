@@ -4,7 +4,9 @@ The engine owns the runtime's KV cache and graphs and runs on one thread. A
 request (a :class:`Job`) waits in a bounded queue until enough rows are free,
 then each of its sequences joins a free row at a step boundary and leaves it the
 moment it finishes (EOS, max_new_tokens, cancel, timeout), freeing the row for
-the next request.
+the next request. Which free row a sequence gets is the prefix cache's choice
+(``runtime/prefix_cache.py``): the one that already holds the longest prefix of
+its prompt, or one that prefix is copied into, so its prefill starts after it.
 
 One tick: every active row states the graph it needs next (its scheduler yields
 a :class:`~.row.Forward`), rows that need the same graph (step, block length)

@@ -10,8 +10,8 @@ Glossary:
 - hit: a new prompt whose first n tokens equal a kept row's first n tokens; those
   n slots become the new row's own (in place when the new request gets that very
   row, else copied into its row at admission) and its prefill starts at n.
-- evicted: a finished row dropped from the LRU (over the token budget, or its row
-  given to a request that reuses nothing of it).
+- evicted: tokens a finished row kept that are dropped (its row leaves the LRU over
+  the token budget, or is given to a request that reuses less than it held).
 
 The key of a slot is its token and the tokens before it (a prefix match) in one
 runtime: one artifact, one precision, one backend. K/V also depend on the drafter

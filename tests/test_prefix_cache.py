@@ -180,3 +180,13 @@ def test_http_reports_cached_tokens_and_four_choices_reuse_their_context(warm, c
     assert values['nemocompile_prefix_cache_requests_total{result="hit"}'] == 6
     assert values['nemocompile_prefix_cache_requests_total{result="miss"}'] == 2
     assert values["nemocompile_prefix_cache_hit_tokens_total"] == 3 * 40 + 3 * 41
+
+
+def test_bench_shared_prefix_puts_the_same_tokens_before_every_prompt():
+    from nemocompile.errors import NemocompileError
+    from nemocompile.runtime.load_bench import with_shared_prefix
+
+    got = with_shared_prefix([[5, 6, 7], [8, 9]], 7, None)
+    assert got == [[5, 6, 7, 8, 9, 5, 6, 5, 6, 7], [5, 6, 7, 8, 9, 5, 6, 8, 9]]
+    with pytest.raises(NemocompileError, match="token-id prompts"):
+        with_shared_prefix(["def f():"], 4, None)
