@@ -96,6 +96,28 @@ def test_rows_joining_and_leaving_reuse_each_other_and_decode_as_cold(cold, warm
     assert sum(r.stats.cached_prompt_tokens > 0 for r in results) >= 4
 
 
+def test_log_probs_after_a_reused_prefix_equal_cold_ones_to_fp32_tolerance(cold, warm, monkeypatch):
+    """The first token's log-probs come from a prefill that starts after the reused slots (other
+    chunk boundaries than cold's): equal to 1e-4, fp32's tolerance (measured: 4e-6)."""
+    from nemocompile.runtime.row import Row
+
+    seen: dict = {}
+    choose = Row.choose
+
+    def spy(self, io, column):
+        seen.setdefault(self.rt is warm, []).append(np.array(io.logits[self.j, column], dtype=np.float64))
+        return choose(self, io, column)
+
+    monkeypatch.setattr(Row, "choose", spy)
+    warm.prefix.clear()
+    prompts = [BASE, BASE[:20] + OTHER[:5], BASE + OTHER[:3]]
+    for prompt in prompts:
+        assert warm.generate(prompt, max_new_tokens=1, eos=-1).tokens == cold_tokens(cold, prompt, "ar", 1)
+    assert warm.prefix.hits == 2
+    for w, c in zip(seen[True], seen[False]):
+        np.testing.assert_allclose(w - np.logaddexp.reduce(w), c - np.logaddexp.reduce(c), atol=1e-4)
+
+
 def test_a_small_budget_evicts_the_least_recently_used_rows(artifact, cold):
     with Runtime.load(artifact, threads=1, prefix_cache_tokens=50) as rt:
         a, b = BASE, OTHER + BASE[:20]  # 30 and 32 tokens; each row keeps its prompt and 8 decoded tokens
