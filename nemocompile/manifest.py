@@ -4,22 +4,28 @@ An artifact directory holds one ONNX graph per step kind, shared weights, the
 tokenizer files and ``manifest.json``. The runtime reads only this manifest
 (never exporter internals).
 
-Graph I/O (names are fixed; shapes are static, fixed at export time):
+Graph I/O (names are fixed; N = the artifact's batch, C = its cache capacity; b and n
+are dynamic, named ``batch`` and ``slots`` in the graphs, so a forward's cost follows the
+rows in flight and their lengths, never N or C):
 
 inputs
-  input_ids   int64 [B, L]                      the block (L = the step's block length)
-  cache_len   int64 [B]                         each row's committed cache slots; row b's block slots are
-                                                cache_len[b]..cache_len[b]+L-1 (rows at different lengths share a step)
-  row_start   int64 [B]                         first real slot of each row (left padding); positions = slot - row_start
-  cache_k     dtype [layers, B, kv_heads, C, head_dim]   the preallocated cache, C = cache capacity
-  cache_v     dtype [layers, B, kv_heads, C, head_dim]
+  input_ids   int64 [b, L]                      the block of each of the forward's b rows (1 <= b <= N)
+  cache_len   int64 [b]                         each row's committed cache slots; the row's block slots are
+                                                cache_len..cache_len+L-1 (rows at different lengths share a step)
+  row_start   int64 [b]                         first real slot of each row (left padding); positions = slot - row_start
+  rows        int64 [b]                         the cache row each entry reads and writes
+  slots       int64 [n]                         0 .. n-1: the slots the forward reads, n >= max(cache_len), n >= 1
+  cache_k     dtype [layers, N, kv_heads, C, head_dim]   the preallocated cache (static: memory, not work)
+  cache_v     dtype [layers, N, kv_heads, C, head_dim]
 outputs
-  candidate   int64 [B, T]                      every token's argmax (T = the layout's tokens)
-  confidence  float32 [B, T]                    and its softmax probability: a greedy runtime
+  candidate   int64 [b, T]                      every token's argmax (T = the layout's tokens)
+  confidence  float32 [b, T]                    and its softmax probability: a greedy runtime
                                                 never reads vocabulary-sized tensors
-  logits      float32 [B, T, vocab]             only in graphs that keep them (sampling)
-  present_k   dtype [layers, B, kv_heads, S, head_dim]   only for steps that write the cache (S = the
-  present_v   dtype [layers, B, kv_heads, S, head_dim]   spine's tokens): the runtime places them at cache_len
+  logits      float32 [b, T, vocab]             only in graphs that keep them (sampling)
+  present_k   dtype [b, layers, kv_heads, S, head_dim]   only for steps that write the cache (S = the
+  present_v   dtype [b, layers, kv_heads, S, head_dim]   spine's tokens): the runtime places them at cache_len
+
+The manifest records each tensor at its largest shape (b = N, n = C).
 
 Each graph records its token ``layout`` (nemocompile/model/layout.py): the spine
 (causal, written to the cache) and the branches (drafts), so a runtime knows
@@ -37,8 +43,9 @@ from .errors import NemocompileError
 
 FORMAT = "nemocompile-artifact"
 # The graph contract's version. 2: token layouts, candidate outputs on every graph, fused steps;
-# 3: cache_len per row ([B]), so rows at different lengths (continuous batching) share one step
-FORMAT_VERSION = 3
+# 3: cache_len per row ([B]), so rows at different lengths (continuous batching) share one step;
+# 4: the forward's rows (dynamic batch, ``rows``) and the slots it reads (``slots``), presents batch-first
+FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
 
 # step kind -> (attention pattern, writes the cache, modes that use it)
@@ -182,10 +189,11 @@ class Manifest:
             raise ManifestError(f"{source}: field 'format' is {raw.get('format')!r}, expected {FORMAT!r}; "
                                 "is this a nemocompile artifact? (create one with `nemocompile export`)")
         version = raw.get("format_version")
-        if version == 2:
-            raise ManifestError(f"{source}: this artifact has graph contract version 2, one cache length for the "
-                                f"whole batch; this nemocompile's graphs take one per row (version {FORMAT_VERSION}, "
-                                "for continuous batching): re-export the artifact with `nemocompile export`")
+        if version in (2, 3):
+            raise ManifestError(f"{source}: this artifact has graph contract version {version}, whose every "
+                                f"forward reads all cache slots of all rows; this nemocompile's graphs read only "
+                                f"the rows in flight up to their length (version {FORMAT_VERSION}): re-export the "
+                                "artifact with `nemocompile export`")
         if version != FORMAT_VERSION:
             raise ManifestError(f"{source}: format_version {version!r} is not supported "
                                 f"(this nemocompile reads version {FORMAT_VERSION}); re-export the artifact")

@@ -192,14 +192,17 @@ def step_parity(artifact_dir: str | Path, model: TriModeModel, *, manifest: Mani
         for cache_len in lens:
             if cache_len < 0 or cache_len + L > C:
                 continue
-            inputs = _step_inputs(model, layout, B, C, cache_len, gen)
-            got = dict(zip(names, session.run(None, {k: _numpy(v) for k, v in inputs.items()})))
-            with torch.no_grad():
-                ref = model.step(inputs["input_ids"], inputs["cache_k"], inputs["cache_v"], inputs["cache_len"],
-                                 inputs["row_start"], layout=layout)
-            direct.add(f"cache_len={cache_len}", got, ref)
-            if layout.pattern == "fused":
-                separate.add(f"cache_len={cache_len}", got, separate_steps(model, layout, inputs))
+            everything = _step_inputs(model, layout, B, C, cache_len, gen)
+            for b in sorted({1, B}):  # one row, and every row (the batch dimension is dynamic)
+                feed, inputs = _forward_inputs(everything, list(range(B))[::-1][:b])
+                got = dict(zip(names, session.run(None, {k: _numpy(v) for k, v in feed.items()})))
+                with torch.no_grad():
+                    ref = model.step(inputs["input_ids"], inputs["cache_k"], inputs["cache_v"], inputs["cache_len"],
+                                     inputs["row_start"], layout=layout)
+                case = f"b={b} cache_len={cache_len}"
+                direct.add(case, got, ref)
+                if layout.pattern == "fused":
+                    separate.add(case, got, separate_steps(model, layout, inputs))
         out.append(direct.result())
         if separate.cases:
             out.append(separate.result())
@@ -250,8 +253,8 @@ class OutputComparison:
             idx = np.arange(len(rows))
             self.margins.append(rows[idx, theirs_top[differ]] - rows[idx, cand[differ]])
         if "present_k" in got and ref[1] is not None:
-            for name, r in (("present_k", ref[1]), ("present_v", ref[2])):
-                ours, theirs = _f32(got[name]), r.float().numpy()
+            for name, r in (("present_k", ref[1]), ("present_v", ref[2])):  # graphs' presents are batch-first
+                ours, theirs = _f32(got[name]), r.transpose(0, 1).float().numpy()
                 self.nonfinite += int((~np.isfinite(ours)).sum())
                 self.cache_diffs.append(_nanmax(np.abs(ours - theirs)))
                 self.cache_scale = max(self.cache_scale, float(np.abs(theirs).max()))
@@ -332,6 +335,18 @@ def _step_inputs(model: TriModeModel, layout: Layout, B: int, C: int, cache_len:
         keep[:, 0] = True
         ids = torch.where(keep, ids, torch.full_like(ids, cfg.mask_token_id))
     return {"input_ids": ids, "cache_len": lens, "row_start": row_start, "cache_k": cache_k, "cache_v": cache_v}
+
+
+def _forward_inputs(inputs: dict, rows: list[int]) -> tuple[dict, dict]:
+    """One forward over cache rows ``rows`` (in that order): the graph's feed (the whole
+    cache, the rows' indices, the slots below their longest row) and eager's inputs (the
+    rows' own caches, whole: eager masks by length, the graph reads only ``slots``)."""
+    index = torch.tensor(rows, dtype=torch.long)
+    per_row = {k: inputs[k][index] for k in ("input_ids", "cache_len", "row_start")}
+    n = max(1, int(per_row["cache_len"].max()))
+    feed = {**per_row, "rows": index, "slots": torch.arange(n, dtype=torch.long),
+            "cache_k": inputs["cache_k"], "cache_v": inputs["cache_v"]}
+    return feed, {**per_row, "cache_k": inputs["cache_k"][:, index], "cache_v": inputs["cache_v"][:, index]}
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:

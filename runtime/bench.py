@@ -69,6 +69,8 @@ class Row:
     wall_s: float = 0.0
     graph_s: float = 0.0
     cpu_overhead_weighted: float = 0.0  # sum of overhead_cpu_share * wall_s
+    graph_calls: int = 0
+    forward_rows: float = 0.0  # summed over the graph calls: the rows each ran (its batch size)
     ttft_sum: float = 0.0
     tokens: list = field(default_factory=list, repr=False)  # per prompt, to compare backends
 
@@ -82,6 +84,8 @@ class Row:
         self.wall_s += s.wall_s
         self.graph_s += s.graph_s
         self.cpu_overhead_weighted += s.overhead_cpu_share * s.wall_s
+        self.graph_calls += s.graph_calls
+        self.forward_rows += s.rows_per_forward * s.graph_calls
         self.ttft_sum += s.time_to_first_token_s or 0.0
         self.tokens.append(result.tokens)
 
@@ -97,6 +101,7 @@ class Row:
             "time_to_first_token_s": self.ttft_sum / self.prompts if self.prompts else None,
             "overhead_share": (self.wall_s - self.graph_s) / wall,
             "overhead_cpu_share": self.cpu_overhead_weighted / wall,
+            "rows_per_forward": self.forward_rows / self.graph_calls if self.graph_calls else None,
             "wall_s": self.wall_s, "graph_s": self.graph_s,
         }
 
@@ -341,7 +346,8 @@ COLUMNS = (
     ("threshold", "thr", 5, "{:g}"), ("tokens_per_second", "tok/s", 8, "{:.1f}"),
     ("tokens_per_forward", "tok/fw", 6, "{:.2f}"), ("acceptance_length", "accept", 6, "{:.2f}"),
     ("time_to_first_token_s", "ttft_ms", 8, "{:.1f}"), ("overhead_share", "ovhd", 6, "{:.1%}"),
-    ("overhead_cpu_share", "ovhd_cpu", 8, "{:.1%}"), ("speedup_vs_ar", "x_ar", 6, "{:.2f}"),
+    ("overhead_cpu_share", "ovhd_cpu", 8, "{:.1%}"), ("rows_per_forward", "rows/fw", 7, "{:.2f}"),
+    ("speedup_vs_ar", "x_ar", 6, "{:.2f}"),
     ("speedup_vs_eager", "x_eager", 7, "{:.2f}"), ("weights", "weights", 7, "{}"),
     ("weight_bytes", "wt_MB", 7, "{:.1f}"), ("peak_rss_bytes", "rss_MB", 7, "{:.0f}"),
 )

@@ -277,6 +277,7 @@ class Engine:
             timer.graph_s += dt
             timer.graph_cpu_s += dc
             timer.calls += 1
+            timer.rows += len(members)
             row.stats.forwards += 1
         for listener in self.listeners:
             listener("step", (key, len(members), dt))

@@ -112,6 +112,7 @@ class RequestRecord:
     streamed_tokens: int | None = None  # token ids counted in the chunks (nemocompile's "tokens" field)
     finish_reason: str | None = None
     mode_mix: dict[str, int] = field(default_factory=dict)  # usage.mode_mix: cycles per mode
+    rows_per_forward: float | None = None  # usage.rows_per_forward: the batch size its forwards ran at
     error: str | None = None  # why the request failed (None: it completed)
     error_type: str | None = None  # the OpenAI error type ("overloaded" for a full queue)
 
@@ -188,6 +189,7 @@ def send_completion(client, body: dict, prompt_index: int) -> RequestRecord:
             record.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             record.cached_tokens = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
             record.mode_mix = dict(usage.get("mode_mix") or {})
+            record.rows_per_forward = usage.get("rows_per_forward")
     return record
 
 
@@ -253,6 +255,7 @@ def summarize_level(mode: str, concurrency: int, records: Sequence[RequestRecord
         "latency_p50_s": pct(latencies, 50), "latency_p99_s": pct(latencies, 99),
         "ttft_p50_s": pct(ttfts, 50), "ttft_p99_s": pct(ttfts, 99),
         "mode_mix": dict(sorted(mix.items())),
+        "rows_per_forward": pct([r.rows_per_forward for r in done if r.rows_per_forward is not None], 50),
         "first_error": next((r.error for r in records if r.error is not None), None),
         "records": [asdict(r) for r in records],
     }
@@ -582,7 +585,7 @@ def require_httpx():
 
 # ---- output ------------------------------------------------------------------------------------
 COLUMNS = ("mode", "C", "reqs", "done", "wall s", "tok/s", "req/s", "lat p50", "lat p99", "ttft p50", "ttft p99",
-           "mode mix")
+           "rows/fw", "mode mix")
 
 
 def format_table(report: dict) -> str:
@@ -599,7 +602,8 @@ def format_table(report: dict) -> str:
         cells = [c, str(row["requests"]), str(row["completed"]), num(row["wall_s"]),
                  num(row["tokens_per_second"], "{:.1f}"), num(row["requests_per_second"]),
                  num(row["latency_p50_s"], "{:.3f}"), num(row["latency_p99_s"], "{:.3f}"),
-                 num(row["ttft_p50_s"], "{:.3f}"), num(row["ttft_p99_s"], "{:.3f}")]
+                 num(row["ttft_p50_s"], "{:.3f}"), num(row["ttft_p99_s"], "{:.3f}"),
+                 num(row.get("rows_per_forward"))]
         lines.append(f"{row['mode']:<15} " + " ".join(f"{v:>9}" for v in cells) + f"  {mix}")
     for s in report["speedups"]:
         lines.append(f"{s['mode']}: wall one at a time / wall at C={s['concurrency']} = {num(s['speedup'])} "

@@ -41,6 +41,10 @@ class ServerMetrics:
         self.cycles = Counter("nemocompile_mode_cycles", "decode cycles run per mode (auto: its choices)", ["mode"],
                               registry=r)
         self.forwards = Counter("nemocompile_forwards", "graph executions", ["step"], registry=r)
+        # a forward runs only the rows in flight (1 .. the artifact's batch): how many each ran
+        self.forward_rows = Histogram("nemocompile_forward_rows", "rows a forward ran (its batch size)",
+                                      buckets=[2 ** i for i in range(max(runtime.batch_size, 1).bit_length() + 1)],
+                                      registry=r)
         self.ttft = Histogram("nemocompile_time_to_first_token_seconds", "submission to first token",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.latency = Histogram("nemocompile_request_latency_seconds", "submission to last token",
@@ -63,8 +67,9 @@ class ServerMetrics:
 
     def on_event(self, kind: str, value) -> None:
         if kind == "step":
-            (step, _), _, _ = value
+            (step, _), rows, _ = value
             self.forwards.labels(step).inc()
+            self.forward_rows.observe(rows)
         elif kind == "tokens":
             mode, n = value
             self.tokens.labels(mode).inc(n)

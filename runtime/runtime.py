@@ -51,6 +51,10 @@ class Request:
     budget: ThinkingBudget | None = None  # spec 3.5: max_thinking_tokens and end_think_token_id
 
 
+# a forward reads its rows' slots rounded up to a multiple of this (see Runtime.run)
+SLOT_STEP = 32
+
+
 @dataclass
 class RuntimeResult:
     tokens: list[int]  # generated ids, prompt excluded, trimmed after the first EOS
@@ -176,12 +180,15 @@ class Runtime:
     def run(self, key: tuple[str, int], rows) -> StepIO:
         """Run graph ``key`` for cache rows ``rows`` (a sequence of b distinct row indices, in the
         order of ``io``'s entries, whose ``input_ids`` the caller has filled), reading only the
-        slots below their longest row. The presents are left in ``io`` for the caller to place."""
+        slots below their longest row, rounded up to a multiple of ``SLOT_STEP`` (the extra
+        slots are masked like any past a row's length; the rounding saves rebinding ``slots``
+        on every token). The presents are left in ``io`` for the caller to place."""
         io, cache, b = self.io[key], self.cache, len(rows)
         io.rows[:b] = rows
         io.cache_len[:b] = cache.cache_len[io.rows[:b]]
         io.row_start[:b] = cache.row_start[io.rows[:b]]
-        self.backend.run(key, b, max(1, int(io.cache_len[:b].max())))
+        longest = int(io.cache_len[:b].max())
+        self.backend.run(key, b, min(self.capacity, max(1, -(-longest // SLOT_STEP) * SLOT_STEP)))
         return io
 
     def close(self) -> None:

@@ -13,7 +13,7 @@ The decode mode and its knobs are extra body fields: ``mode`` ("ar",
 checkpoint's chat template.
 ``temperature`` defaults to 0 (greedy) and ``max_tokens`` to 64. ``usage``
 also reports ``forwards``, ``tokens_per_forward``, ``acceptance_length``,
-``time_to_first_token_s``, ``tokens_per_second``, ``queue_s`` and ``mode_mix``
+``time_to_first_token_s``, ``tokens_per_second``, ``queue_s``, ``mode_mix`` and ``rows_per_forward`` (the batch size its forwards ran at)
 (decode cycles per mode: what ``auto`` chose).
 
 Requests run concurrently: the runtime's engine gives each a row of the batch
@@ -109,7 +109,8 @@ def usage(prompt_tokens: int, result) -> dict:
             "prompt_tokens_details": {"cached_tokens": s.cached_prompt_tokens}, "forwards": s.forwards,
             "tokens_per_forward": s.tokens_per_forward, "acceptance_length": s.acceptance_length,
             "time_to_first_token_s": s.time_to_first_token_s, "tokens_per_second": s.tokens_per_second,
-            "queue_s": s.queue_s, "mode": s.mode, "mode_mix": s.mode_mix}
+            "queue_s": s.queue_s, "mode": s.mode, "mode_mix": s.mode_mix,
+            "rows_per_forward": s.rows_per_forward}
 
 
 def create_app(runtime, model_name: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,

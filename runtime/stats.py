@@ -26,6 +26,7 @@ class RuntimeStats(GenerationStats):
     graph_calls: int = 0  # backend executions (chunked prefills count each chunk)
     acceptance_histogram: dict[int, int] = field(default_factory=dict)  # n -> verifies that accepted n
     batch_size: int = 1  # prompts decoded together
+    rows_per_forward: float = 0.0  # mean rows of the forwards this sequence took part in (a forward runs the rows in flight)
     time_to_first_token_s: float | None = None
     wall_s: float = 0.0
     graph_s: float = 0.0
@@ -65,7 +66,7 @@ class RuntimeStats(GenerationStats):
 class StepTimer:
     """Wall clock of one generation and the share spent inside backend calls."""
 
-    __slots__ = ("start", "start_cpu", "graph_s", "graph_cpu_s", "calls", "first_token")
+    __slots__ = ("start", "start_cpu", "graph_s", "graph_cpu_s", "calls", "rows", "first_token")
 
     def __init__(self, start: float | None = None):
         self.start = time.perf_counter() if start is None else start
@@ -73,6 +74,7 @@ class StepTimer:
         self.graph_s = 0.0
         self.graph_cpu_s = 0.0
         self.calls = 0
+        self.rows = 0  # summed over the calls: the rows each ran
         self.first_token: float | None = None
 
     def mark_first_token(self) -> None:
@@ -84,6 +86,7 @@ class StepTimer:
         stats.wall_s = wall
         stats.graph_s = self.graph_s
         stats.graph_calls = self.calls
+        stats.rows_per_forward = self.rows / self.calls if self.calls else 0.0
         stats.runtime_s = max(wall - self.graph_s, 0.0)
         stats.overhead_share = stats.runtime_s / wall if wall > 0 else 0.0
         stats.time_to_first_token_s = self.first_token

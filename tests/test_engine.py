@@ -79,7 +79,7 @@ def test_modes_mixed_in_one_batch_and_rows_joining_mid_decode(engine_artifact, r
     others decode and leave when they finish; each greedy output equals its solo eager run."""
     model, _ = engine_artifact
     run = rt.backend.run
-    monkeypatch.setattr(rt.backend, "run", lambda key: (time.sleep(0.003), run(key))[1])  # rows stay a while
+    monkeypatch.setattr(rt.backend, "run", lambda key, *a: (time.sleep(0.003), run(key, *a))[1])  # rows stay a while
     modes = ["linear-spec", "ar", "quadratic-spec", "diffusion", "auto", "ar"]
     calls = [dict(prompt_or_ids=PROMPTS[i % len(PROMPTS)], mode=m, max_new_tokens=9 + 3 * i, eos=-1)
              for i, m in enumerate(modes)]
@@ -115,7 +115,7 @@ def test_linear_spec_rows_that_join_apart_fall_into_one_phase(engine_artifact, r
     draft beside the other's verify every tick: the two share each forward from then on."""
     model, _ = engine_artifact
     run = rt.backend.run
-    monkeypatch.setattr(rt.backend, "run", lambda key: (time.sleep(0.003), run(key))[1])
+    monkeypatch.setattr(rt.backend, "run", lambda key, *a: (time.sleep(0.003), run(key, *a))[1])
     log = []
     rt.engine.listeners.append(lambda kind, value: log.append(value[:2]) if kind == "step" else None)
     try:
@@ -176,7 +176,7 @@ def _slow(rt, seconds: float = 0.01):
     """Every forward takes at least ``seconds`` (this tiny model's take well under a millisecond),
     so requests hold their rows long enough to observe."""
     run = rt.backend.run
-    rt.backend.run = lambda key: (time.sleep(seconds), run(key))[1]
+    rt.backend.run = lambda key, *a: (time.sleep(seconds), run(key, *a))[1]
 
 
 def _hold_rows(rt, n: int, max_new_tokens: int = 80):

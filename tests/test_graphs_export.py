@@ -18,6 +18,7 @@ from nemocompile.artifact_files import describe_files
 from nemocompile.cli import main
 from nemocompile.graphs import plan
 from nemocompile.graphs.export import ExportError, export_artifact
+from nemocompile.graphs.steps import DYNAMIC_DIMS
 from nemocompile.loader import load, save
 from nemocompile.manifest import STEP_KINDS, Manifest, ManifestError
 from nemocompile.passes.quantize_weights import QuantSettings
@@ -66,7 +67,12 @@ def test_export_all_modes_is_a_valid_artifact():
         for specs, values in ((g.inputs, inferred.graph.input), (g.outputs, inferred.graph.output)):
             assert [v.name for v in values] == [s.name for s in specs]
             for v, s in zip(values, specs):
-                assert [d.dim_value for d in v.type.tensor_type.shape.dim] == s.shape, (g.step, v.name)
+                dims = v.type.tensor_type.shape.dim
+                # the forward's rows and the slots it reads are dynamic; the manifest records their largest size
+                assert [s.shape[i] if d.dim_param else d.dim_value for i, d in enumerate(dims)] == s.shape, \
+                    (g.step, v.name)
+                assert [d.dim_param for d in dims if d.dim_param] == ([DYNAMIC_DIMS[v.name]] if v.name in DYNAMIC_DIMS
+                                                                       else []), (g.step, v.name)
                 assert v.type.tensor_type.elem_type == ONNX_DTYPES[s.dtype]
         present = [s for s in g.outputs if s.name.startswith("present")]
         assert len(present) == (2 if writes else 0)
@@ -105,17 +111,15 @@ def test_graphs_are_lean_and_never_copy_the_cache():
         for n in graph.node:
             for name in n.input:
                 consumers.setdefault(name, []).append(n)
-        # Follow everything computed from the cache until it meets a MatMul (the
-        # attention over it): nothing on the way may concatenate, expand or copy it.
-        frontier, seen = ["cache_k", "cache_v"], set()
-        while frontier:
-            name = frontier.pop()
-            for n in consumers.get(name, []):
-                assert n.op_type not in CACHE_COPY_OPS, f"{g.step}: {n.op_type} over the cache ({name})"
-                assert n.op_type in ("Gather", "Transpose", "MatMul"), f"{g.step}: unexpected {n.op_type} on the cache"
-                if n.op_type != "MatMul" and n.name not in seen:
-                    seen.add(n.name)
-                    frontier.extend(n.output)
+        # The cache is read only by a Gather of the used slots (a flattening Reshape first, a
+        # view): nothing may concatenate, expand or copy the whole cache, or read it otherwise.
+        for name in ("cache_k", "cache_v"):
+            (flat,) = consumers[name]
+            assert flat.op_type == "Reshape", f"{g.step}: {flat.op_type} over the cache ({name})"
+            gathers = consumers[flat.output[0]]
+            assert gathers and all(n.op_type == "Gather" and n.input[0] == flat.output[0] for n in gathers), \
+                f"{g.step}: {[n.op_type for n in gathers]} over the flattened cache"
+            assert all(n.op_type not in CACHE_COPY_OPS for n in gathers)
         assert not set(graph.output[i].name for i in range(len(graph.output))) & {"cache_k", "cache_v"}
 
 
@@ -152,8 +156,9 @@ def test_manifest_round_trips_and_rejects_bad_fields(tmp_path):
     assert "missing field 'cache_capacity'" in broken(lambda d: d.pop("cache_capacity"))
     assert "graphs[1]: missing field 'block_length'" in broken(lambda d: d["graphs"][1].pop("block_length"))
     assert "format_version" in broken(lambda d: d.update(format_version=99))
-    old = broken(lambda d: d.update(format_version=2))  # one cache length for the whole batch
-    assert "graph contract version 2" in old and "one per row" in old and "re-export" in old
+    for version in (2, 3):  # every forward read all slots of all rows
+        old = broken(lambda d: d.update(format_version=version))
+        assert f"graph contract version {version}" in old and "rows in flight" in old and "re-export" in old
     assert "dtype" in broken(lambda d: d.update(dtype="int8"))
     assert "unknown step kind 'sample'" in broken(lambda d: d["graphs"][0].update(step="sample"))
     assert "must be bidirectional" in broken(lambda d: d["graphs"][2].update(pattern="causal"))
@@ -277,7 +282,7 @@ def test_check_reports_a_graph_tensorrt_would_reject(tmp_path, capsys):
     (art / "manifest.json").write_text(json.dumps(raw))
     assert main(["check", "--artifact", str(art)]) == 1
     out = capsys.readouterr().out
-    assert "ar_step  5 problem(s)" in out and "Unique" in out and "non-static shape" in out
+    assert "ar_step  5 problem(s)" in out and "Unique" in out and "no optimization profile can bound" in out
     assert "graph inputs are ['x'], the manifest contract needs ['input_ids'," in out
     assert "prefill  ok" in out and "TensorRT would reject" in out
 
@@ -301,6 +306,8 @@ def test_bidirectional_graphs_return_argmax_and_confidence():
             else:
                 feeds[spec.name] = rng.standard_normal(spec.shape).astype(np.float32)
         feeds["cache_len"] = np.full(g.inputs[1].shape, CAPACITY // 2, dtype=np.int64)
+        feeds["rows"] = np.arange(len(feeds["rows"]), dtype=np.int64)
+        feeds["slots"] = np.arange(CAPACITY // 2, dtype=np.int64)
         logits, cand, conf = ort.InferenceSession(str(out / g.file)).run(None, feeds)
         probs = torch.softmax(torch.from_numpy(logits), dim=-1)
         assert np.array_equal(cand, logits.argmax(-1))

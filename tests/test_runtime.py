@@ -294,9 +294,6 @@ def _eager_keys(model, ids: list[int]) -> np.ndarray:
 def test_buffers_are_bound_once_and_present_rows_land_at_cache_len(model, ort):
     cache = ort.cache
     data_ptr = cache.data.ctypes.data
-    bound = {v.data_ptr() for v in ort.backend._keep}
-    assert cache.k.ctypes.data in bound and cache.v.ctypes.data in bound  # ORT reads the cache buffer itself
-    assert cache.cache_len.ctypes.data in bound and cache.row_start.ctypes.data in bound
     cache.data[...] = 0
     prompt = PROMPTS[2]  # two prefill chunks, the second right-padded
     r = ort.generate(prompt, mode="ar", max_new_tokens=5, eos=-1)
@@ -304,6 +301,10 @@ def test_buffers_are_bound_once_and_present_rows_land_at_cache_len(model, ort):
     assert cache.length(0) == n and cache.data.ctypes.data == data_ptr
     np.testing.assert_allclose(cache.k[:, :, :, :n], _eager_keys(model, prompt + r.tokens[:-1]), atol=1e-4)
     assert not cache.k[:, :, :, n:].any(), "rows past cache_len were written (padding placed in the cache?)"
+    bound = {v.data_ptr() for v in ort.backend._keep}
+    assert cache.k.ctypes.data in bound and cache.v.ctypes.data in bound  # ORT reads the cache buffer itself
+    io = ort.io[("ar_step", 1)]  # and each forward's own rows from the step's buffers (no copies per step)
+    assert io.cache_len.ctypes.data in bound and io.rows.ctypes.data in bound and io.input_ids.ctypes.data in bound
 
 
 def test_linear_spec_rollback_moves_the_length(model, ort):
@@ -320,7 +321,7 @@ def test_linear_spec_rollback_moves_the_length(model, ort):
 def _counting(rt):
     calls = []
     run = rt.backend.run
-    rt.backend.run = lambda key: (calls.append(key), run(key))[1]
+    rt.backend.run = lambda key, *a: (calls.append(key), run(key, *a))[1]
     return calls, run
 
 

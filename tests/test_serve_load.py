@@ -40,7 +40,7 @@ def served():
     rt = Runtime.load(path, threads=1, max_queue=1)
     run = rt.backend.run
     rt.delay = [0.004]  # seconds added to every forward: rows stay busy a while
-    rt.backend.run = lambda key: (time.sleep(rt.delay[0]), run(key))[1]
+    rt.backend.run = lambda key, *a: (time.sleep(rt.delay[0]), run(key, *a))[1]
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(create_app(rt, "tiny"), log_level="warning"))

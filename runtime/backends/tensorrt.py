@@ -12,6 +12,15 @@ for a B200), written as ``<graph file stem>.engine`` next to its graph, plus
 a step and the host outputs (``candidate``, ``confidence``, ``logits`` where the graph has them)
 copied back after it.
 
+The graphs' two dynamic dimensions (the forward's rows ``b`` and the cache slots
+it reads ``n``, see nemocompile/manifest.py) become one optimization profile per
+engine spanning 1 .. the manifest's largest shape; a step sets the input shapes
+of its ``b`` and ``n`` (``set_input_shape``) and binds prefixes of the static
+buffers (every per-forward buffer is batch-first, so its first b rows are
+contiguous, and ``slots`` is a prefix of a static 0 .. C-1 array). The attention
+itself is the ONNX graph's (a gather of the used slots, then dense attention
+over them), so its work follows the rows' lengths on TensorRT as on ONNX Runtime.
+
 Not exercised on the CPU-only development machine: there both the build and
 the backend fail early with the message below.
 """
@@ -129,6 +138,7 @@ def build_engines(artifact_dir, manifest, *, workspace_gb: float | None = None, 
                                           f"({errors}); `nemocompile check --artifact {artifact_dir}` lints it, "
                                           "re-export with a lower --opset if an operator is too new")
         config = builder.create_builder_config()
+        config.add_optimization_profile(_profile(builder, network, graph))
         if workspace_gb:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
         config.builder_optimization_level = opt_level
@@ -149,6 +159,21 @@ def build_engines(artifact_dir, manifest, *, workspace_gb: float | None = None, 
     if timing_cache:
         _write_atomic(Path(timing_cache), memoryview(cache.serialize()))
     return record
+
+
+def _profile(builder, network, graph):
+    """One optimization profile over the graph's dynamic dimensions (the forward's rows and the
+    slots it reads): each from 1 to the manifest's shape, tuned at the largest."""
+    profile = builder.create_optimization_profile()
+    largest = {spec.name: tuple(spec.shape) for spec in graph.inputs}
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        dims = tuple(tensor.shape[d] for d in range(len(tensor.shape)))
+        if -1 in dims:
+            top = largest[tensor.name]
+            low = tuple(1 if d == -1 else d for d in dims)
+            profile.set_shape(tensor.name, low, top, top)
+    return profile
 
 
 def _write_atomic(path: Path, data) -> None:
@@ -198,13 +223,16 @@ class TensorRTBackend:
         self.steps: dict[GraphKey, tuple] = {}
         self._engines: list = []
         # host inputs staged on the device once per step; shared by every engine
-        self._cache_len = torch.zeros(manifest.batch_size, dtype=torch.int64, device=self.device)
-        self._row_start = torch.zeros(manifest.batch_size, dtype=torch.int64, device=self.device)
+        N, C = manifest.batch_size, manifest.cache_capacity
+        self._cache_len = torch.zeros(N, dtype=torch.int64, device=self.device)
+        self._row_start = torch.zeros(N, dtype=torch.int64, device=self.device)
+        self._rows = torch.zeros(N, dtype=torch.int64, device=self.device)
+        self._slots = torch.arange(C, dtype=torch.int64, device=self.device)
 
     def allocate(self, shape, dtype: str):
         return torch_device_array(shape, dtype, self.device)
 
-    def open(self, graph, io: StepIO, cache) -> None:
+    def open(self, graph, io: StepIO, cache, slots) -> None:
         import tensorrt as trt  # loaded by __init__; by name so mypy checks its use against TensorRT's stubs
 
         t = self.torch
@@ -222,9 +250,10 @@ class TensorRTBackend:
         host = {name: getattr(io, name) for name in ("logits", "candidate", "confidence")
                 if getattr(io, name) is not None}
         twins = {name: t.from_numpy(a).to(self.device) for name, a in host.items()}
-        buffers = {"input_ids": ids, "cache_len": self._cache_len, "row_start": self._row_start,
-                   "cache_k": cache.k, "cache_v": cache.v, "present_k": io.present_k, "present_v": io.present_v,
-                   **twins}
+        buffers = {"input_ids": ids, "cache_len": self._cache_len, "row_start": self._row_start, "rows": self._rows,
+                   "slots": self._slots, "cache_k": cache.k, "cache_v": cache.v, "present_k": io.present_k,
+                   "present_v": io.present_v, **twins}
+        dynamic = []  # input names whose first dimension is b or n: their shapes are set per step
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
             if name not in buffers or buffers[name] is None:
@@ -232,25 +261,31 @@ class TensorRTBackend:
                                               "from this artifact")
             dims = engine.get_tensor_shape(name)  # trt.Dims: indexable, not typed as iterable
             want = tuple(dims[d] for d in range(len(dims)))
-            if want != tuple(buffers[name].shape):
+            have = tuple(buffers[name].shape)
+            if len(want) != len(have) or any(w not in (-1, h) for w, h in zip(want, have)):
                 raise BackendUnavailableError(f"{path}: tensor {name!r} has shape {want}, the manifest says "
-                                              f"{tuple(buffers[name].shape)}; rebuild the engine")
+                                              f"{have}; rebuild the engine")
+            if -1 in want and engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+                dynamic.append((name, have[1:]))
             context.set_tensor_address(name, buffers[name].data_ptr())
         self._engines.append(engine)
         copies = [(t.from_numpy(host[name]), twin) for name, twin in twins.items()]
-        self.steps[(graph.step, graph.block_length)] = (context, io, ids, copies, cache)
+        self.steps[(graph.step, graph.block_length)] = (context, io, ids, copies, dynamic)
 
-    def run(self, key: GraphKey) -> None:
-        context, io, ids, copies, cache = self.steps[key]
+    def run(self, key: GraphKey, b: int, n: int) -> None:
+        context, io, ids, copies, dynamic = self.steps[key]
         t = self.torch
+        for name, rest in dynamic:  # prefixes of static buffers: the addresses stay
+            context.set_input_shape(name, (n if name == "slots" else b, *rest))
         with t.cuda.stream(self.stream):
-            ids.copy_(t.from_numpy(io.input_ids), non_blocking=True)
-            self._cache_len.copy_(t.from_numpy(cache.cache_len), non_blocking=True)
-            self._row_start.copy_(t.from_numpy(cache.row_start), non_blocking=True)
+            ids[:b].copy_(t.from_numpy(io.input_ids[:b]), non_blocking=True)
+            self._cache_len[:b].copy_(t.from_numpy(io.cache_len[:b]), non_blocking=True)
+            self._row_start[:b].copy_(t.from_numpy(io.row_start[:b]), non_blocking=True)
+            self._rows[:b].copy_(t.from_numpy(io.rows[:b]), non_blocking=True)
             if not context.execute_async_v3(self.stream.cuda_stream):
                 raise BackendUnavailableError(f"TensorRT failed to run the {key[0]!r} engine")
             for dst, src in copies:  # synchronizes: the scheduler reads these next
-                dst.copy_(src)
+                dst[:b].copy_(src[:b])
         # present rows stay on the device; the runtime places them into the cache there
         self.stream.synchronize()
 
