@@ -270,6 +270,7 @@ def test_a_closed_stream_frees_its_row(ort):
 
 
 def test_stats_split_time_and_count_the_prefill_once(ort):
+    ort.prefix.clear()  # prefilled whole whatever ran before
     r = ort.generate(PROMPTS[2], mode="ar", max_new_tokens=5, eos=-1)  # 12-token prompt: two prefill chunks
     s = r.stats
     assert s.forwards == 5 and s.graph_calls == 6 and s.decode_forwards == 4
