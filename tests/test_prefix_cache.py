@@ -161,6 +161,19 @@ def test_a_row_reading_reused_slots_keeps_them_while_others_would_evict(artifact
         assert rt.prefix.evicted > 0
 
 
+def test_a_left_padded_prompt_is_reused_in_place_by_a_row_that_starts_at_slot_zero(artifact, cold):
+    """quadratic-spec pads a prompt shorter than a chunk on the left (row_start > 0); an ar request
+    that shares it and gets that very row (no row is empty) moves the slots to start at 0."""
+    short = BASE[:10]
+    with Runtime.load(artifact, threads=1) as rt:
+        rt.generate([OTHER, OTHER[1:], OTHER[2:]], max_new_tokens=2, eos=-1)  # three rows kept
+        rt.generate(short, mode="quadratic-spec", max_new_tokens=2, eos=-1)  # the fourth, padded by 6
+        assert rt.cache.row_start.tolist().count(P - len(short)) == 1 and rt.prefix.kept.all()
+        got = rt.generate(short + [5, 6, 7], max_new_tokens=8, eos=-1)
+        assert got.stats.cached_prompt_tokens >= 10 and rt.cache.row_start.tolist() == [0, 0, 0, 0]
+        assert got.tokens == cold_tokens(cold, short + [5, 6, 7], "ar")
+
+
 def test_a_row_copies_slots_within_itself_and_between_rows():
     data = np.random.default_rng(0).standard_normal((2, 1, 2, 1, 12, 3)).astype(np.float32)
     cache = KVCache(data, 2)
