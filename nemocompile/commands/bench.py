@@ -217,4 +217,5 @@ def run_serve(args) -> int:
         prompts, config, artifact=None if args.url else args.artifact[0], url=args.url, threads=args.threads,
         server_args=server_args, health_timeout_s=args.health_timeout or load_bench.HEALTH_TIMEOUT_S,
         progress=None if args.quiet else bench.stderr_progress)
+    report["settings"]["shared_prefix"] = args.shared_prefix
     return _report(load_bench, report, args)
