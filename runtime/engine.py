@@ -260,12 +260,19 @@ class Engine:
             n = len(tokens)
             if n > width:
                 raise GenerationError(f"row {b} sent {n} tokens to the {key[0]!r} graph of width {width}")
-            io.input_ids[j, :n] = tokens
-            io.input_ids[j, n:] = 0  # right padding of a short chunk: computed, never placed in the cache
+            if n == 1:
+                io.input_ids[j, 0] = tokens[0]
+            else:
+                io.input_ids[j, :n] = tokens
+            if n < width:
+                io.input_ids[j, n:] = 0  # right padding of a short chunk: computed, never placed in the cache
         t0, c0 = time.perf_counter(), time.process_time()
         rt.run(key, members)
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
-        self.live_s.setdefault(key, collections.deque(maxlen=16)).append(dt)
+        live = self.live_s.get(key)
+        if live is None:
+            live = self.live_s[key] = collections.deque(maxlen=16)
+        live.append(dt)
         for j, b in enumerate(members):
             row, _, forward = self.rows[b]
             row.j = j

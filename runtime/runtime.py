@@ -183,12 +183,14 @@ class Runtime:
         slots below their longest row, rounded up to a multiple of ``SLOT_STEP`` (the extra
         slots are masked like any past a row's length; the rounding saves rebinding ``slots``
         on every token). The presents are left in ``io`` for the caller to place."""
-        io, cache, b = self.io[key], self.cache, len(rows)
-        io.rows[:b] = rows
-        io.cache_len[:b] = cache.cache_len[io.rows[:b]]
-        io.row_start[:b] = cache.row_start[io.rows[:b]]
-        longest = int(io.cache_len[:b].max())
-        self.backend.run(key, b, min(self.capacity, max(1, -(-longest // SLOT_STEP) * SLOT_STEP)))
+        io, lengths, starts = self.io[key], self.cache.cache_len.tolist(), self.cache.row_start
+        longest = 0
+        for j, row in enumerate(rows):  # a few rows: scalar stores beat numpy's fancy indexing here
+            io.rows[j] = row
+            io.cache_len[j] = length = lengths[row]
+            io.row_start[j] = starts[row]
+            longest = max(longest, length)
+        self.backend.run(key, len(rows), min(self.capacity, max(1, -(-longest // SLOT_STEP) * SLOT_STEP)))
         return io
 
     def close(self) -> None:
