@@ -54,7 +54,12 @@ class PrefixCache:
     # ---- what rows hold ------------------------------------------------------------
     def written(self, key, row: int, start: int, tokens, n: int) -> None:
         """The engine placed ``n`` slots of a forward of graph ``key`` at ``start`` of ``row``."""
-        self.ids[row, start:start + n] = UNKNOWN if key in self.unreusable_writes else tokens[:n]
+        if key in self.unreusable_writes:
+            self.ids[row, start:start + n] = UNKNOWN
+        elif n == 1:  # one slot (AR): a scalar store, the per-token path
+            self.ids[row, start] = tokens[0]
+        else:
+            self.ids[row, start:start + n] = tokens[:n]
 
     def tokens(self, row: int) -> np.ndarray:
         """The token ids row ``row``'s committed slots hold (empty when it is not kept)."""
