@@ -17,9 +17,12 @@ MODES = {m.MODE: m for m in (ar, diffusion, linear_spec, quadratic_spec)}
 
 
 def plan(modes: list[str], *, block_length: int, prefill_length: int, has_lora: bool,
-         logits: bool = True, mode_options: dict[str, dict] | None = None) -> list[tuple[StepSpec | Fuse, list[str]]]:
+         logits: bool = True, logprobs: bool = True, mode_options: dict[str, dict] | None = None
+         ) -> list[tuple[StepSpec | Fuse, list[str]]]:
     """The graphs of ``modes``, each once, with the modes that use it, in mode order.
     ``logits=False``: no graph returns vocabulary-sized logits (a greedy-only artifact).
+    ``logprobs``: every graph that picks emitted tokens (all but linear-spec's draft) also returns
+    top-20 log-probs and the input's next-token log-probs (StepSpec.logprobs).
     ``mode_options``: extra keyword arguments of a mode's ``steps`` (quadratic-spec: draft_groups)."""
     graphs: dict[StepSpec | Fuse, list[str]] = {}
     for mode in modes:
@@ -28,6 +31,10 @@ def plan(modes: list[str], *, block_length: int, prefill_length: int, has_lora: 
                                       **options):
             if isinstance(spec, StepSpec) and not logits:
                 spec = dataclasses.replace(spec, logits=False)
+            if logprobs and isinstance(spec, StepSpec) and spec.step != "draft":
+                spec = dataclasses.replace(spec, logprobs=True)
+            elif logprobs and isinstance(spec, Fuse):
+                spec = dataclasses.replace(spec, causal=dataclasses.replace(spec.causal, logprobs=True))
             graphs.setdefault(spec, []).append(mode)
     return list(graphs.items())
 

@@ -71,6 +71,7 @@ def export_artifact(
     overwrite: bool = False,
     dump_after: str | None = None,
     logits: bool = True,
+    logprobs: bool = True,
     draft_groups: int | None = None,
     quantize: QuantSettings | None = None,
     calibration_prompts: Sequence | None = None,
@@ -90,7 +91,9 @@ def export_artifact(
     the prompt chunk; ``max_seq_len`` the cache capacity C; ``batch_size`` the
     static batch. ``logits=False`` makes a greedy-only artifact: no graph returns
     vocabulary-sized logits (token ids and confidences only; sampling then
-    needs another export). ``draft_groups`` G: quadratic-spec's fused step drafts for
+    needs another export). ``logprobs=False``: no graph returns the top-20 log-probs and the
+    input's next-token log-probs that OpenAI clients' ``logprobs``/``echo`` read (they are small:
+    [B, T, 20]; on by default, greedy-only artifacts included). ``draft_groups`` G: quadratic-spec's fused step drafts for
     the first G acceptance points only (default: all B). ``progress``: True prints
     to stderr, or a callable(str).
     ``quantize``: weight-only int4/int8 (passes/quantize_weights.py); None keeps the weights in ``dtype``.
@@ -137,7 +140,7 @@ def export_artifact(
         raise ExportError(f"draft_groups must be an integer from 1 to the block length {block_length} and needs "
                           f"the quadratic-spec mode, got {draft_groups!r}")
     planned = plan(modes, block_length=block_length, prefill_length=prefill_length, has_lora=model.has_lora,
-                   logits=logits, mode_options={"quadratic-spec": {"draft_groups": draft_groups}})
+                   logits=logits, logprobs=logprobs, mode_options={"quadratic-spec": {"draft_groups": draft_groups}})
     # the description passes (fusion) run on the whole plan before anything is lowered
     graphs = list(zip(run_description_pipeline([s for s, _ in planned]), [used for _, used in planned]))
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
@@ -153,7 +156,7 @@ def export_artifact(
             module = StepModule(model, spec)
             inputs, outputs = module.io_specs(batch_size, max_seq_len)
             file = f"{spec.step}.onnx"
-            key = (spec.layout, spec.logits)
+            key = (spec.layout, spec.logits, spec.logprobs)
             if key in traced:
                 # e.g. commit and verify: the same computation under two step kinds
                 say(f"[{i}/{len(graphs)}] {spec.step}: same graph as {traced[key][1]}")

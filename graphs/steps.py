@@ -34,12 +34,12 @@ from torch import nn
 from nemocompile.manifest import TensorSpec
 from nemocompile.model import TriModeModel
 from nemocompile.model.layout import Branch, Layout
-from nemocompile.model.modeling import greedy_candidates
+from nemocompile.model.modeling import TOP_LOGPROBS, greedy_candidates, token_logprobs
 
 INPUT_NAMES = ("input_ids", "cache_len", "row_start", "rows", "slots", "cache_k", "cache_v")
 # inputs and outputs whose first dimension is the forward's rows (dynamic, 1 .. batch size); the cache is static
-BATCH_NAMES = ("input_ids", "cache_len", "row_start", "rows", "logits", "candidate", "confidence", "present_k",
-               "present_v")
+BATCH_NAMES = ("input_ids", "cache_len", "row_start", "rows", "logits", "candidate", "confidence", "top_logprobs",
+               "top_ids", "next_logprob", "present_k", "present_v")
 # tensor -> the name of its dynamic first dimension (the manifest records its largest size)
 DYNAMIC_DIMS = {**{name: "batch" for name in BATCH_NAMES}, "slots": "slots"}
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -52,6 +52,9 @@ class StepSpec:
     step: str  # a manifest.STEP_KINDS key
     layout: Layout
     logits: bool = True  # full logits [B, T, V] too (needed to sample); False: ids and confidences only
+    # top-20 log-probs and ids [B, S, 20] of the S = spine (else all) positions and each input token's
+    # log-prob given the tokens before it [B, L]: what an OpenAI client's logprobs/echo read, on the device
+    logprobs: bool = False
 
     @classmethod
     def causal(cls, step: str, length: int) -> "StepSpec":
@@ -81,7 +84,13 @@ class StepSpec:
     @property
     def output_names(self) -> tuple[str, ...]:
         return (("logits",) if self.logits else ()) + ("candidate", "confidence") + (
+            ("top_logprobs", "top_ids", "next_logprob") if self.logprobs else ()) + (
             ("present_k", "present_v") if self.writes_cache else ())
+
+    @property
+    def scored_positions(self) -> int:
+        """Positions ``top_logprobs`` covers: the spine (a fused step's branches only draft), else every token."""
+        return self.layout.spine or self.layout.tokens
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,8 @@ class StepModule(nn.Module):
         logits = logits.float()  # [b, T, V]: float32 whatever the weights' dtype
         out = (logits,) if self.spec.logits else ()
         out += greedy_candidates(logits)
+        if self.spec.logprobs:
+            out += token_logprobs(logits[:, :self.spec.scored_positions], input_ids)
         if self.spec.writes_cache:
             out += (k.transpose(0, 1), v.transpose(0, 1))  # batch first: b rows are a prefix of the buffer
         return out
@@ -159,9 +170,12 @@ class StepModule(nn.Module):
                   TensorSpec("cache_len", [batch_size], "int64"), TensorSpec("row_start", [batch_size], "int64"),
                   TensorSpec("rows", [batch_size], "int64"), TensorSpec("slots", [capacity], "int64"),
                   TensorSpec("cache_k", cache, dt), TensorSpec("cache_v", cache, dt)]
-        T = layout.tokens
+        T, K = layout.tokens, min(TOP_LOGPROBS, cfg.vocab_size)
         shapes = {"logits": ([batch_size, T, cfg.vocab_size], "float32"), "candidate": ([batch_size, T], "int64"),
                   "confidence": ([batch_size, T], "float32"),
+                  "top_logprobs": ([batch_size, self.spec.scored_positions, K], "float32"),
+                  "top_ids": ([batch_size, self.spec.scored_positions, K], "int64"),
+                  "next_logprob": ([batch_size, layout.input_length], "float32"),
                   "present_k": ([batch_size, cache[0], cache[2], layout.spine, cache[4]], dt),
                   "present_v": ([batch_size, cache[0], cache[2], layout.spine, cache[4]], dt)}
         return inputs, [TensorSpec(n, *shapes[n]) for n in self.spec.output_names]

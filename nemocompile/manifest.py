@@ -22,6 +22,10 @@ outputs
   confidence  float32 [b, T]                    and its softmax probability: a greedy runtime
                                                 never reads vocabulary-sized tensors
   logits      float32 [b, T, vocab]             only in graphs that keep them (sampling)
+  top_logprobs float32 [b, S, 20]               the 20 best log-probs (log-softmax at temperature 1) of the S
+  top_ids     int64 [b, S, 20]                  spine positions (all positions without a spine) and their ids
+  next_logprob float32 [b, L]                   input token j+1's log-prob at position j (the last: 0): echo's
+                                                prompt scores; these three only in graphs exported with logprobs
   present_k   dtype [b, layers, kv_heads, S, head_dim]   only for steps that write the cache (S = the
   present_v   dtype [b, layers, kv_heads, S, head_dim]   spine's tokens): the runtime places them at cache_len
 

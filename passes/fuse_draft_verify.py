@@ -58,4 +58,4 @@ def _fuse(request: Fuse) -> StepSpec:
         raise PassError(f"{request.step}: anchors must be 'each' or 'last', got {request.anchors!r}")
     # the draft conditioned on spine 0..j sits right after spine token j
     branches = tuple(Branch(masks.length, j + 1, j, "mask", masks.lora) for j in anchors)
-    return StepSpec(request.step, Layout(verify.spine, branches), logits=False)
+    return StepSpec(request.step, Layout(verify.spine, branches), logits=False, logprobs=request.causal.logprobs)

@@ -186,11 +186,16 @@ class Engine:
             return free[0], 0
         prompt = request.prompts[index]
         pad = self.rt.prompt_width([prompt], request.mode) - len(prompt)
-        # the prefill must compute the last prompt token's logits; quadratic-spec's fused
-        # prefill-and-draft needs a full last chunk
-        limit = len(prompt) - (self.rt.prefill_length if request.mode == "quadratic-spec" else 1)
         busy = [b for b, r in enumerate(self.rows) if r is not None]
-        return prefix.place(prompt, pad, max(limit, 0), free, busy)
+        return prefix.place(prompt, pad, max(self._reuse_limit(request, prompt), 0), free, busy)
+
+    def _reuse_limit(self, request, prompt) -> int:
+        """The most prompt tokens a sequence may take from the prefix cache: the prefill must
+        compute the last one's logits; quadratic-spec's fused prefill-and-draft needs a full
+        last chunk; echo scores every prompt token, so it computes them all."""
+        if request.output.echo:
+            return 0
+        return len(prompt) - (self.rt.prefill_length if request.mode == "quadratic-spec" else 1)
 
     def _awaits_prefix(self, job) -> bool:
         """Whether ``job`` should wait for a row still prefilling a prompt that shares at least
@@ -205,7 +210,7 @@ class Engine:
             return False
         for prompt in job.request.prompts:
             prompt = np.asarray(prompt, dtype=np.int64)
-            limit = len(prompt) - (P if job.request.mode == "quadratic-spec" else 1)
+            limit = self._reuse_limit(job.request, prompt)
             _, now = prefix.match(prompt, range(len(self.rows)))
             for r in prefilling:
                 gain = min(shared_prefix(np.asarray(r.prompt), prompt), limit) - now
@@ -307,12 +312,12 @@ class Engine:
             self.rt.prefix.release(b)
         self._joined_or_left = True
         stats = row.finished_stats()
-        tokens = row.out
-        text = self.rt.tokenizer.decode(tokens) if self.rt.tokenizer is not None else None
-        reason = "stop" if tokens and tokens[-1] in row.request.eos else "length"
+        text = row.text.final() if row.text is not None else None
         from .runtime import RuntimeResult
 
-        result = RuntimeResult(tokens, text, stats, reason)
+        result = RuntimeResult(row.out, text, stats, row.finish_reason,
+                               row.logprobs if row.k is not None else None,
+                               row.prompt_logprobs if row.options.echo else None)
         for listener in self.listeners:
             listener("finish", result)
         row.job.finish_row(row.index, result)

@@ -32,6 +32,27 @@ class Cancelled(NemocompileError):
 _END = object()
 
 
+class Commit(tuple):
+    """One event of a sequence: ``(index, tokens)`` (unpacks as a pair) with ``text``, the new
+    text a stream may show (held back near a possible stop string; None without a tokenizer),
+    ``logprobs``, the tokens' :class:`~.output.TokenLogprob` (None unless asked for), and
+    ``prompt_logprobs`` (echo requests, first event only)."""
+
+    def __new__(cls, index: int, tokens: list[int], text: str | None = None, logprobs=None, prompt_logprobs=None):
+        self = super().__new__(cls, (index, tokens))
+        self.text, self.logprobs = text, logprobs
+        self.prompt_logprobs = prompt_logprobs  # echo: the prompt's, on a sequence's first event
+        return self
+
+    @property
+    def index(self) -> int:
+        return self[0]
+
+    @property
+    def tokens(self) -> list[int]:
+        return self[1]
+
+
 class Job:
     """A submitted request: its sequences' events and, once done, their results.
 
@@ -57,9 +78,10 @@ class Job:
         self.finished = threading.Event()
 
     # ---- engine side ---------------------------------------------------------
-    def emit(self, index: int, tokens: list[int]) -> None:
-        if tokens:
-            self._push((index, tokens))
+    def emit(self, index: int, tokens: list[int], text: str | None = None, logprobs=None,
+             prompt_logprobs=None) -> None:
+        if tokens or text:
+            self._push(Commit(index, tokens, text, logprobs, prompt_logprobs))
 
     def finish_row(self, index: int, result) -> None:
         self.results[index] = result

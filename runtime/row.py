@@ -18,6 +18,7 @@ from typing import Sequence
 from nemocompile.decode.common import budgeted
 
 from .backends import StepIO
+from .output import StopText, TokenLogprob, token_logprob
 from .sampling import Sampler
 from .stats import RuntimeStats, StepTimer
 
@@ -56,6 +57,15 @@ class Row:
         self.out: list[int] = []
         self.reused = 0  # prompt tokens whose K/V the engine put in the row's slots (the prefix cache)
         self.done = False
+        self.finish_reason = "length"
+        self.options = request.output
+        # the text so far, cut at a stop string (None without a tokenizer: stop strings need one)
+        self.text = StopText(runtime.tokenizer, self.options.stop) if runtime.tokenizer is not None else None
+        self.shown = 0  # characters of the text already streamed
+        self.k = self.options.logprobs  # alternatives per token; None: no log-probs
+        self.logprobs: list[TokenLogprob] = []  # one per emitted token
+        self.prompt_logprobs: list[TokenLogprob] = []  # echo: one per prompt token
+        self.chosen: list[TokenLogprob] = []  # the log-probs of the tokens choose/note picked last
         self.acceptance = None  # mode auto: this row's acceptance record (runtime/policy.py)
         self.auto_options = None  # mode auto: the (mode, block length) pairs it may run, set by the engine
         if self.mode == "auto":
@@ -83,15 +93,41 @@ class Row:
         width = self.rt.prompt_width([self.prompt], self.mode if last == "prefill" else "quadratic-spec")
         pad = width - len(self.prompt)
         ids = [0] * pad + list(self.prompt)  # pad id 0: slots before row_start are masked
-        n = self.reused  # slots pad .. pad+n-1 already hold the prompt's first n tokens
+        n = self.reused  # slots pad .. pad+n-1 already hold the prompt's first n tokens (0 for echo)
         self.cache.reset_row(self.b, row_start=pad, length=pad + n if n else 0)
         self.stats.cached_prompt_tokens = n
+        if self.options.echo:
+            return (yield from self._scored_prefill(ids))
         begin = pad + n if n else 0
         first = P if last == "prefill" else (width - begin) % P or P
         bounds = [begin, *range(begin + first, width, P), width]
         for start, end in zip(bounds, bounds[1:]):
             io = yield Forward(last if end == width else "prefill", P, ids[start:end], write=end - start)
         self.stats.forwards -= len(bounds) - 2  # the spec counts the prefill as one forward
+        return io, end - start - 1
+
+    def _scored_prefill(self, ids: list[int]):
+        """The prefill of an echo request: every prompt token's log-prob given the tokens before
+        it (the graph's ``next_logprob``, with the alternatives at the position before it). Each
+        chunk but the last carries one token more than it writes, so the log-prob of the token
+        after the chunk comes from the same forward as the rest (the extra token is computed
+        causally after the others and never placed; the next chunk starts with it)."""
+        P, k = self.rt.prefill_length, self.k
+        self.prompt_logprobs = [TokenLogprob(ids[0], None)]
+        start, chunks = 0, 0
+        while True:
+            end = min(start + P, len(ids))
+            write = end - start if end == len(ids) else end - start - 1
+            io = yield Forward("prefill", P, ids[start:end], write=write)
+            chunks += 1
+            nxt, top_ids, top_lp = io.next_logprob[self.j], io.top_ids[self.j], io.top_logprobs[self.j]
+            for c in range(end - start - 1):
+                self.prompt_logprobs.append(TokenLogprob(
+                    ids[start + c + 1], float(nxt[c]), tuple(zip(top_ids[c, :k].tolist(), top_lp[c, :k].tolist()))))
+            if end == len(ids):
+                break
+            start += write
+        self.stats.forwards -= chunks - 1  # the spec counts the prefill as one forward
         return io, end - start - 1
 
     def prefill_token(self):
@@ -104,31 +140,67 @@ class Row:
         """The row's token at ``column``: the graph's argmax when greedy (the host never
         reads the logits), else a draw from the logits."""
         if self.sampler.greedy:
-            return int(io.candidate[self.j, column])
-        return int(self.sampler.sample(io.logits[self.j, column]))
+            token = int(io.candidate[self.j, column])
+        else:
+            token = int(self.sampler.sample(io.logits[self.j, column]))
+        self.note(io, [column], [token])
+        return token
 
     def choose_all(self, io: StepIO, n: int) -> list[int]:
         """The row's tokens at columns 0..n-1."""
         if self.sampler.greedy:
-            return io.candidate[self.j, :n].tolist()
-        return self.sampler.sample(io.logits[self.j, :n]).tolist()
+            tokens = io.candidate[self.j, :n].tolist()
+        else:
+            tokens = self.sampler.sample(io.logits[self.j, :n]).tolist()
+        self.note(io, range(n), tokens)
+        return tokens
+
+    def note(self, io: StepIO, columns, tokens) -> None:
+        """Keep the log-probs of ``tokens`` picked at ``columns`` of ``io`` (requests with
+        logprobs only): the next ``emit`` takes them, in order, for the tokens it emits."""
+        if self.k is not None:
+            self.chosen = [self.logprob(io, c, t) for c, t in zip(columns, tokens)]
+
+    def logprob(self, io: StepIO, column: int, token: int) -> TokenLogprob:
+        return token_logprob(io, self.j, column, token, self.k)
 
     def budgeted(self, new: list[int]) -> list[int]:
         """``new`` tokens about to be emitted, with the request's thinking budget applied."""
         return budgeted(self.request.budget, self.out, new)
 
-    def emit(self, tokens: Sequence[int]) -> None:
-        """Append ``tokens``, stopping after an EOS or at max_new_tokens, and stream them."""
+    def emit(self, tokens: Sequence[int], logprobs: Sequence[TokenLogprob] | None = None) -> None:
+        """Append ``tokens``, stopping after an EOS or a stop id (not before min_tokens), at a stop
+        string (its token is the last; the text ends before it) or at max_new_tokens, and stream
+        them. ``logprobs``: theirs (default: what ``choose``/``note`` kept, in order)."""
         out, eos, limit = self.out, self.request.eos, self.request.max_new_tokens
+        least, text = self.options.min_tokens, self.text
+        if self.k is not None:
+            chosen = list(self.chosen if logprobs is None else logprobs)
+            self.chosen = []
         sent = len(out)
-        for t in tokens:
+        for i, t in enumerate(tokens):
             t = int(t)
             out.append(t)
-            if t in eos or len(out) >= limit:
+            if self.k is not None:
+                lp = chosen[i] if i < len(chosen) else None
+                self.logprobs.append(lp if lp is not None and lp.token == t else TokenLogprob(t, None))
+            stop = len(out) >= least
+            if text is not None and text.add(t, check=stop):
+                self.done, self.finish_reason = True, "stop"
+                break
+            if stop and t in eos:
+                self.done, self.finish_reason = True, "stop"
+                break
+            if len(out) >= limit:
                 self.done = True
                 break
         self.timer.mark_first_token()
-        self.job.emit(self.index, out[sent:])
+        delta = None
+        if text is not None:
+            shown = text.final() if self.done else text.visible
+            delta, self.shown = shown[self.shown:], len(shown)
+        self.job.emit(self.index, out[sent:], delta, self.logprobs[sent:] if self.k is not None else None,
+                      self.prompt_logprobs if sent == 0 and self.options.echo else None)
         for listener in self.rt.engine.listeners:
             listener("tokens", (self.mode, len(out) - sent))
 

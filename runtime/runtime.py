@@ -30,6 +30,7 @@ from .backends import NUMPY_DTYPES, Backend, StepIO, create_backend
 from .cache import KVCache
 from .engine import Engine
 from .job import Job
+from .output import OutputOptions, TokenLogprob, output_options
 from .policy import lossless_options
 from .stats import RuntimeStats
 
@@ -49,6 +50,7 @@ class Request:
     eos: frozenset[int]  # the ids that stop generation; empty: never stop on EOS
     batched: bool  # the caller passed a list of prompts
     budget: ThinkingBudget | None = None  # spec 3.5: max_thinking_tokens and end_think_token_id
+    output: OutputOptions = OutputOptions()  # stop strings, stop ids, min_tokens, log-probs, echo
 
 
 # a forward reads its rows' slots rounded up to a multiple of this (see Runtime.run)
@@ -60,7 +62,9 @@ class RuntimeResult:
     tokens: list[int]  # generated ids, prompt excluded, trimmed after the first EOS
     text: str | None  # decoded with the artifact's tokenizer, None without one
     stats: RuntimeStats
-    finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens)
+    finish_reason: str  # "stop" (EOS, a stop id or a stop string) or "length" (max_new_tokens)
+    logprobs: list[TokenLogprob] | None = None  # per generated token (requests with logprobs)
+    prompt_logprobs: list[TokenLogprob] | None = None  # per prompt token, the first None (echo)
 
 
 class Runtime:
@@ -101,6 +105,8 @@ class Runtime:
             io = self._step_io(graph)
             backend.open(graph, io, self.cache, self.slots)
         self.sampling = manifest.sampling
+        # every graph that picks emitted tokens returns top_logprobs/top_ids (export's default)
+        self.logprobs = all(g.output("top_logprobs") is not None for g in manifest.graphs if g.step != "draft")
         self.block_lengths = sorted({L for m in self.modes for L in manifest.block_lengths(m)})  # every mode's
         # quadratic-spec: branches of each fused step (its block length, unless exported with --draft-groups)
         self.draft_groups = {g.block_length: len(g.layout["branches"]) for g in manifest.graphs
@@ -171,7 +177,8 @@ class Runtime:
 
         io = StepIO(buffer(ids), buffer(logits), buffer(graph.output("present_k"), device=True),
                     buffer(graph.output("present_v"), device=True), buffer(graph.output("candidate")),
-                    buffer(graph.output("confidence")))
+                    buffer(graph.output("confidence")), top_logprobs=buffer(graph.output("top_logprobs")),
+                    top_ids=buffer(graph.output("top_ids")), next_logprob=buffer(graph.output("next_logprob")))
         if io.candidate is None:
             raise ManifestError(f"graph {graph.step!r} returns no 'candidate'; re-export the artifact")
         self.io[(graph.step, L)] = io
@@ -237,7 +244,8 @@ class Runtime:
                  block_length: int | None = None, threshold=None, temperature: float = 0.0,
                  seed: int | None = None, eos: int | None = None, steps: int | None = None, *,
                  max_thinking_tokens: int | None = None, end_think_token_id: int | None = None,
-                 names: dict[str, str] | None = None) -> Request:
+                 names: dict[str, str] | None = None, stop=None, stop_token_ids=None, ignore_eos: bool = False,
+                 min_tokens: int | None = None, logprobs: int | None = None, echo: bool = False) -> Request:
         """Fill defaults and reject what cannot run, before any step does (spec defaults:
         diffusion threshold 0.9, linear-spec threshold 0; block length: the artifact's).
         Values are checked by ``nemocompile.request``, the checks every front door shares;
@@ -252,6 +260,9 @@ class Runtime:
                                + ("auto needs two of ar, linear-spec, quadratic-spec: re-export with them"
                                   if mode == "auto" else "re-export it with that mode"), param="mode")
         eos = eos_id_set(self.eos_token_ids if eos is None else eos, self.vocab_size)
+        output = self.check_output(stop, stop_token_ids, min_tokens, logprobs, echo, max_new_tokens, mode)
+        # a stop id stops like an EOS (every scheduler's early ends see it); ignore_eos keeps only them
+        eos = (frozenset() if ignore_eos else eos) | output.stop_token_ids
         if not prompts or any(len(p) == 0 for p in prompts):
             raise GenerationError("empty prompt: give at least one token")
         if temperature > 0 and not self.sampling:
@@ -288,7 +299,24 @@ class Runtime:
                    "shorten the prompt, lower max_new_tokens, or re-export with a larger --max-seq-len", names)
         budget = thinking_budget(max_thinking_tokens, end_think_token_id, self.tokenizer, self.vocab_size)
         return Request(prompts, mode, max_new_tokens, block, thr, steps, float(temperature), seed, eos, batched,
-                       budget)
+                       budget, output)
+
+    def check_output(self, stop, stop_token_ids, min_tokens, logprobs, echo, max_new_tokens, mode) -> OutputOptions:
+        """The request's :class:`OutputOptions`, refused where this artifact cannot honour them."""
+        output = output_options(stop, stop_token_ids, min_tokens, logprobs, echo, vocab_size=self.vocab_size,
+                                max_new_tokens=max_new_tokens if isinstance(max_new_tokens, int) else None)
+        if output.stop and self.tokenizer is None:
+            raise RequestError("stop strings need the artifact's tokenizer, and this artifact has none; use "
+                               "stop_token_ids", param="stop")
+        if output.logprobs is not None and not self.logprobs:
+            raise RequestError("this artifact's graphs return no log-probabilities (exported with --no-logprobs); "
+                               "re-export it without that flag to get logprobs", param="logprobs")
+        if output.echo and (mode == "quadratic-spec" or self.prefill_length < 2):
+            raise RequestError("echo scores the prompt through the prefill graph, which quadratic-spec fuses with "
+                               "its first draft" if mode == "quadratic-spec" else
+                               "echo needs a prefill graph of at least 2 tokens; re-export with a larger "
+                               "--prefill-length", param="echo")
+        return output
 
     def _auto_block(self, block_length, threshold, steps) -> int | None:
         """mode="auto": the block length the request pins its self-speculation to (None: auto
@@ -313,21 +341,26 @@ class Runtime:
                threshold=None, temperature: float = 0.0, seed: int | None = None, eos: int | None = None,
                steps: int | None = None, chat: bool = False, chat_template_kwargs: dict | None = None,
                max_thinking_tokens: int | None = None, end_think_token_id: int | None = None,
-               timeout: float | None = None, names: dict[str, str] | None = None) -> Job:
+               timeout: float | None = None, names: dict[str, str] | None = None, **output) -> Job:
         """Validate a request and queue it for the engine without waiting: a :class:`Job`
         (iterate it, or ``async for``, for ``(sequence, tokens)`` commits; ``result()``).
         ``timeout``: seconds from now after which the request ends with ``RequestTimeout``.
-        Raises ``Overloaded`` when ``max_queue`` requests already wait."""
+        Raises ``Overloaded`` when ``max_queue`` requests already wait. ``output``: ``stop``,
+        ``stop_token_ids``, ``ignore_eos``, ``min_tokens``, ``logprobs``, ``echo`` (see ``generate``)."""
         return self._submit(prompt_or_ids, mode, max_new_tokens, block_length, threshold, temperature, seed, eos,
                             steps, chat, chat_template_kwargs, max_thinking_tokens, end_think_token_id, timeout,
-                            names, stream=False)
+                            names, stream=False, **output)
 
     def _submit(self, prompt_or_ids, mode, max_new_tokens, block_length, threshold, temperature, seed, eos, steps,
-                chat, chat_template_kwargs, max_thinking_tokens, end_think_token_id, timeout, names, stream) -> Job:
+                chat, chat_template_kwargs, max_thinking_tokens, end_think_token_id, timeout, names, stream,
+                **output) -> Job:
+        unknown = sorted(set(output) - OUTPUT_KEYWORDS)
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s) {unknown}")
         prompts, batched = self.encode(prompt_or_ids, chat, chat_template_kwargs)
         request = self.validate(prompts, batched, mode, max_new_tokens, block_length, threshold, temperature,
                                 seed, eos, steps, max_thinking_tokens=max_thinking_tokens,
-                                end_think_token_id=end_think_token_id, names=names)
+                                end_think_token_id=end_think_token_id, names=names, **output)
         if stream and batched:
             raise GenerationError("stream=True takes a single prompt; call generate once per prompt")
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
@@ -339,21 +372,33 @@ class Runtime:
                  threshold=None, temperature: float = 0.0, seed: int | None = None, eos: int | None = None,
                  stream: bool = False, steps: int | None = None, chat: bool = False,
                  chat_template_kwargs: dict | None = None, max_thinking_tokens: int | None = None,
-                 end_think_token_id: int | None = None, timeout: float | None = None):
+                 end_think_token_id: int | None = None, timeout: float | None = None, stop=None,
+                 stop_token_ids=None, ignore_eos: bool = False, min_tokens: int | None = None,
+                 logprobs: int | None = None, echo: bool = False):
         """Generate for one prompt (text or ids) -> :class:`RuntimeResult`, or a list of
         prompts -> a list (each prompt takes a row; they decode together, with any other
         caller's requests). Thread-safe: concurrent callers share the batch graphs.
 
         ``stream=True`` (one prompt) returns a :class:`TokenStream` that yields the
         token ids of each commit as it happens; its ``result`` is set at the end.
+
+        Output: ``stop`` (a string or up to 4) ends the text before the first occurrence of
+        any (``finish_reason`` "stop"); ``stop_token_ids`` stop like an EOS; ``ignore_eos``
+        keeps going past EOS; ``min_tokens``: no stop of any kind before that many tokens;
+        ``logprobs`` k (0..20): each token's log-prob and its k best alternatives in
+        ``result.logprobs``; ``echo``: the prompt's too, in ``result.prompt_logprobs``.
         """
         job = self._submit(prompt_or_ids, mode, max_new_tokens, block_length, threshold, temperature, seed, eos,
                            steps, chat, chat_template_kwargs, max_thinking_tokens, end_think_token_id, timeout, None,
-                           stream)
+                           stream, stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
+                           min_tokens=min_tokens, logprobs=logprobs, echo=echo)
         if stream:
             return TokenStream(job)
         results = job.result()
         return results if job.request.batched else results[0]
+
+
+OUTPUT_KEYWORDS = {"stop", "stop_token_ids", "ignore_eos", "min_tokens", "logprobs", "echo"}
 
 
 class TokenStream:

@@ -7,7 +7,9 @@ request   {"id": 7, "prompt": "def f(", "mode": "linear-spec", "max_new_tokens":
           the checkpoint's template). Optional: mode, max_new_tokens, block_length,
           threshold, temperature, seed, eos, steps, max_thinking_tokens, end_think_token_id,
           chat, chat_template_kwargs (with a chat: template variables such as
-          {"enable_thinking": false}), stream, timeout (seconds). ``id`` is any JSON
+          {"enable_thinking": false}), stream, timeout (seconds), stop (a string or up to 4:
+          the text ends before the first, finish_reason "stop"), stop_token_ids, ignore_eos,
+          min_tokens. ``id`` is any JSON
           value, echoed back; ``mode`` may be "auto".
 cancel    {"cancel": 7}: stop request 7 and free its row; its final line is an error of
           type "cancelled" (a cancel of an unknown or finished id is ignored).
@@ -41,7 +43,8 @@ from nemocompile.errors import NemocompileError
 from .job import Cancelled, Overloaded, RequestTimeout
 
 KNOBS = ("mode", "max_new_tokens", "block_length", "threshold", "temperature", "seed", "eos", "steps",
-         "chat_template_kwargs", "max_thinking_tokens", "end_think_token_id", "timeout")
+         "chat_template_kwargs", "max_thinking_tokens", "end_think_token_id", "timeout", "stop", "stop_token_ids",
+         "ignore_eos", "min_tokens")
 FIELDS = {"id", "prompt", "messages", "chat", "stream", *KNOBS}
 
 
@@ -98,19 +101,12 @@ def submit(runtime, raw: Any, request_timeout: float | None = None):
 def relay(runtime, rid, job, stream: bool, write: Callable[[dict], None]) -> dict:
     """Write a job's events (when streaming); its final line."""
     try:
-        tokens: list[int] = []
-        shown = ""
-        for _, chunk in job:
+        for commit in job:
             if not stream:
                 continue
-            tokens += chunk
-            event = {"id": rid, "event": "tokens", "tokens": chunk}
-            if runtime.tokenizer is not None:
-                text = runtime.tokenizer.decode(tokens)
-                if text.endswith("\ufffd"):  # a partial UTF-8 character: wait for the rest
-                    event["text"] = ""
-                else:
-                    event["text"], shown = text[len(shown):], text
+            event = {"id": rid, "event": "tokens", "tokens": commit.tokens}
+            if commit.text is not None:  # new text, held back near a possible stop string (runtime/output.py)
+                event["text"] = commit.text
             write(event)
         result = job.results[0]
     except Exception as e:  # a bug must not take the server down: report it and keep serving

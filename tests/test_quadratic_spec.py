@@ -65,7 +65,9 @@ def test_fusion_pass_builds_the_quadratic_and_the_prefill_steps():
     assert prefill_draft.layout == prefill_draft_layout(6, 4)
     assert verify_draft.layout == verify_draft_layout(4)
     assert not prefill_draft.logits and not verify_draft.logits  # ids only: never B x (B+1) x V logits
-    assert verify_draft.output_names == ("candidate", "confidence", "present_k", "present_v")
+    assert verify_draft.output_names == ("candidate", "confidence", "top_logprobs", "top_ids", "next_logprob",
+                                         "present_k", "present_v")
+    assert verify_draft.scored_positions == 4  # log-probs of the spine only: the branches just draft
 
 
 def test_fusion_pass_declines_what_it_cannot_fuse_and_says_why():

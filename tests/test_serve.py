@@ -250,7 +250,7 @@ def test_http_chat_passes_chat_template_kwargs(client, ort):
     ("/v1/completions", {"prompt": [5], "model": "gpt-4"}, 404, "does not exist"),
     ("/v1/completions", {"prompt": [5], "mode": "diffusion", "block_length": 8}, 400, "block length(s) [4]"),
     ("/v1/completions", {"prompt": [5], "mode": "beam"}, 400, "unknown mode"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "one prompt per request"),
+    ("/v1/completions", {"prompt": ["a", 5]}, 400, "a list of those (one choice per prompt)"),
     ("/v1/completions", {"max_tokens": 3}, 400, "'prompt' must be"),
     ("/v1/chat/completions", {"messages": "hi"}, 400, "'messages' must be"),
     ("/v1/completions", {"prompt": [5], "max_tokens": 4, "stream": "yes"}, 400, "'stream' must be"),

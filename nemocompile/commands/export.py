@@ -27,6 +27,9 @@ def add_parser(sub) -> None:
                    help="give every graph its own copy of the weights (larger; for comparison)")
     p.add_argument("--dump-after", default=None, metavar="STAGE",
                    help="save each graph after this pass-pipeline stage into DIR.dump/")
+    p.add_argument("--no-logprobs", action="store_true",
+                   help="graphs return no top-20 log-probs (the OpenAI API's logprobs and echo then refuse); "
+                        "they are small, so they are on by default")
     p.add_argument("--greedy-only", action="store_true",
                    help="no graph returns vocabulary-sized logits (token ids and confidences only): smaller "
                         "outputs for real vocabularies; temperature > 0 then needs another export")
@@ -92,7 +95,7 @@ def run(args) -> int:
         args.model, args.out, modes=modes, block_length=args.block_length, max_seq_len=args.max_seq_len,
         batch_size=args.batch_size, dtype=args.dtype, prefill_length=args.prefill_length, progress=True,
         opset=args.opset, optimize=not args.no_optimize, share_weights=not args.no_share_weights,
-        overwrite=args.force, dump_after=args.dump_after, logits=not args.greedy_only,
+        overwrite=args.force, dump_after=args.dump_after, logits=not args.greedy_only, logprobs=not args.no_logprobs,
         draft_groups=args.draft_groups, quantize=quantize, precision=precision,
         calibration_prompts=read_prompts(args.quant_calibration) if args.quant_calibration else None,
     )

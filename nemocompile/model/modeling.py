@@ -38,6 +38,25 @@ def greedy_candidates(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return logits.argmax(dim=-1), 1.0 / torch.exp(logits - top).sum(dim=-1)
 
 
+TOP_LOGPROBS = 20  # alternatives per position the graphs return (OpenAI's top_logprobs limit)
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, k: int = TOP_LOGPROBS
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities without vocabulary-sized outputs: per position of ``logits`` [B, T, V]
+    the ``k`` best log-probs (log-softmax at temperature 1) [B, T, k] float32 and their ids
+    [B, T, k] int64, and per input position j < L-1 the log-prob of input token j+1
+    [B, L] float32 (the last 0: its next token is not in the input). All three read one
+    log-softmax tensor, so a token's value is the same float wherever it appears."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    top, ids = lp.topk(min(k, lp.shape[-1]), dim=-1)
+    L = input_ids.shape[1]
+    if L == 1:
+        return top, ids, (input_ids * 0).float()  # from the input, not a constant: an output can't be one
+    nxt = lp[:, :L - 1].gather(-1, input_ids[:, 1:, None])[..., 0]  # [B, L-1]
+    return top, ids, F.pad(nxt, (0, 1))
+
+
 # ----------------------------------------------------------------------------
 # Rotary embeddings: YaRN frequencies and the llama-4 query scaling
 # ----------------------------------------------------------------------------

@@ -14,7 +14,8 @@ The interface is deliberately small, so an engine-based backend plugs in:
 A step reads ``input_ids``, ``cache_len``, ``row_start``, ``rows`` (entries
 ``0 .. b-1``), ``slots[:n]`` and the whole ``cache_k``/``cache_v``, and writes
 entries ``0 .. b-1`` of ``candidate``/``confidence`` (``logits`` where the graph
-keeps them, ``present_k``/``present_v`` for steps that write the cache); placing
+keeps them, ``top_logprobs``/``top_ids``/``next_logprob`` where it returns log-probs,
+``present_k``/``present_v`` for steps that write the cache); placing
 the presents into the cache is the runtime's job.
 """
 
@@ -45,6 +46,9 @@ class StepIO:
     present_v: Any
     candidate: np.ndarray | None = None  # [N, T] int64, host: per-position argmax
     confidence: np.ndarray | None = None  # [N, T] float32, host: and its softmax probability
+    top_logprobs: np.ndarray | None = None  # [N, S, 20] float32, host: the best log-probs (graphs with logprobs)
+    top_ids: np.ndarray | None = None  # [N, S, 20] int64, host: their token ids
+    next_logprob: np.ndarray | None = None  # [N, L] float32, host: each input token's next input token's log-prob
     cache_len: np.ndarray | None = None  # [N] int64, host: the forward's rows' committed slots
     row_start: np.ndarray | None = None  # [N] int64, host
     rows: np.ndarray | None = None  # [N] int64, host: the cache row of each entry

@@ -103,7 +103,8 @@ class OnnxRuntimeBackend:
         binding = self.sessions[key].io_binding()
         per_forward = {"input_ids": io.input_ids, "cache_len": io.cache_len, "row_start": io.row_start,
                        "rows": io.rows, "logits": io.logits, "present_k": io.present_k,
-                       "present_v": io.present_v, "candidate": io.candidate, "confidence": io.confidence}
+                       "present_v": io.present_v, "candidate": io.candidate, "confidence": io.confidence,
+                       "top_logprobs": io.top_logprobs, "top_ids": io.top_ids, "next_logprob": io.next_logprob}
         whole = {"cache_k": cache.k, "cache_v": cache.v}
         for spec in graph.inputs:
             if spec.name != "slots":

@@ -247,7 +247,8 @@ class TensorRTBackend:
         context = engine.create_execution_context()
         ids = t.zeros(io.input_ids.shape, dtype=t.int64, device=self.device)
         # host outputs (the scheduler reads them) get device twins copied back after each run
-        host = {name: getattr(io, name) for name in ("logits", "candidate", "confidence")
+        host = {name: getattr(io, name) for name in ("logits", "candidate", "confidence", "top_logprobs", "top_ids",
+                                                     "next_logprob")
                 if getattr(io, name) is not None}
         twins = {name: t.from_numpy(a).to(self.device) for name, a in host.items()}
         buffers = {"input_ids": ids, "cache_len": self._cache_len, "row_start": self._row_start, "rows": self._rows,

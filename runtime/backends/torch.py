@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from nemocompile.errors import BackendUnavailableError
-from nemocompile.model.modeling import greedy_candidates
+from nemocompile.model.modeling import greedy_candidates, token_logprobs
 
 from . import GraphKey, StepIO, host_or_torch_array
 
@@ -81,7 +81,11 @@ class TorchBackend:
                 used_v = cv[:, :, :, :int(length)].index_select(1, rows)
                 out, k, v = self.model.step(ids, used_k, used_v, int(length), row_start, layout=layout)
                 at = t.from_numpy(idx).to(out.device)
-                for name, value in (("logits", out), *zip(("candidate", "confidence"), greedy_candidates(out))):
+                outputs = [("logits", out), *zip(("candidate", "confidence"), greedy_candidates(out))]
+                if io.top_logprobs is not None:  # the spine's positions (a fused step's branches only draft)
+                    scored = out[:, :io.top_logprobs.shape[1]]
+                    outputs += zip(("top_logprobs", "top_ids", "next_logprob"), token_logprobs(scored, ids))
+                for name, value in outputs:
                     buf = host(getattr(io, name))
                     if buf is not None:
                         buf.index_copy_(0, at.to(buf.device), value.to(buf.dtype).to(buf.device))

@@ -18,12 +18,15 @@ from ..row import Forward
 
 def decode_diffusion(row):
     req = row.request
-    L, eos = req.block_length, req.eos
+    L = req.block_length
     schedule = split_evenly(L - 1, req.steps or L)  # fixed schedule (no threshold)
     threshold = as_float32(req.threshold)
     seed = yield from row.prefill_token()
     while True:
-        block = Block(seed, L, row.mask_token_id)
+        # below min_tokens no id stops a block early: the whole block is emitted and committed, and
+        # emit stops at an EOS that min_tokens allows
+        eos = req.eos if len(row.out) >= req.output.min_tokens else frozenset()
+        block = Block(seed, L, row.mask_token_id, row.chosen)
         if req.budget is not None:  # spec 3.5: the budget's position is committed to E up front
             pos = req.budget.forced_at(row.out, L)
             if pos is not None:
@@ -34,7 +37,7 @@ def decode_diffusion(row):
             k = schedule[step] if step < len(schedule) else L
             yield from denoise(row, "denoise", block, threshold, k)
             step += 1
-        row.emit(first_eos_trim(block.decided_prefix(), eos))
+        row.emit(first_eos_trim(block.decided_prefix(), eos), block.logprobs)
         row.cycle("diffusion")
         if row.done:
             return
@@ -44,9 +47,11 @@ def decode_diffusion(row):
 class Block:
     """A row's block being unmasked: its tokens and its still-masked positions (ascending)."""
 
-    def __init__(self, first: int, L: int, mask_token_id: int):
+    def __init__(self, first: int, L: int, mask_token_id: int, first_logprob=()):
         self.tokens = [int(first)] + [mask_token_id] * (L - 1)
         self.masked = list(range(1, L))
+        # per position (requests with logprobs): the seed's from the forward that chose it
+        self.logprobs = [first_logprob[0] if first_logprob else None] + [None] * (L - 1)
 
     def finished(self, eos: frozenset[int], need: int) -> bool:
         """No mask left, an EOS with no mask to its left, or the first ``need`` positions
@@ -54,10 +59,12 @@ class Block:
         pos = self.masked
         return not (pos and pos[0] < need and not has_eos(self.tokens[: pos[0]], eos))
 
-    def fill(self, picked: list[int], values: list[int]) -> None:
-        """Decide positions ``masked[j]`` for j in ``picked``."""
-        for j, v in zip(picked, values):
+    def fill(self, picked: list[int], values: list[int], logprobs=None) -> None:
+        """Decide positions ``masked[j]`` for j in ``picked`` (``logprobs``: theirs, in order)."""
+        for i, (j, v) in enumerate(zip(picked, values)):
             self.tokens[self.masked[j]] = v
+            if logprobs is not None:
+                self.logprobs[self.masked[j]] = logprobs[i]
         drop = set(picked)
         self.masked = [p for j, p in enumerate(self.masked) if j not in drop]
 
@@ -100,7 +107,10 @@ def denoise(row, step: str, block: Block, threshold: float | None, k: int):
             picked.append(best)
     else:
         picked = sorted(range(n), key=lambda j: -conf[j])[:k]  # stable: ties keep position order
-    block.fill(picked, [cand[j] for j in picked])
+    values = [cand[j] for j in picked]
+    # the log-prob of a decided token: its denoising forward's distribution at its position (a
+    # linear-spec draft's tokens are emitted by the verify, which says theirs)
+    block.fill(picked, values, None if row.k is None or step != "denoise" else [row.logprob(io, pos[j], v) for j, v in zip(picked, values)])
 
 
 def commit(row, tokens: list[int]):

@@ -53,7 +53,9 @@ def prefill_and_draft(row):
     """The prompt and the first draft's masks in one forward: the row's tokens (the
     prompt's argmaxes, then the B masks') and the column of the last prompt token."""
     io, last = yield from row.prefill(last="prefill_draft")
-    return io.candidate[row.j].tolist(), last
+    tokens = io.candidate[row.j].tolist()
+    row.note(io, [last], [tokens[last]])
+    return tokens, last
 
 
 def verify_and_draft(row, draft: list[int], B: int):
@@ -62,4 +64,5 @@ def verify_and_draft(row, draft: list[int], B: int):
     io = yield Forward("verify_draft", B, draft, write=B)
     groups = row.rt.draft_groups[B]
     tokens = io.candidate[row.j].tolist()
+    row.note(io, range(B), tokens[:B])  # an emitted token sits at spine row k: d_k == a_(k-1), or the bonus
     return tokens[:B], [tokens[B + j * B: B + (j + 1) * B] for j in range(groups)]
