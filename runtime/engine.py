@@ -43,7 +43,7 @@ from nemocompile.errors import GenerationError
 
 from .job import Cancelled, Job, Overloaded, RequestTimeout
 from .prefix_cache import shared_prefix
-from .row import Forward, Row
+from .row import ALL_ALTERNATIVES, Forward, Row
 
 
 CHOICE_TICKS = 16  # auto chooses again at least this often (ticks), and whenever rows join or leave
@@ -187,14 +187,14 @@ class Engine:
         prompt = request.prompts[index]
         pad = self.rt.prompt_width([prompt], request.mode) - len(prompt)
         busy = [b for b, r in enumerate(self.rows) if r is not None]
-        return prefix.place(prompt, pad, max(self._reuse_limit(request, prompt), 0), free, busy)
+        echo = request.output.echo
+        return prefix.place(prompt, pad, max(self._reuse_limit(request, prompt), 0), free, busy,
+                            scored_k=_alternatives(request.output.logprobs) if echo else None)
 
     def _reuse_limit(self, request, prompt) -> int:
         """The most prompt tokens a sequence may take from the prefix cache: the prefill must
         compute the last one's logits; quadratic-spec's fused prefill-and-draft needs a full
-        last chunk; echo scores every prompt token, so it computes them all."""
-        if request.output.echo:
-            return 0
+        last chunk (echo, which scores every prompt token, reuses only rows that scored theirs)."""
         return len(prompt) - (self.rt.prefill_length if request.mode == "quadratic-spec" else 1)
 
     def _awaits_prefix(self, job) -> bool:
@@ -213,6 +213,8 @@ class Engine:
             limit = self._reuse_limit(job.request, prompt)
             _, now = prefix.match(prompt, range(len(self.rows)))
             for r in prefilling:
+                if job.request.output.echo and not r.options.echo:
+                    continue  # echo reuses only rows that scored their prompt
                 gain = min(shared_prefix(np.asarray(r.prompt), prompt), limit) - now
                 # worth a chunk, or the rest of it comes with the row's next chunk
                 if gain >= P or 0 < gain <= P - (now - (r.length - self.rt.cache.row_start[r.b])):
@@ -425,3 +427,7 @@ class Engine:
         if queued:
             while self.queue:
                 self.queue.popleft().fail(error)
+
+
+def _alternatives(k: int | None) -> int:
+    return ALL_ALTERNATIVES if k is None else k

@@ -50,6 +50,10 @@ class PrefixCache:
         self.evicted = 0  # tokens dropped from finished rows (over the budget, or their row given out)
         self.cached_prompt_tokens = 0  # prompt tokens served from the cache, summed
         self.unreusable_writes: set = set()  # graph keys whose written rows carry the LoRA
+        # echo: per row, the TokenLogprob of each prompt token its scored prefill gave (entry i:
+        # token i given those before it) and how many alternatives each carries; None: unscored
+        self.scores: list = [None] * batch_size
+        self.score_k = [0] * batch_size
 
     # ---- what rows hold ------------------------------------------------------------
     def written(self, key, row: int, start: int, tokens, n: int) -> None:
@@ -82,7 +86,8 @@ class PrefixCache:
         return best, best_n
 
     # ---- admission -------------------------------------------------------------------
-    def place(self, prompt, pad: int, limit: int, free: list[int], busy: list[int]) -> tuple[int, int]:
+    def place(self, prompt, pad: int, limit: int, free: list[int], busy: list[int],
+              scored_k: int | None = None) -> tuple[int, int]:
         """Give a new sequence one of the ``free`` rows, with the longest reusable prefix of
         ``prompt`` (at most ``limit`` tokens) already in its slots ``pad .. pad+n-1``: (row, n).
 
@@ -90,7 +95,13 @@ class PrefixCache:
         flight is copied into an empty free row, else the least recently used one. Copying
         into an empty row rather than reusing a finished row in place keeps that row's tail."""
         prompt = np.asarray(prompt, dtype=np.int64)
-        src, n = self.match(prompt, [*free, *busy]) if limit > 0 else (-1, 0)
+        rows = [*free, *busy]
+        if scored_k is not None:  # echo: only rows that scored their prompt with enough alternatives
+            rows = [r for r in rows if self.scores[r] is not None and self.score_k[r] >= scored_k]
+        src, n = self.match(prompt, rows) if limit > 0 else (-1, 0)
+        if scored_k is not None and n:
+            # the entry of the first token prefilled again comes from the source too: it must be ours
+            n = min(n - 1, len(self.scores[src]) - 1)
         n = min(n, limit)
         empty = [r for r in free if not self.kept[r]]
         if n and not empty and src in free:
@@ -111,6 +122,7 @@ class PrefixCache:
         else:
             self.misses += 1
         self._event("hit" if n else "miss", n)
+        self.scores[dst] = self.scores[src][:n + 1] if n and scored_k is not None else None
         held = self._unidle(dst)
         if held is not None:  # a finished row given out again: what it held is lost but the reused prefix
             self._evict(held - n if dst == src else held)
@@ -144,8 +156,13 @@ class PrefixCache:
             self.evicted += tokens
             self._event("evict", tokens)
 
+    def scored(self, row: int, entries: list, k: int) -> None:
+        """Row ``row``'s echo prefill scored its prompt: ``entries`` per prompt token."""
+        self.scores[row], self.score_k[row] = list(entries), k
+
     def clear(self) -> None:
         """Forget every row (someone else wrote the cache: timing, teacher-forced parity)."""
+        self.scores = [None] * len(self.scores)
         self.kept[:] = False
         self.idle.clear()
         self._idle_tokens = 0

@@ -39,6 +39,9 @@ class Forward:
         return self.step, self.L
 
 
+ALL_ALTERNATIVES = 1 << 30  # an echo request without logprobs keeps every alternative the graph gives
+
+
 class Row:
     """A request's sequence in row ``b``: its prompt, sampler, output, stats and cache row."""
 
@@ -93,7 +96,7 @@ class Row:
         width = self.rt.prompt_width([self.prompt], self.mode if last == "prefill" else "quadratic-spec")
         pad = width - len(self.prompt)
         ids = [0] * pad + list(self.prompt)  # pad id 0: slots before row_start are masked
-        n = self.reused  # slots pad .. pad+n-1 already hold the prompt's first n tokens (0 for echo)
+        n = self.reused  # slots pad .. pad+n-1 already hold the prompt's first n tokens
         self.cache.reset_row(self.b, row_start=pad, length=pad + n if n else 0)
         self.stats.cached_prompt_tokens = n
         if self.options.echo:
@@ -115,6 +118,11 @@ class Row:
         P, k = self.rt.prefill_length, self.k
         self.prompt_logprobs = [TokenLogprob(ids[0], None)]
         start, chunks = 0, 0
+        prefix = self.rt.prefix
+        if self.reused:  # the prefix cache holds the first reused slots and the scores up to the next token
+            self.prompt_logprobs = [TokenLogprob(t.token, t.logprob, t.top[:k])
+                                    for t in prefix.scores[self.b][:self.reused + 1]]
+            start = self.reused
         while True:
             end = min(start + P, len(ids))
             write = end - start if end == len(ids) else end - start - 1
@@ -128,6 +136,8 @@ class Row:
                 break
             start += write
         self.stats.forwards -= chunks - 1  # the spec counts the prefill as one forward
+        if prefix is not None:
+            prefix.scored(self.b, self.prompt_logprobs, ALL_ALTERNATIVES if k is None else k)
         return io, end - start - 1
 
     def prefill_token(self):

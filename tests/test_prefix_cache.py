@@ -212,11 +212,20 @@ def test_http_reports_cached_tokens_and_four_choices_reuse_their_context(warm, c
                 "prompt": [1] + context + c, "max_tokens": 1, "eos": -1}).json(), choices))
         assert sorted(r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in replies) == [0, 41, 41, 41]
         metrics = client.get("/metrics").text
-        # echo scores every prompt token, so it computes them all (its prompt still stays for others)
-        body = {"prompt": [1] + context + choices[0], "max_tokens": 0, "echo": True, "logprobs": 1}
-        echoed = [client.post("/v1/completions", json=body).json() for _ in range(2)]
-        assert [e["usage"]["prompt_tokens_details"]["cached_tokens"] for e in echoed] == [0, 0]
-        assert echoed[0]["choices"][0]["logprobs"] == echoed[1]["choices"][0]["logprobs"]
+        # lm-eval's loglikelihood: echo scores every prompt token; a row that scored its prompt lends
+        # its slots and scores, up to the last shared token (whose own score comes with it)
+        warm.prefix.clear()
+        echoed = [client.post("/v1/completions", json={"prompt": context + c, "max_tokens": 0, "echo": True,
+                                                       "logprobs": 1}).json() for c in choices]
+    assert [e["usage"]["prompt_tokens_details"]["cached_tokens"] for e in echoed] == [0, 39, 39, 39]
+    with TestClient(create_app(cold, "tiny")) as cold_client:
+        for c, e in zip(choices, echoed):
+            want = cold_client.post("/v1/completions", json={"prompt": context + c, "max_tokens": 0, "echo": True,
+                                                              "logprobs": 1}).json()["choices"][0]["logprobs"]
+            got = e["choices"][0]["logprobs"]
+            assert got["tokens"] == want["tokens"] and got["token_logprobs"][0] is want["token_logprobs"][0] is None
+            assert got["token_logprobs"][1:] == pytest.approx(want["token_logprobs"][1:], abs=1e-4)
+            assert [list(t) for t in got["top_logprobs"][1:]] == [list(t) for t in want["top_logprobs"][1:]]
     values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
               if line.startswith("nemocompile_prefix_cache")}
     assert values['nemocompile_prefix_cache_requests_total{result="hit"}'] == 6
