@@ -4,8 +4,9 @@
    served (the previous turn of one conversation), against the same prompt cold (the
    cache cleared): <= 0.35x, same tokens. Also the same 400 tokens sent again.
 2. a multiple-choice item as lm-eval sends it: one 300-token context and 4 short
-   continuations, 4 requests of one token each: prompt tokens computed with the cache
-   <= 0.35x of those computed without it, same tokens.
+   continuations, 4 requests of one token each (plain, and with echo + logprobs as
+   lm-eval's loglikelihood asks): prompt tokens computed with the cache <= 0.35x of
+   those computed without it, same tokens.
 
     python -m nemocompile export --max-seq-len 1024 --out ART      # the embedded model
     python examples/prefix_cache_targets.py ART [--repeats 5]
@@ -58,21 +59,27 @@ def ttft_target(rt: Runtime, repeats: int, prompt_len: int = 400, served: int = 
             "prefix_served_runs_s": [s for s, _ in turn]}
 
 
-def multiple_choice_target(rt: Runtime, context_len: int = 300) -> dict:
+def multiple_choice_target(rt: Runtime, context_len: int = 300, echo: bool = False) -> dict:
+    """``echo``: as lm-eval's loglikelihood asks (echo, logprobs 1, max_tokens 1), every prompt
+    token scored; else plain one-token generations."""
     context = tokens_of(rt, context_len)
     continuations = [tokens_of(rt, n, skip=7 * i + 500) for i, n in enumerate((3, 5, 2, 4))]
     prompts = [context + c for c in continuations]
+    kw = dict(max_new_tokens=1, eos=-1, **({"echo": True, "logprobs": 1} if echo else {}))
     rt.prefix.clear()
-    warm = [rt.generate(p, max_new_tokens=1, eos=-1) for p in prompts]
+    warm = [rt.generate(p, **kw) for p in prompts]
     cold = []
     for p in prompts:
         rt.prefix.clear()
-        cold.append(rt.generate(p, max_new_tokens=1, eos=-1))
+        cold.append(rt.generate(p, **kw))
     total = sum(map(len, prompts))
     computed = sum(len(p) - r.stats.cached_prompt_tokens for p, r in zip(prompts, warm))
     return {"prompt_tokens": total, "computed_with_cache": computed, "computed_without": total,
             "ratio": computed / total, "cached_per_request": [r.stats.cached_prompt_tokens for r in warm],
             "same_tokens": [r.tokens for r in warm] == [r.tokens for r in cold],
+            "prompt_logprob_max_diff": max((abs(a.logprob - b.logprob) for w, c in zip(warm, cold)
+                                            for a, b in zip(w.prompt_logprobs or [], c.prompt_logprobs or [])
+                                            if a.logprob is not None), default=0.0),
             "wall_s_with_cache": sum(r.stats.wall_s for r in warm), "wall_s_without": sum(r.stats.wall_s for r in cold)}
 
 
@@ -88,11 +95,14 @@ def main() -> None:
               f"its first {t['reused_tokens']} tokens served before {t['prefix_served_ttft_s'] * 1e3:.1f} ms = "
               f"{t['ratio']:.3f}x (target <= 0.35); the same prompt again ({t['same_prompt_reused_tokens']} reused) "
               f"{t['same_prompt_ttft_s'] * 1e3:.1f} ms = {t['same_prompt_ratio']:.3f}x; same tokens: {t['same_tokens']}")
-        m = multiple_choice_target(rt)
-        print(f"2. multiple choice (300-token context, 4 continuations): prompt tokens computed "
-              f"{m['computed_with_cache']} with the cache vs {m['computed_without']} without = {m['ratio']:.3f}x "
-              f"(target <= 0.35); reused per request {m['cached_per_request']}; same tokens: {m['same_tokens']}; "
-              f"wall {m['wall_s_with_cache'] * 1e3:.0f} ms vs {m['wall_s_without'] * 1e3:.0f} ms")
+        for echo in (False, True):
+            m = multiple_choice_target(rt, echo=echo)
+            how = "echo + logprobs (lm-eval's loglikelihood)" if echo else "one-token generations"
+            print(f"2. multiple choice (300-token context, 4 continuations, {how}): prompt tokens computed "
+                  f"{m['computed_with_cache']} with the cache vs {m['computed_without']} without = "
+                  f"{m['ratio']:.3f}x (target <= 0.35); reused per request {m['cached_per_request']}; same tokens: "
+                  f"{m['same_tokens']}; prompt log-probs differ by at most {m['prompt_logprob_max_diff']:.1e}; "
+                  f"wall {m['wall_s_with_cache'] * 1e3:.0f} ms vs {m['wall_s_without'] * 1e3:.0f} ms")
 
 
 if __name__ == "__main__":
