@@ -50,7 +50,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", required=True)
     ap.add_argument("--prompt", default="def fib(n):")
-    ap.add_argument("--mode", default="linear-spec", choices=["ar", "diffusion", "linear-spec"])
+    ap.add_argument("--mode", default="linear-spec", choices=["ar", "diffusion", "linear-spec", "quadratic-spec", "auto"])
     ap.add_argument("--max-new-tokens", type=int, default=48)
     args = ap.parse_args()
 

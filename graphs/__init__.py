@@ -31,6 +31,8 @@ def plan(modes: list[str], *, block_length: int, prefill_length: int, has_lora: 
                                       **options):
             if isinstance(spec, StepSpec) and not logits:
                 spec = dataclasses.replace(spec, logits=False)
+            elif isinstance(spec, Fuse) and not logits:  # the fused step keeps the causal step's choice
+                spec = dataclasses.replace(spec, causal=dataclasses.replace(spec.causal, logits=False))
             if logprobs and isinstance(spec, StepSpec) and spec.step != "draft":
                 spec = dataclasses.replace(spec, logprobs=True)
             elif logprobs and isinstance(spec, Fuse):

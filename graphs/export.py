@@ -193,7 +193,7 @@ def export_artifact(
         )
         manifest.validate(str(tmp / MANIFEST))
         manifest.save(tmp)  # last file written: a directory without it is not an artifact
-        _replace(tmp, out_dir)
+        _replace(tmp, out_dir, overwrite)
     except BaseException:  # KeyboardInterrupt included: nothing half-written survives
         if store is not None:
             store.close()
@@ -404,10 +404,22 @@ def _copy_tokenizer(model: TriModeModel, directory: Path) -> list[str]:
     return copied
 
 
-def _replace(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished temp dir onto out_dir (an existing one is swapped out, then removed)."""
+def _replace(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    """Rename the finished temp dir onto out_dir (with ``overwrite``, an existing one is swapped
+    out, then removed). Without it the rename itself is the check: it replaces nothing but an
+    empty folder, so of two exports to one new ``--out`` the one that finishes second fails."""
+    import errno
+
     os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-    if out_dir.exists():
+    if not overwrite:
+        try:
+            os.rename(tmp, out_dir)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise
+            raise ExportError(f"{out_dir} exists (written while this export ran); choose another --out or pass "
+                              "--force to replace it") from None
+    elif out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         os.rename(out_dir, old)
         try:

@@ -51,7 +51,9 @@ class StepSpec:
 
     step: str  # a manifest.STEP_KINDS key
     layout: Layout
-    logits: bool = True  # full logits [B, T, V] too (needed to sample); False: ids and confidences only
+    # full logits [B, T, V] too (needed to sample); "spine": the spine rows' only [B, spine, V] (a fused
+    # step samples its verify, never its branches); False: ids and confidences only
+    logits: bool | str = True
     # top-20 log-probs and ids [B, S, 20] of the S = spine (else all) positions and each input token's
     # log-prob given the tokens before it [B, L]: what an OpenAI client's logprobs/echo read, on the device
     logprobs: bool = False
@@ -130,7 +132,8 @@ class StepModule(nn.Module):
         used = read_cache(cache_k, cache_v, rows, slots)
         logits, k, v = self.model.step(input_ids, *used, cache_len, row_start, layout=self.spec.layout)
         logits = logits.float()  # [b, T, V]: float32 whatever the weights' dtype
-        out = (logits,) if self.spec.logits else ()
+        out = ((logits[:, : self.spec.layout.spine] if self.spec.logits == "spine" else logits,)
+               if self.spec.logits else ())
         out += greedy_candidates(logits)
         if self.spec.logprobs:
             out += token_logprobs(logits[:, :self.spec.scored_positions], input_ids)
@@ -171,7 +174,8 @@ class StepModule(nn.Module):
                   TensorSpec("rows", [batch_size], "int64"), TensorSpec("slots", [capacity], "int64"),
                   TensorSpec("cache_k", cache, dt), TensorSpec("cache_v", cache, dt)]
         T, K = layout.tokens, min(TOP_LOGPROBS, cfg.vocab_size)
-        shapes = {"logits": ([batch_size, T, cfg.vocab_size], "float32"), "candidate": ([batch_size, T], "int64"),
+        rows = layout.spine if self.spec.logits == "spine" else T
+        shapes = {"logits": ([batch_size, rows, cfg.vocab_size], "float32"), "candidate": ([batch_size, T], "int64"),
                   "confidence": ([batch_size, T], "float32"),
                   "top_logprobs": ([batch_size, self.spec.scored_positions, K], "float32"),
                   "top_ids": ([batch_size, self.spec.scored_positions, K], "int64"),

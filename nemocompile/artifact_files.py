@@ -3,8 +3,9 @@
 The manifest's ``files`` maps each file name (relative to the artifact
 directory) to ``{"size": bytes, "sha256": hex}``. Loading checks the sizes (a
 ``stat`` per file: a truncated, empty or missing file is caught before ONNX
-Runtime or protobuf trip over it); ``nemocompile check`` also checks the
-digests (reads every byte). Either names the damaged file and says to
+Runtime or protobuf trip over it); ``nemocompile check`` and ``Runtime.load(verify=True)``
+(``run``/``serve --verify``) also check the digests (read every byte: a same-size
+file damaged in a copy would otherwise run and print garbage). Either names the damaged file and says to
 re-export. Manifests written before the field existed record nothing: then
 only the files the manifest names must exist and be non-empty.
 """
@@ -59,25 +60,26 @@ def damaged_files(directory: str | Path, manifest, hashes: bool = False) -> list
     return problems
 
 
-def usable_graphs(directory: str | Path, manifest):
-    """The manifest without graphs whose file is missing or damaged (sizes only), and one
-    line per dropped file: a mode that does not use a damaged graph still runs. Raises
-    :class:`ArtifactDamagedError` when a file every mode needs (the weights, the
-    tokenizer, the prefill graph) is damaged, or when no mode is left."""
+def usable_graphs(directory: str | Path, manifest, hashes: bool = False):
+    """The manifest without graphs whose file is missing or damaged (sizes; with ``hashes``
+    also the SHA-256 digests), and one line per dropped file: a mode that does not use a
+    damaged graph still runs. Raises :class:`ArtifactDamagedError` when a file every mode
+    needs (the weights, the tokenizer, the prefill graph) is damaged, or when no mode is left."""
     import dataclasses
 
     directory = Path(directory)
-    problems = damaged_files(directory, manifest)
+    problems = damaged_files(directory, manifest, hashes)
     if not problems:
         return manifest, []
     by_graph = {str(directory / g.file): g for g in manifest.graphs}
     dropped = {name for p in problems for name in by_graph if p.startswith(f"{name}:")}
     if len(dropped) < len(problems):  # a damaged file that is not a graph
         check_files(directory, dataclasses.replace(manifest, graphs=[g for g in manifest.graphs
-                                                                     if str(directory / g.file) not in dropped]))
+                                                                     if str(directory / g.file) not in dropped]),
+                    hashes)
     kept = dataclasses.replace(manifest, graphs=[g for g in manifest.graphs if str(directory / g.file) not in dropped])
     if not kept.graphs or not kept.modes:
-        check_files(directory, manifest)
+        check_files(directory, manifest, hashes)
     lost = [m for m in manifest.modes if m not in kept.modes]
     return kept, [f"{p}: the artifact is damaged ({', '.join(lost)} unavailable); re-export it" for p in problems]
 
@@ -110,6 +112,12 @@ def check_export_destination(out_dir: str | Path, overwrite: bool, error=Nemocom
     existing = next(p for p in (out_dir.parent, *out_dir.parent.parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise error(f"{out_dir}: {existing} is not writable; choose another --out")
+    try:  # os.access can say yes where a folder cannot be made (/proc, a read-only mount)
+        import tempfile
+
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out_dir.name}.check-", dir=existing))
+    except OSError as e:
+        raise error(f"{out_dir}: cannot create a folder in {existing} ({e.strerror}); choose another --out") from None
     if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
         return
     if not overwrite:

@@ -54,8 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         if not importing[0]:
             raise KeyboardInterrupt
 
+    # SIGTERM (kill, systemd, Kubernetes) ends a command as Ctrl-C does: requests get their
+    # final lines, partial files are removed, "interrupted" and status 130
     try:
-        previous = signal.signal(signal.SIGINT, on_sigint)
+        previous = {sig: signal.signal(sig, on_sigint) for sig in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not the main thread: leave signals alone
         previous = None
     try:
@@ -83,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         raise
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for sig, handler in (previous or {}).items():
+            signal.signal(sig, handler)
 
 
 def _reader_went_away() -> int:

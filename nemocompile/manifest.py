@@ -21,7 +21,8 @@ outputs
   candidate   int64 [b, T]                      every token's argmax (T = the layout's tokens)
   confidence  float32 [b, T]                    and its softmax probability: a greedy runtime
                                                 never reads vocabulary-sized tensors
-  logits      float32 [b, T, vocab]             only in graphs that keep them (sampling)
+  logits      float32 [b, T, vocab]             only in graphs that keep them (sampling); a fused step's
+                                                are its spine's rows only [b, spine, vocab]
   top_logprobs float32 [b, S, 20]               the 20 best log-probs (log-softmax at temperature 1) of the S
   top_ids     int64 [b, S, 20]                  spine positions (all positions without a spine) and their ids
   next_logprob float32 [b, L]                   input token j+1's log-prob at position j (the last: 0): echo's

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -125,15 +125,17 @@ class ParityReport:
 # ---- entry point -------------------------------------------------------------
 def check_parity(artifact_dir: str | Path, model: TriModeModel | str | Path | None = None,
                  prompts: Sequence | None = None, max_new_tokens: int = 32, generations: bool = True,
-                 seed: int = 0) -> ParityReport:
+                 seed: int = 0, progress: Callable[[str], None] | None = None) -> ParityReport:
     """Per-step parity of every graph, then whole-generation parity in every mode
     of the artifact. ``model``: a loaded model, a checkpoint directory, or None
-    (the manifest's source checkpoint, else the embedded model)."""
+    (the manifest's source checkpoint, else the embedded model). ``progress``: told
+    each graph and each mode's prompts as they start."""
     manifest = Manifest.load(artifact_dir)
     check_files(artifact_dir, manifest)
     model = reference_model(manifest, model)
-    steps = step_parity(artifact_dir, model, manifest=manifest, seed=seed)
-    gens = generation_parity(artifact_dir, model, prompts, max_new_tokens, manifest=manifest) if generations else []
+    steps = step_parity(artifact_dir, model, manifest=manifest, seed=seed, progress=progress)
+    gens = (generation_parity(artifact_dir, model, prompts, max_new_tokens, manifest=manifest, progress=progress)
+            if generations else [])
     return ParityReport(str(artifact_dir), manifest.dtype, steps, gens)
 
 
@@ -162,7 +164,8 @@ def reference_model(manifest: Manifest, model: TriModeModel | str | Path | None)
 
 
 def step_parity(artifact_dir: str | Path, model: TriModeModel, *, manifest: Manifest | None = None,
-                cache_lens: Sequence[int] | None = None, seed: int = 0) -> list[StepParity]:
+                cache_lens: Sequence[int] | None = None, seed: int = 0,
+                progress: Callable[[str], None] | None = None) -> list[StepParity]:
     """Every graph on ORT CPU against ``model.step`` on the same inputs. A fused graph
     is also compared row by row with the separate steps it replaces (a causal step over
     its spine, one draft per branch on the cache extended by the spine prefix): the
@@ -174,7 +177,9 @@ def step_parity(artifact_dir: str | Path, model: TriModeModel, *, manifest: Mani
     so = ort.SessionOptions()
     so.log_severity_level = 3
     out = []
-    for g in manifest.graphs:
+    for i, g in enumerate(manifest.graphs, 1):
+        if progress is not None:
+            progress(f"parity: graph {i}/{len(manifest.graphs)} {g.step} (B={g.block_length}) against eager")
         layout = Layout.from_dict(g.layout)
         L = g.block_length
         # a step's cache slots are its L input tokens (a fused graph's masks write nothing)
@@ -364,7 +369,8 @@ def _f32(a: np.ndarray) -> np.ndarray:
 # ---- whole generations -------------------------------------------------------
 def generation_parity(artifact_dir: str | Path, model: TriModeModel, prompts: Sequence | None = None,
                       max_new_tokens: int = 32, *, manifest: Manifest | None = None,
-                      modes: Sequence[str] | None = None) -> list[GenerationParity]:
+                      modes: Sequence[str] | None = None,
+                      progress: Callable[[str], None] | None = None) -> list[GenerationParity]:
     """Greedy generations of the runtime (ONNX Runtime) and the eager decoders
     must be token-for-token identical, in every mode of the artifact. A prompt
     that is itself a list of prompts runs as one batch (ar and diffusion)."""
@@ -378,7 +384,10 @@ def generation_parity(artifact_dir: str | Path, model: TriModeModel, prompts: Se
         for mode in modes or manifest.modes:
             block = None if mode == "ar" else manifest.block_lengths(mode)[0]
             pairs = []
-            for p in prompts:
+            for j, p in enumerate(prompts, 1):
+                if progress is not None:
+                    progress(f"parity: {mode} generation {j}/{len(prompts)} ({max_new_tokens} tokens, runtime "
+                             "and eager)")
                 ours = runtime.generate(p, mode=mode, max_new_tokens=max_new_tokens, block_length=block,
                                         temperature=0.0)
                 groups = runtime.draft_groups.get(block) if mode == "quadratic-spec" else None

@@ -64,14 +64,20 @@ def check_values(*, mode, max_new_tokens, block_length=None, temperature=0.0, se
 
 
 def check_room(width: int, max_new_tokens: int, block: int | None, limit: int, what: str, remedy: str,
-               names: dict[str, str] | None = None) -> int:
-    """Prompt + max_new_tokens (+ one block) must fit ``limit`` tokens; returns what is needed."""
+               names: dict[str, str] | None = None, prompt: int | None = None) -> int:
+    """Prompt + max_new_tokens (+ one block) must fit ``limit`` tokens; returns what is needed.
+    ``width``: the slots the prompt takes; ``prompt``: its own length where padding makes it
+    shorter (quadratic-spec pads a short prompt to a full prefill chunk). ``names``: the
+    caller's spelling of max_new_tokens (HTTP: max_tokens), in the message and the remedy."""
     new = (names or {}).get("max_new_tokens", "max_new_tokens")
     need = width + max_new_tokens + (block or 0)
     if width > limit or need > limit:
-        head = (f"the prompt ({width} tokens) alone exceeds" if width > limit else
-                f"prompt ({width}) + {new} ({max_new_tokens})" + (f" + one block ({block})" if block else "")
+        padded = prompt is not None and prompt != width
+        tokens = f"{prompt} tokens, padded to a prefill chunk of {width}" if padded else f"{width}"
+        head = (f"the prompt ({tokens}{'' if padded else ' tokens'}) alone exceeds" if width > limit else
+                f"prompt ({tokens}) + {new} ({max_new_tokens})" + (f" + one block ({block})" if block else "")
                 + f" = {need} tokens exceed")
+        remedy = remedy.replace("max_new_tokens", new)
         raise RequestError(f"{head} {what} of {limit}; {remedy}", param=None if width > limit else new)
     return need
 

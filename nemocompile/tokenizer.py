@@ -123,6 +123,8 @@ def encode_prompts(tokenizer: Tokenizer | None, vocab_size: int, prompt, chat: b
         for m in prompt:
             if m.get("role") not in CHAT_ROLES:
                 raise GenerationError(f"chat role {m.get('role')!r} is not one of {', '.join(CHAT_ROLES)}")
+            if m.get("content") is None and m.get("role") == "assistant" and m.get("tool_calls"):
+                continue  # an assistant turn that only called tools
             if not isinstance(m.get("content"), str):
                 raise GenerationError("each chat message needs text 'content'")
             check_text(m["content"], "a chat message")

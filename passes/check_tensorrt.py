@@ -182,6 +182,18 @@ def _check_types(node: ir.Node, where: str, types: str, values: list) -> list[st
     return out
 
 
+def group_findings(findings: list[str]) -> list[str]:
+    """Findings that differ only in quoted names (one per node of a quantized layer: 29 alike in
+    an int4 graph) as one line with a count, in first-seen order."""
+    import re
+
+    groups: dict[str, list[str]] = {}
+    for f in findings:
+        groups.setdefault(re.sub(r"'[^']*'", "'...'", f), []).append(f)
+    return [members[0] if len(members) == 1 else f"{members[0]} (and {len(members) - 1} more like it)"
+            for members in groups.values()]
+
+
 def lint_file(path: str | Path) -> list[str]:
     """Lint one saved graph (external data is not loaded)."""
     proto = onnx.load(str(path), load_external_data=False)

@@ -26,8 +26,9 @@ def fuse_draft_verify(specs: list[StepSpec | Fuse]) -> DescriptionResult:
     """Invariant: each spine row of the fused step computes exactly what the separate
     causal step computes on the same tokens; each mask row of the branch anchored at
     spine token j computes exactly what the separate draft computes with the cache
-    extended by spine tokens 0..j. Fused steps return ids and confidences, never
-    logits (B x (B+1) rows of the vocabulary would dwarf the step)."""
+    extended by spine tokens 0..j. Fused steps return ids and confidences for every
+    token, and logits for the spine rows only, when the causal step keeps them (to sample
+    the verify; B x (B+1) rows of the vocabulary would dwarf the step)."""
     out, count = [], 0
     for spec in specs:
         if isinstance(spec, Fuse):
@@ -58,4 +59,5 @@ def _fuse(request: Fuse) -> StepSpec:
         raise PassError(f"{request.step}: anchors must be 'each' or 'last', got {request.anchors!r}")
     # the draft conditioned on spine 0..j sits right after spine token j
     branches = tuple(Branch(masks.length, j + 1, j, "mask", masks.lora) for j in anchors)
-    return StepSpec(request.step, Layout(verify.spine, branches), logits=False, logprobs=request.causal.logprobs)
+    return StepSpec(request.step, Layout(verify.spine, branches), logits="spine" if request.causal.logits else False,
+                    logprobs=request.causal.logprobs)

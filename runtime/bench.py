@@ -18,6 +18,7 @@ skipped for it, with a progress line saying so.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -170,6 +171,7 @@ def run_bench(artifacts: Sequence[str | Path], prompts: list, backends: Sequence
     ``modes``: open (and run) only these modes' graphs (default: every mode of each artifact)."""
     thinking = thinking or {}
     say = progress or (lambda msg: None)
+    check_artifacts(artifacts, modes)  # every artifact before the first is benchmarked
     rows: list[dict] = []
     step_rows: list[dict] = []
     all_backends = backends
@@ -199,13 +201,13 @@ def run_bench(artifacts: Sequence[str | Path], prompts: list, backends: Sequence
         encoded = [_fit(first, p, max_new_tokens) for p in prompts]
         for rt in runtimes.values():  # warm-up: first runs pay for allocations and thread pools
             for mode, L, t in grid(first, diffusion_thresholds, linear_spec_thresholds):
-                rt.generate(encoded[0], mode=mode, block_length=L, threshold=t, max_new_tokens=8, eos=eos,
-                            **thinking)
+                rt.generate(encoded[0], mode=mode, block_length=L, threshold=_threshold(mode, t), max_new_tokens=8,
+                            eos=eos, **thinking)
         for mode, L, t in grid(first, diffusion_thresholds, linear_spec_thresholds):
             acc = {b: Row(b, mode, L, t, str(artifact), first.manifest.config_hash) for b in backends}
             for ids in encoded:
                 for b in backends:  # alternate backends prompt by prompt: same machine load for both
-                    acc[b].add(runtimes[b].generate(ids, mode=mode, block_length=L, threshold=t,
+                    acc[b].add(runtimes[b].generate(ids, mode=mode, block_length=L, threshold=_threshold(mode, t),
                                                     max_new_tokens=max_new_tokens, eos=eos, **thinking))
             for b in backends:
                 row = acc[b].to_dict()
@@ -224,7 +226,30 @@ def run_bench(artifacts: Sequence[str | Path], prompts: list, backends: Sequence
         for rt in runtimes.values():
             rt.close()
     _add_speedups(rows)
-    return {"results": rows, "step_times": step_rows, "summary": summarize(rows, step_rows)}
+    settings = {"artifacts": [str(a) for a in artifacts], "backends": list(all_backends), "prompts": len(prompts),
+                "max_new_tokens": max_new_tokens, "threads": threads, "modes": list(modes) if modes else None}
+    return {"results": rows, "step_times": step_rows, "summary": summarize(rows, step_rows), "settings": settings}
+
+
+def check_artifacts(artifacts: Sequence[str | Path], modes: Sequence[str] | None = None) -> None:
+    """Each artifact's manifest reads, holds ``modes`` and has its graph files (sizes): a bad one
+    is named before any is benchmarked."""
+    from nemocompile.artifact_files import usable_graphs
+
+    for artifact in artifacts:
+        manifest = Manifest.load(artifact)
+        if modes:
+            try:
+                manifest = manifest.for_modes(modes)
+            except NemocompileError as e:
+                raise NemocompileError(f"{artifact}: {e}") from None
+        usable_graphs(artifact, manifest)
+
+
+def _threshold(mode: str, t):
+    """A row's threshold as generate() takes it: diffusion's None is the fixed schedule ("none";
+    generate's None would be its default, 0.9)."""
+    return "none" if mode == "diffusion" and t is None else t
 
 
 def weight_bytes(artifact: str | Path, manifest: Manifest) -> int:
@@ -404,6 +429,20 @@ def require_matplotlib():
     return matplotlib
 
 
+def check_plot_file(path: str | Path) -> None:
+    """--plot: matplotlib is installed and writes this file type (checked before any benchmark)."""
+    matplotlib = require_matplotlib()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(path).suffix.lstrip(".").lower()
+    if suffix not in kinds:
+        shown = "no extension" if not suffix else f".{suffix}"
+        raise NemocompileError(f"--plot {path}: matplotlib cannot write {shown}; name a .png, .svg or .pdf file "
+                               f"(any of {', '.join('.' + k for k in sorted(kinds))})")
+    del matplotlib
+
+
 def plot(report: dict, path: str | Path) -> None:
     """Tokens/s and tokens per forward per configuration, grouped by mode."""
     matplotlib = require_matplotlib()
@@ -413,27 +452,48 @@ def plot(report: dict, path: str | Path) -> None:
     rows = report["results"]
     labels = list(dict.fromkeys(_label(r) for r in rows))
     backends = list(dict.fromkeys(r["backend"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.2 * len(labels)), 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.2 * len(labels)), 4.8))
     width = 0.8 / max(len(backends), 1)
-    for ax, key, title in ((axes[0], "tokens_per_second", "tokens / s"),
-                           (axes[1], "tokens_per_forward", "tokens per forward")):
+    # tokens/s spans orders of magnitude across modes (quadratic-spec's wide step on a CPU): a log
+    # axis keeps every bar visible; tokens per forward stays linear (1 to a block)
+    for ax, key, title, log in ((axes[0], "tokens_per_second", "tokens / s (log scale)", True),
+                                (axes[1], "tokens_per_forward", "tokens per forward", False)):
         for i, b in enumerate(backends):
             values = {_label(r): r[key] for r in rows if r["backend"] == b}
             xs = [j + i * width for j in range(len(labels))]
-            ax.bar(xs, [values.get(lab, 0) for lab in labels], width, label=b)
+            ax.bar(xs, [values.get(lab) or float("nan") for lab in labels], width, label=b)
+        if log:
+            ax.set_yscale("log")
         ax.set_xticks([j + width * (len(backends) - 1) / 2 for j in range(len(labels))])
         ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
         ax.set_title(title)
         ax.legend(fontsize=8)
+    fig.suptitle(plot_title(report), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def plot_title(report: dict) -> str:
+    """What a picture shows: the artifact(s) and the settings the numbers depend on."""
+    s = report.get("settings") or {}
+    artifacts = ", ".join(Path(a).name for a in s.get("artifacts") or sorted({r["artifact"] for r in report["results"]}))
+    parts = [f"nemocompile bench: {artifacts}"]
+    if s:
+        parts.append(f"{s['prompts']} prompts x {s['max_new_tokens']} new tokens, greedy, "
+                     f"{s['threads'] or 'default'} thread(s), {os.cpu_count()} CPUs")
+    return "\n".join(parts)
+
+
 def _label(r: dict) -> str:
+    """A configuration's name: the threshold only where the mode has one (diffusion without
+    one runs the fixed schedule)."""
     if r["mode"] == "ar":
         return "ar"
-    return f"{r['mode']} B={r['block_length']} t={r['threshold']}"
+    label = f"{r['mode']} B={r['block_length']}"
+    if r["mode"] == "diffusion":
+        return label + (" fixed steps" if r["threshold"] is None else f" t={r['threshold']:g}")
+    return label + (f" t={r['threshold']:g}" if r["threshold"] is not None else "")
 
 
 def write_json(report: dict, path: str | Path) -> None:

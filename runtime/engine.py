@@ -39,9 +39,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from nemocompile.errors import GenerationError
+from nemocompile.errors import GenerationError, NemocompileError
 
-from .job import Cancelled, Job, Overloaded, RequestTimeout
+from .job import Cancelled, Job, Overloaded, RequestTimeout, ServerError
 from .prefix_cache import shared_prefix
 from .row import ALL_ALTERNATIVES, Forward, Row
 
@@ -63,6 +63,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.listeners: list[Callable[[str, Any], None]] = []  # metrics: ("step", ...), ("finish", ...)
         self.costs = None  # mode auto's cost table (runtime/policy.py), loaded at first use
+        self.costs_read = False  # Runtime.load read (and checked) costs.json already: None then means "none usable"
         self.live_s: dict[tuple[str, int], collections.deque] = {}  # the last forwards' seconds per graph
         self._choices: dict = {}  # auto's current choice per option set
         self._ticks = 0
@@ -136,7 +137,7 @@ class Engine:
                 while not self._stop and not any(self.rows) and (self._paused or not self.queue):
                     self._cond.wait()
                 if self._stop:
-                    self._fail_all(GenerationError("the runtime was closed before the request finished"))
+                    self._fail_all(ServerError("the runtime was closed before the request finished"))
                     return
                 if not self._paused:
                     self._admit()
@@ -144,9 +145,8 @@ class Engine:
             # never wait for a forward to end
             try:
                 self._tick()
-            except Exception as e:  # a bug or a backend failure: fail the rows, keep serving
-                traceback.print_exc()
-                self._fail_all(GenerationError(f"the runtime failed: {type(e).__name__}: {e}"), queued=False)
+            except Exception as e:  # a failure outside any one row's forward or scheduler: fail the rows
+                self._fail_all(server_error(e, "the runtime failed"), queued=False)
                 if self.rt.prefix is not None:
                     self.rt.prefix.clear()  # a forward may have stopped half way: trust no slot
             with self._cond:
@@ -262,19 +262,25 @@ class Engine:
         rt, cache = self.rt, self.rt.cache
         io = rt.io[key]
         width = io.input_ids.shape[1]
-        for j, b in enumerate(members):
-            tokens = self.rows[b][2].tokens
-            n = len(tokens)
-            if n > width:
-                raise GenerationError(f"row {b} sent {n} tokens to the {key[0]!r} graph of width {width}")
-            if n == 1:
-                io.input_ids[j, 0] = tokens[0]
-            else:
-                io.input_ids[j, :n] = tokens
-            if n < width:
-                io.input_ids[j, n:] = 0  # right padding of a short chunk: computed, never placed in the cache
-        t0, c0 = time.perf_counter(), time.process_time()
-        rt.run(key, members)
+        try:
+            for j, b in enumerate(members):
+                tokens = self.rows[b][2].tokens
+                n = len(tokens)
+                if n > width:
+                    raise GenerationError(f"row {b} sent {n} tokens to the {key[0]!r} graph of width {width}")
+                if n == 1:
+                    io.input_ids[j, 0] = tokens[0]
+                else:
+                    io.input_ids[j, :n] = tokens
+                if n < width:
+                    io.input_ids[j, n:] = 0  # right padding of a short chunk: computed, never placed in the cache
+            t0, c0 = time.perf_counter(), time.process_time()
+            rt.run(key, members)
+        except Exception as e:  # a backend failure ends the requests of this forward's rows only
+            error = server_error(e, f"the {key[0]!r} graph failed")
+            for b in members:
+                self._drop(b, error)
+            return
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
         live = self.live_s.get(key)
         if live is None:
@@ -300,11 +306,16 @@ class Engine:
             self._advance(b, row, scheduler, io)
 
     def _advance(self, b: int, row: Row, scheduler, io) -> None:
-        """Run the row's scheduler up to its next forward, or finish the row."""
+        """Run the row's scheduler up to its next forward, or finish the row. A scheduler or
+        policy that raises ends this row's request only (:class:`ServerError`)."""
         try:
             forward = scheduler.send(io) if io is not None else next(scheduler)
         except StopIteration:
             self._finish(b, row)
+            return
+        except Exception as e:
+            self.rows[b] = (row, scheduler, None)
+            self._drop(b, server_error(e, f"request failed in its {row.mode} scheduler"))
             return
         self.rows[b] = (row, scheduler, forward)
 
@@ -354,6 +365,9 @@ class Engine:
 
         if row.sampler.greedy is False:
             row.stats.auto_reason = "temperature > 0: ar (the only mode auto samples in)"
+            return "ar", None
+        if row.grammar is not None:
+            row.stats.auto_reason = "response_format: ar (the mode that applies the grammar's mask)"
             return "ar", None
         if row.auto_options is None:
             row.auto_options = self._auto_options(row.request)
@@ -409,7 +423,7 @@ class Engine:
         from .bench import median_forward_s
         from .policy import DEFAULT_PRIOR, CostTable, graph_key
 
-        table = CostTable.load(self.rt.artifact_dir, self.rt.backend.name)
+        table = None if self.costs_read else CostTable.load(self.rt.artifact_dir, self.rt.backend.name)
         if table is None:
             # the cache rows stay as they are: the forwards write nothing, and their outputs are
             # overwritten before any row reads them again
@@ -427,6 +441,21 @@ class Engine:
         if queued:
             while self.queue:
                 self.queue.popleft().fail(error)
+
+
+def server_error(e: BaseException, what: str) -> ServerError:
+    """``e`` as the request's :class:`ServerError`, with one line on stderr (a traceback only for
+    an exception nemocompile did not raise itself: a bug to report)."""
+    import sys
+
+    if isinstance(e, ServerError):
+        return e
+    error = ServerError(f"{what}: {type(e).__name__}: {e}")
+    if isinstance(e, NemocompileError):  # its message says what to do
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    else:
+        traceback.print_exception(e, file=sys.stderr)
+    return error
 
 
 def _alternatives(k: int | None) -> int:

@@ -3,7 +3,8 @@
 The engine thread pushes each sequence's commits and the end; any number of
 threads (or one event loop, with ``async for``) read them. Errors a caller can
 get instead of results: :class:`Overloaded` (the queue is full, at submit),
-:class:`RequestTimeout`, :class:`Cancelled`, or the runtime's own.
+:class:`RequestTimeout`, :class:`Cancelled`, :class:`ServerError` (the server failed this
+request alone), or the runtime's own.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ class RequestTimeout(NemocompileError):
 
 class Cancelled(NemocompileError):
     """The request was cancelled by its caller."""
+
+
+class ServerError(NemocompileError):
+    """The server failed this request (a bug, a backend failure, a bad cost table): not the
+    caller's fault (HTTP 500, stdio "server_error"); the other requests go on."""
 
 
 _END = object()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from nemocompile.decode.common import budgeted
+from nemocompile.sampling import History, distribution, speculative_accept
 
 from .backends import StepIO
 from .output import StopText, TokenLogprob, token_logprob
@@ -53,7 +54,11 @@ class Row:
         self.cache = runtime.cache
         self.mask_token_id = runtime.mask_token_id
         seed = request.seed if request.seed is None or len(request.prompts) == 1 else [request.seed, index]
-        self.sampler = Sampler(request.temperature, seed)  # per row: a draw never depends on the other rows
+        # per row: a draw never depends on the other rows
+        self.sampler = Sampler(request.temperature, seed, request.sampling)
+        penalised = request.sampling is not None and request.sampling.penalised
+        self.history = History(self.prompt) if penalised else None  # what the penalties see
+        self.grammar = request.grammar.matcher() if request.grammar is not None else None  # structured output
         self.stats = RuntimeStats(mode=request.mode, backend=runtime.backend.name, block_length=request.block_length,
                                   threshold=request.threshold, batch_size=len(request.prompts))
         self.timer = StepTimer(start=job.submitted)
@@ -146,24 +151,65 @@ class Row:
         return int(self.choose(io, last))
 
     # ---- deciding and emitting ---------------------------------------------------
+    @property
+    def uses_logits(self) -> bool:
+        """Whether choices read the logits: sampling, a control that moves the argmax, a grammar."""
+        return not self.sampler.greedy or self.grammar is not None
+
+    def distribution(self, logits, drafts=()):
+        """The request's distribution (nemocompile.sampling) at a position whose history is the
+        output so far followed by ``drafts``, masked by the grammar's state."""
+        history = self.history.plus(drafts) if self.history is not None and len(drafts) else self.history
+        allowed = self.grammar.allowed() if self.grammar is not None else None
+        return distribution(logits, self.sampler.params, history, allowed)
+
     def choose(self, io: StepIO, column: int) -> int:
         """The row's token at ``column``: the graph's argmax when greedy (the host never
-        reads the logits), else a draw from the logits."""
-        if self.sampler.greedy:
+        reads the logits), else a draw from the request's distribution."""
+        if not self.uses_logits:
             token = int(io.candidate[self.j, column])
-        else:
+        elif self.sampler.params.plain and self.grammar is None:
             token = int(self.sampler.sample(io.logits[self.j, column]))
+        else:
+            token = self.sampler.pick(self.distribution(io.logits[self.j, column]))
         self.note(io, [column], [token])
         return token
 
-    def choose_all(self, io: StepIO, n: int) -> list[int]:
-        """The row's tokens at columns 0..n-1."""
-        if self.sampler.greedy:
-            tokens = io.candidate[self.j, :n].tolist()
-        else:
-            tokens = self.sampler.sample(io.logits[self.j, :n]).tolist()
-        self.note(io, range(n), tokens)
-        return tokens
+    def verify(self, io: StepIO, drafted: Sequence[int]) -> list[int]:
+        """Self-speculation: the accepted drafts of ``drafted[1:]`` and the bonus, from the
+        verifier's columns 0..n-1 (column i predicts position i+1). Greedy: the spec's rule
+        on the graph's argmax; sampling: nemocompile.sampling's rule (lossless in distribution).
+        The i-th token returned sits at column i (its log-prob is kept there)."""
+        kept = self._verify(io, drafted)
+        self.note(io, range(len(kept)), kept)
+        return kept
+
+    def _verify(self, io: StepIO, drafted: Sequence[int]) -> list[int]:
+        n = len(drafted)
+        if not self.uses_logits:
+            a = io.candidate[self.j, :n].tolist()
+            k = 0
+            while k < n - 1 and a[k] == drafted[k + 1]:
+                k += 1
+            return a[: k + 1]
+        logits, x = io.logits[self.j], list(drafted[1:])
+        if self.grammar is None:
+            return speculative_accept(x, lambda i: self.distribution(logits[i], x[:i]), self.sampler.uniform)
+        advanced = 0
+
+        def target(i: int):
+            # p_i is masked by the grammar's state after the accepted drafts x[:i] (a draft the
+            # grammar forbids has probability 0, so it is never accepted and never advanced past)
+            nonlocal advanced
+            while advanced < i:
+                self.grammar.accept(x[advanced])
+                advanced += 1
+            return self.distribution(logits[i], x[:i])
+
+        try:
+            return speculative_accept(x, target, self.sampler.uniform)
+        finally:
+            self.grammar.rollback(advanced)  # emit() advances it over what is kept
 
     def note(self, io: StepIO, columns, tokens) -> None:
         """Keep the log-probs of ``tokens`` picked at ``columns`` of ``io`` (requests with
@@ -191,6 +237,8 @@ class Row:
         for i, t in enumerate(tokens):
             t = int(t)
             out.append(t)
+            if self.grammar is not None:
+                self.grammar.accept(t)
             if self.k is not None:
                 lp = chosen[i] if i < len(chosen) else None
                 self.logprobs.append(lp if lp is not None and lp.token == t else TokenLogprob(t, None))
@@ -201,9 +249,14 @@ class Row:
             if stop and t in eos:
                 self.done, self.finish_reason = True, "stop"
                 break
+            if self.grammar is not None and self.grammar.finished:  # the JSON is complete
+                self.done, self.finish_reason = True, "stop"
+                break
             if len(out) >= limit:
                 self.done = True
                 break
+        if self.history is not None:
+            self.history.extend(out[sent:])
         self.timer.mark_first_token()
         delta = None
         if text is not None:

@@ -14,13 +14,14 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from nemocompile.artifact_files import usable_graphs
 from nemocompile.decode.common import (DEFAULT, ThinkingBudget, check_quadratic, eos_id_set, parse_threshold,
                                        thinking_budget)
+from nemocompile.sampling import SamplingParams, sampling_params
 from nemocompile.errors import GenerationError, NemocompileError
 from nemocompile.manifest import Manifest, ManifestError
 from nemocompile.request import RequestError, check_room, check_values
@@ -31,7 +32,7 @@ from .cache import KVCache
 from .engine import Engine
 from .job import Job
 from .output import OutputOptions, TokenLogprob, output_options
-from .policy import lossless_options
+from .policy import CostTable, lossless_options
 from .stats import RuntimeStats
 
 
@@ -51,6 +52,8 @@ class Request:
     batched: bool  # the caller passed a list of prompts
     budget: ThinkingBudget | None = None  # spec 3.5: max_thinking_tokens and end_think_token_id
     output: OutputOptions = OutputOptions()  # stop strings, stop ids, min_tokens, log-probs, echo
+    sampling: SamplingParams | None = None  # top_p, top_k, min_p, penalties, logit_bias (nemocompile.sampling)
+    grammar: "Grammar | None" = None  # response_format: the compiled grammar every token must follow
 
 
 # a forward reads its rows' slots rounded up to a multiple of this (see Runtime.run)
@@ -126,31 +129,43 @@ class Runtime:
 
     # ---- construction ------------------------------------------------------------
     @classmethod
-    def load(cls, artifact_dir: str | Path, backend: str = "onnxruntime", device: str | None = None,
-             **options) -> "Runtime":
-        """Open an exported artifact. ``options``: ``threads`` (intra-op threads),
+    def load(cls, artifact_dir: str | Path, backend: str = "onnxruntime", device: str | None = None, *,
+             verify: bool = False, **options) -> "Runtime":
+        """Open an exported artifact (a malformed costs.json is refused here, not at the first
+        ``mode="auto"`` request). ``options``: ``threads`` (intra-op threads),
         ``model`` (torch backend: checkpoint path or loaded model; default the
         manifest's ``source``), ``providers`` (onnxruntime), ``modes`` (open only
-        the graphs of these modes; default every mode of the artifact)."""
+        the graphs of these modes; default every mode of the artifact), ``costs``
+        (False: do not read the cost table; ``nemocompile calibrate`` replaces it), ``verify``
+        (True: check every file's recorded SHA-256 before opening a graph: reads every byte,
+        for artifacts copied between machines)."""
         artifact_dir = Path(artifact_dir)
         manifest = Manifest.load(artifact_dir)
         modes = options.pop("modes", None)
+        read_costs = options.pop("costs", True)
         unopened = []
         if modes:
             unopened = [m for m in manifest.modes if m not in modes]
             manifest = manifest.for_modes(modes)
-        # sizes only (a stat per file; `nemocompile check` reads the digests). A damaged graph that
+        # sizes (a stat per file), and with verify the digests. A damaged graph that
         # some modes do not use costs only those modes; anything else damaged stops here.
-        manifest, damaged = usable_graphs(artifact_dir, manifest)
+        if verify and not any("sha256" in r for r in (manifest.files or {}).values()):
+            print(f"warning: {artifact_dir}: the manifest records no SHA-256 digests (an older export); "
+                  "--verify checks sizes only", file=sys.stderr)
+        manifest, damaged = usable_graphs(artifact_dir, manifest, hashes=verify)
         for line in damaged:
             print(f"warning: {line}", file=sys.stderr)
         own = {k: options.pop(k) for k in ("max_queue", "prefix_cache", "prefix_cache_tokens") if k in options}
         tokens = own.get("prefix_cache_tokens")
         if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0):
             raise GenerationError(f"prefix_cache_tokens must be an integer >= 0, got {tokens!r:.60}")
+        costs = None
+        if read_costs and len({m for m, _ in lossless_options(manifest)}) > 1:  # auto will be served
+            costs = CostTable.load(artifact_dir, backend)  # CostTableError: one line, before any graph opens
         runtime = cls(artifact_dir, manifest, create_backend(backend, artifact_dir, manifest, device=device, **options),
                       **own)
         runtime.unopened_modes = [m for m in unopened if m not in runtime.modes]
+        runtime.engine.costs, runtime.engine.costs_read = costs, read_costs and "auto" in runtime.modes
         return runtime
 
     def _step_io(self, graph) -> StepIO:
@@ -242,14 +257,18 @@ class Runtime:
 
     def validate(self, prompts: list[list[int]], batched: bool, mode: str = "ar", max_new_tokens: int = 64,
                  block_length: int | None = None, threshold=None, temperature: float = 0.0,
-                 seed: int | None = None, eos: int | None = None, steps: int | None = None, *,
+                 seed: int | None = None, eos: int | Sequence[int] | None = None, steps: int | None = None, *,
                  max_thinking_tokens: int | None = None, end_think_token_id: int | None = None,
                  names: dict[str, str] | None = None, stop=None, stop_token_ids=None, ignore_eos: bool = False,
-                 min_tokens: int | None = None, logprobs: int | None = None, echo: bool = False) -> Request:
+                 min_tokens: int | None = None, logprobs: int | None = None, echo: bool = False,
+                 sampling: dict | None = None, response_format: dict | None = None) -> Request:
         """Fill defaults and reject what cannot run, before any step does (spec defaults:
         diffusion threshold 0.9, linear-spec threshold 0; block length: the artifact's).
         Values are checked by ``nemocompile.request``, the checks every front door shares;
-        ``names`` renames fields in its messages (HTTP: max_new_tokens -> max_tokens)."""
+        ``names`` renames fields in its messages (HTTP: max_new_tokens -> max_tokens).
+        ``sampling``: top_p, top_k, min_p, presence/frequency/repetition_penalty, logit_bias
+        (nemocompile.sampling); ``response_format``: OpenAI's json_object / json_schema
+        (runtime/grammar.py: constrained decoding in ar and auto)."""
         check_values(mode=mode, max_new_tokens=max_new_tokens, block_length=block_length, temperature=temperature,
                      seed=seed, eos=eos, steps=steps, vocab_size=self.vocab_size, names=names, auto=True)
         if mode in self.unopened_modes:
@@ -265,11 +284,22 @@ class Runtime:
         eos = (frozenset() if ignore_eos else eos) | output.stop_token_ids
         if not prompts or any(len(p) == 0 for p in prompts):
             raise GenerationError("empty prompt: give at least one token")
-        if temperature > 0 and not self.sampling:
-            raise GenerationError("this artifact was exported with --greedy-only (its graphs return no logits): "
-                                  "use temperature 0, or re-export without --greedy-only to sample")
+        params = sampling_params(temperature, seed, **(sampling or {}), vocab_size=self.vocab_size)
+        grammar = None
+        if response_format is not None:
+            from .grammar import compile_response_format
+
+            grammar = compile_response_format(self, response_format, mode, eos)
+        if (temperature > 0 or params.shapes_logits or grammar is not None) and not self.sampling:
+            what = "sampling" if temperature > 0 else "this request (logit_bias, penalties or response_format)"
+            raise GenerationError(f"this artifact was exported with --greedy-only (its graphs return no logits): "
+                                  f"{what} needs them; re-export without --greedy-only")
         if mode == "quadratic-spec":
-            check_quadratic(threshold, temperature)
+            check_quadratic(threshold)
+            if (temperature > 0 or params.shapes_logits or grammar is not None) and \
+                    self.manifest.graph("verify_draft").output("logits") is None:
+                raise GenerationError("this artifact's quadratic-spec graphs return no logits (exported before fused "
+                                      "steps kept their spine's): use temperature 0, another mode, or re-export")
         if len(prompts) > self.batch_size:
             raise GenerationError(f"{len(prompts)} prompts exceed the artifact's batch size {self.batch_size}; send "
                                   f"at most {self.batch_size} at a time or re-export with a larger batch size")
@@ -296,10 +326,11 @@ class Runtime:
         room = self._auto_room(block) if mode == "auto" else block
         check_room(self.prompt_width(prompts, mode), max_new_tokens, room, self.capacity,
                    "the artifact's KV cache capacity",
-                   "shorten the prompt, lower max_new_tokens, or re-export with a larger --max-seq-len", names)
+                   "shorten the prompt, lower max_new_tokens, or re-export with a larger --max-seq-len", names,
+                   prompt=max(map(len, prompts)))
         budget = thinking_budget(max_thinking_tokens, end_think_token_id, self.tokenizer, self.vocab_size)
         return Request(prompts, mode, max_new_tokens, block, thr, steps, float(temperature), seed, eos, batched,
-                       budget, output)
+                       budget, output, None if params.plain else params, grammar)
 
     def check_output(self, stop, stop_token_ids, min_tokens, logprobs, echo, max_new_tokens, mode) -> OutputOptions:
         """The request's :class:`OutputOptions`, refused where this artifact cannot honour them."""
@@ -338,18 +369,23 @@ class Runtime:
         return block if block is not None else max(self._auto_lengths(), default=None)
 
     def submit(self, prompt_or_ids, mode: str = "ar", max_new_tokens: int = 64, block_length: int | None = None,
-               threshold=None, temperature: float = 0.0, seed: int | None = None, eos: int | None = None,
-               steps: int | None = None, chat: bool = False, chat_template_kwargs: dict | None = None,
-               max_thinking_tokens: int | None = None, end_think_token_id: int | None = None,
-               timeout: float | None = None, names: dict[str, str] | None = None, **output) -> Job:
+               threshold=None, temperature: float = 0.0, seed: int | None = None,
+               eos: int | Sequence[int] | None = None, steps: int | None = None, chat: bool = False,
+               chat_template_kwargs: dict | None = None, max_thinking_tokens: int | None = None,
+               end_think_token_id: int | None = None, timeout: float | None = None,
+               names: dict[str, str] | None = None, eos_token_id: int | Sequence[int] | None = None,
+               **output) -> Job:
         """Validate a request and queue it for the engine without waiting: a :class:`Job`
         (iterate it, or ``async for``, for ``(sequence, tokens)`` commits; ``result()``).
+        ``eos``: the ids that stop generation (one id, a list, or -1: never; default every EOS
+        id of the checkpoint); ``eos_token_id`` is the same, as the eager ``generate`` names it.
         ``timeout``: seconds from now after which the request ends with ``RequestTimeout``.
         Raises ``Overloaded`` when ``max_queue`` requests already wait. ``output``: ``stop``,
-        ``stop_token_ids``, ``ignore_eos``, ``min_tokens``, ``logprobs``, ``echo`` (see ``generate``)."""
-        return self._submit(prompt_or_ids, mode, max_new_tokens, block_length, threshold, temperature, seed, eos,
-                            steps, chat, chat_template_kwargs, max_thinking_tokens, end_think_token_id, timeout,
-                            names, stream=False, **output)
+        ``stop_token_ids``, ``ignore_eos``, ``min_tokens``, ``logprobs``, ``echo`` (see ``generate``),
+        ``sampling``, ``response_format`` (see :meth:`validate`)."""
+        return self._submit(prompt_or_ids, mode, max_new_tokens, block_length, threshold, temperature, seed,
+                            _eos(eos, eos_token_id), steps, chat, chat_template_kwargs, max_thinking_tokens,
+                            end_think_token_id, timeout, names, stream=False, **output)
 
     def _submit(self, prompt_or_ids, mode, max_new_tokens, block_length, threshold, temperature, seed, eos, steps,
                 chat, chat_template_kwargs, max_thinking_tokens, end_think_token_id, timeout, names, stream,
@@ -369,18 +405,21 @@ class Runtime:
         return self.engine.submit(request, timeout)
 
     def generate(self, prompt_or_ids, mode: str = "ar", max_new_tokens: int = 64, block_length: int | None = None,
-                 threshold=None, temperature: float = 0.0, seed: int | None = None, eos: int | None = None,
-                 stream: bool = False, steps: int | None = None, chat: bool = False,
-                 chat_template_kwargs: dict | None = None, max_thinking_tokens: int | None = None,
-                 end_think_token_id: int | None = None, timeout: float | None = None, stop=None,
+                 threshold=None, temperature: float = 0.0, seed: int | None = None,
+                 eos: int | Sequence[int] | None = None, stream: bool = False, steps: int | None = None,
+                 chat: bool = False, chat_template_kwargs: dict | None = None,
+                 max_thinking_tokens: int | None = None, end_think_token_id: int | None = None,
+                 timeout: float | None = None, eos_token_id: int | Sequence[int] | None = None, stop=None,
                  stop_token_ids=None, ignore_eos: bool = False, min_tokens: int | None = None,
-                 logprobs: int | None = None, echo: bool = False):
+                 logprobs: int | None = None, echo: bool = False, sampling: dict | None = None,
+                 response_format: dict | None = None):
         """Generate for one prompt (text or ids) -> :class:`RuntimeResult`, or a list of
         prompts -> a list (each prompt takes a row; they decode together, with any other
         caller's requests). Thread-safe: concurrent callers share the batch graphs.
 
-        ``stream=True`` (one prompt) returns a :class:`TokenStream` that yields the
-        token ids of each commit as it happens; its ``result`` is set at the end.
+        ``eos`` / ``eos_token_id``: as for :meth:`submit`. ``stream=True`` (one prompt) returns a
+        :class:`TokenStream` that yields the token ids of each commit as it happens; its ``result``
+        is set at the end.
 
         Output: ``stop`` (a string or up to 4) ends the text before the first occurrence of
         any (``finish_reason`` "stop"); ``stop_token_ids`` stop like an EOS; ``ignore_eos``
@@ -388,17 +427,19 @@ class Runtime:
         ``logprobs`` k (0..20): each token's log-prob and its k best alternatives in
         ``result.logprobs``; ``echo``: the prompt's too, in ``result.prompt_logprobs``.
         """
-        job = self._submit(prompt_or_ids, mode, max_new_tokens, block_length, threshold, temperature, seed, eos,
-                           steps, chat, chat_template_kwargs, max_thinking_tokens, end_think_token_id, timeout, None,
-                           stream, stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
-                           min_tokens=min_tokens, logprobs=logprobs, echo=echo)
+        job = self._submit(prompt_or_ids, mode, max_new_tokens, block_length, threshold, temperature, seed,
+                           _eos(eos, eos_token_id), steps, chat, chat_template_kwargs, max_thinking_tokens,
+                           end_think_token_id, timeout, None, stream, stop=stop, stop_token_ids=stop_token_ids,
+                           ignore_eos=ignore_eos, min_tokens=min_tokens, logprobs=logprobs, echo=echo,
+                           sampling=sampling, response_format=response_format)
         if stream:
             return TokenStream(job)
         results = job.result()
         return results if job.request.batched else results[0]
 
 
-OUTPUT_KEYWORDS = {"stop", "stop_token_ids", "ignore_eos", "min_tokens", "logprobs", "echo"}
+OUTPUT_KEYWORDS = {"stop", "stop_token_ids", "ignore_eos", "min_tokens", "logprobs", "echo", "sampling",
+                   "response_format"}
 
 
 class TokenStream:
@@ -426,6 +467,16 @@ class TokenStream:
     def close(self) -> None:
         """Abandon the generation and free its row."""
         self.job.cancel()
+
+
+def _eos(eos, eos_token_id):
+    """``eos``, or its other name ``eos_token_id`` (the eager ``generate``'s); not two different values."""
+    if eos_token_id is None:
+        return eos
+    if eos is not None and eos != eos_token_id:
+        raise RequestError(f"eos={eos!r} and eos_token_id={eos_token_id!r} name the same setting: give one",
+                           param="eos")
+    return eos_token_id
 
 
 def _tensor(specs, name: str, graph):

@@ -10,17 +10,29 @@ from __future__ import annotations
 
 import numpy as np
 
+from nemocompile.sampling import SamplingParams, distribution, draw
+
 
 class Sampler:
-    """Greedy at temperature 0, else seeded sampling. Logits are float32 rows ``[..., V]``."""
+    """Greedy at temperature 0, else seeded sampling. Logits are float32 rows ``[..., V]``.
+    ``params``: the request's controls (nemocompile.sampling); None: temperature alone."""
 
-    def __init__(self, temperature: float, seed: int | None):
+    def __init__(self, temperature: float, seed, params: SamplingParams | None = None):
+        self.params = params if params is not None else SamplingParams(float(temperature))
         self.temperature = float(temperature)
         self.rng = np.random.default_rng(seed)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0
+        """The graph's argmax is the choice: temperature 0 and nothing that moves the argmax."""
+        return self.temperature <= 0 and not self.params.shapes_logits
+
+    def pick(self, p: np.ndarray) -> int:
+        """A draw from the distribution ``p`` [V] (one-hot when greedy)."""
+        return int(p.argmax()) if self.temperature <= 0 else draw(p, self.rng.random())
+
+    def uniform(self) -> float:
+        return float(self.rng.random())
 
     def sample(self, logits: np.ndarray) -> np.ndarray:
         """A token per row ``[...]``: argmax, or a draw from softmax(logits / T)."""
@@ -40,7 +52,15 @@ class Sampler:
         """Diffusion candidates ``[n]`` for logits ``[n, V]`` (argmax, Gumbel-perturbed when
         sampling) and their softmax probability under the unperturbed logits (spec 3.2).
         ``scratch=True``: ``logits`` is a private copy this may overwrite."""
-        if self.greedy:
+        if not self.params.plain:  # controls: Gumbel-max over the request's distribution
+            with np.errstate(divide="ignore"):
+                shaped = np.log(np.stack([distribution(v, self.params) for v in logits]))
+            gumbel = 0.0
+            if self.temperature > 0:
+                u = np.maximum(self.rng.random(shaped.shape, dtype=np.float32), 1e-20)
+                gumbel = -np.log(np.maximum(-np.log(u), 1e-20))
+            cand = (shaped + gumbel).argmax(-1)
+        elif self.greedy:
             cand = logits.argmax(-1)
         else:
             u = self.rng.random(logits.shape, dtype=np.float32)
@@ -50,10 +70,8 @@ class Sampler:
         if not with_confidence:
             return cand, None
         z = logits if scratch else logits.copy()
-        top = np.take_along_axis(z, cand[:, None], -1) if self.greedy else z.max(-1, keepdims=True)
+        top = z.max(-1, keepdims=True)
         np.subtract(z, top, out=z)
         np.exp(z, out=z)  # z = exp(logits - max)
         total = z.sum(-1)
-        if self.greedy:  # the candidate is the max, whose z is 1
-            return cand, 1.0 / total
         return cand, np.take_along_axis(z, cand[:, None], -1)[:, 0] / total

@@ -18,6 +18,13 @@ request of its own to the engine), vLLM's ``stop_token_ids``, ``ignore_eos`` and
 ``min_tokens`` (``parse_body`` maps a body to the runtime's keywords; the README lists
 every field). ``null`` means the default; metadata fields are ignored; every error,
 404 and 405 included, is OpenAI's error shape.
+Sampling: ``top_p``, ``presence_penalty``,
+``frequency_penalty``, ``logit_bias``, vLLM's ``top_k``, ``min_p``,
+``repetition_penalty`` (nemocompile.sampling; every mode). ``response_format``
+``json_object`` / ``json_schema``: constrained decoding (runtime/grammar.py; every mode
+but diffusion). Chat ``tools`` / ``tool_choice`` ("auto", "none", "required", a named
+function): rendered by the chat template, calls parsed into ``message.tool_calls``
+(runtime/tools.py); "required" and a named function constrain the answer to one call.
 ``temperature`` defaults to 0 (greedy) and ``max_tokens`` to 64. ``usage``
 also reports ``forwards``, ``tokens_per_forward``, ``acceptance_length``,
 ``time_to_first_token_s``, ``tokens_per_second``, ``queue_s``, ``mode_mix`` and ``rows_per_forward`` (the batch size its forwards ran at)
@@ -46,6 +53,7 @@ from nemocompile.errors import NemocompileError
 from nemocompile.request import RequestError
 
 from .job import Overloaded, RequestTimeout
+from .tools import assistant_message, chat_tools, stream_delta
 
 DEFAULT_MAX_TOKENS = 64
 MAX_BODY_BYTES = 1 << 20  # larger request bodies get 413 before they are read in full
@@ -53,18 +61,20 @@ MAX_CHOICES = 128  # prompts x best_of per request: each choice is a sequence of
 MIN_LOGPROB = -9999.0  # what a log-prob of -inf is sent as (JSON has no infinity)
 
 # OpenAI fields accepted only at their no-op value (anything else is a clear 400); null means the default
-NEUTRAL = {"suffix": (None,), "top_p": (1, 1.0), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
-           "logit_bias": ({},), "response_format": ({"type": "text"},), "modalities": (["text"],)}
+NEUTRAL = {"suffix": (None,), "modalities": (["text"],)}
 # fields a local model has no use for: accepted and ignored
 IGNORED = ("user", "metadata", "store", "service_tier", "reasoning_effort", "prompt_cache_key", "safety_identifier",
            "verbosity", "parallel_tool_calls")
 KNOBS = ("mode", "block_length", "threshold", "steps", "eos", "temperature", "seed", "max_thinking_tokens",
          "end_think_token_id", "timeout")
 OUTPUT = ("stop", "stop_token_ids", "ignore_eos", "min_tokens")  # runtime/output.py
-COMMON = {"model", "stream", "stream_options", "max_tokens", "n", *KNOBS, *OUTPUT, *NEUTRAL, *IGNORED}
+# nemocompile.sampling's controls (OpenAI's top_p and penalties, vLLM's top_k, min_p, repetition_penalty)
+SAMPLING = ("top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias")
+COMMON = {"model", "stream", "stream_options", "max_tokens", "n", "response_format", *KNOBS, *OUTPUT, *SAMPLING,
+          *NEUTRAL, *IGNORED}
 COMPLETION_FIELDS = COMMON | {"prompt", "echo", "logprobs", "best_of"}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "chat_template_kwargs",  # the vLLM/SGLang field
-                        "logprobs", "top_logprobs"}
+                        "logprobs", "top_logprobs", "tools", "tool_choice"}
 
 
 def check_dependencies() -> None:
@@ -122,6 +132,7 @@ def parse_body(body: Any, allowed: set[str], model_name: str, chat: bool = False
             raise APIError(f"'{key}' must be true or false", param=key)
     kwargs = {k: body[k] for k in (*KNOBS, *OUTPUT) if k in body}
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    kwargs.update(sampling_fields(body))
     kwargs["max_new_tokens"] = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
     if chat:
         if "top_logprobs" in body and not body.get("logprobs"):
@@ -143,6 +154,18 @@ def parse_body(body: Any, allowed: set[str], model_name: str, chat: bool = False
             raise APIError("best_of > n cannot stream (the best choices are known at the end)", param="best_of")
         kwargs.setdefault("logprobs", 0)  # choices are ranked by their log-prob
     return body, plan
+
+
+def sampling_fields(body: dict) -> dict:
+    """The runtime's ``sampling`` and ``response_format`` from a request body (null: the default;
+    values are checked by nemocompile.sampling and runtime/grammar.py)."""
+    out = {}
+    sampling = {k: body[k] for k in SAMPLING if body.get(k) is not None}
+    if sampling:
+        out["sampling"] = sampling
+    if body.get("response_format") is not None:
+        out["response_format"] = body["response_format"]
+    return out
 
 
 def _counts(body: dict, chat: bool) -> tuple[int, int]:
@@ -246,6 +269,7 @@ def create_app(runtime, model_name: str | None = None, max_body_bytes: int = MAX
     from fastapi import FastAPI, Request
     from fastapi.responses import Response, StreamingResponse
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
     from .metrics import ServerMetrics
 
@@ -346,10 +370,14 @@ def create_app(runtime, model_name: str | None = None, max_body_bytes: int = MAX
         if declared.isdigit() and int(declared) > max_body_bytes:
             raise too_large  # refused before reading a byte of it
         body = bytearray()
-        async for part in request.stream():  # a missing or false content-length: count as it arrives
-            body += part
-            if len(body) > max_body_bytes:
-                raise too_large
+        try:
+            async for part in request.stream():  # a missing or false content-length: count as it arrives
+                body += part
+                if len(body) > max_body_bytes:
+                    raise too_large
+        except ClientDisconnect:  # the client left mid-body: nothing to answer, nothing to log
+            raise APIError("the client disconnected while sending the request", 499, "client_disconnected") \
+                from None
         try:
             return json.loads(bytes(body).decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -466,10 +494,12 @@ def create_app(runtime, model_name: str | None = None, max_body_bytes: int = MAX
     def envelope(rid: str, obj: str, choices: list[dict]) -> dict:
         return {"id": rid, "object": obj, "created": int(time.time()), "model": name, "choices": choices}
 
-    async def answer(request: Request, body: dict, plan: Plan, jobs: list, obj: str, choice, delta):
+    async def answer(request: Request, body: dict, plan: Plan, jobs: list, obj: str, choice, delta,
+                     final_delta=None):
         """The response for ``jobs`` (prompt by prompt, best_of choices each): a server-sent
-        event stream of ``delta(i, event, first)`` choices, or one response whose choice i is
-        ``choice(i, result, ids)``."""
+        event stream of ``delta(i, event, first)`` choices, closed by ``final_delta(i, result,
+        first)`` (default: an empty delta with the result's finish reason), or one response
+        whose choice i is ``choice(i, result, ids)``."""
         include_usage = _include_usage(body)
         rid = f"{'chatcmpl' if obj.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         prompt_tokens = sum(len(ids) for c, (ids, _) in enumerate(jobs) if c % plan.best_of == 0)
@@ -487,7 +517,9 @@ def create_app(runtime, model_name: str | None = None, max_body_bytes: int = MAX
                 return None if payload is None else envelope(rid, obj, [payload])
 
             def on_final(i: int, result, last: bool) -> list[dict]:
-                final = {**delta(i, None, i not in started), "finish_reason": result.finish_reason}
+                first = i not in started
+                final = (final_delta(i, result, first) if final_delta is not None else
+                         {**delta(i, None, first), "finish_reason": result.finish_reason})
                 return [envelope(rid, obj, [final])]
 
             def closing(results) -> list[dict]:
@@ -559,15 +591,21 @@ def create_app(runtime, model_name: str | None = None, max_body_bytes: int = MAX
     async def chat_completions(request: Request):
         body, plan = parse_body(await read_json(request), CHAT_FIELDS, name, chat=True)
         messages = _messages(body.get("messages"))
-        jobs = await asyncio.to_thread(submit, [messages], plan, _names(body), True, body.get("chat_template_kwargs"))
+        try:
+            tools, messages, template_kwargs = chat_tools(body, messages, plan.kwargs)
+        except RequestError as e:
+            raise APIError(str(e), param=e.param) from None
+        jobs = await asyncio.to_thread(submit, [messages], plan, _names(body), True, template_kwargs)
         lp = Logprobs(tokenizer, plan.logprobs or 0)
 
         def choice(_: int, result, ids) -> dict:
-            return {"message": {"role": "assistant", "content": result.text or ""}, "tokens": result.tokens,
-                    "finish_reason": result.finish_reason,
+            message, finish = assistant_message(result.text or "", result.finish_reason, tools)
+            return {"message": message, "tokens": result.tokens, "finish_reason": finish,
                     "logprobs": lp.chat(result.logprobs or []) if plan.logprobs is not None else None}
 
-        def delta(i: int, event, first: bool) -> dict:
+        def delta(i: int, event, first: bool) -> dict | None:
+            if tools and event is not None:
+                return None  # the whole answer is parsed for tool calls at the end
             if event is None:
                 d = {"role": "assistant", "content": ""} if first else {}
                 return {"index": i, "delta": d, "tokens": [], "logprobs": None}
@@ -577,8 +615,14 @@ def create_app(runtime, model_name: str | None = None, max_body_bytes: int = MAX
             logprobs = lp.chat(event.logprobs or []) if plan.logprobs is not None else None
             return {"index": i, "delta": d, "tokens": event.tokens, "logprobs": logprobs, "finish_reason": None}
 
+        def final_delta(i: int, result, first: bool) -> dict:
+            """Streaming with tools: the whole answer in one delta at the end (content or tool_calls)."""
+            message, finish = assistant_message(result.text or "", result.finish_reason, tools)
+            return {"index": i, "delta": stream_delta(message), "tokens": result.tokens, "logprobs": None,
+                    "finish_reason": finish}
+
         return await answer(request, body, plan, jobs, "chat.completion.chunk" if plan.stream else "chat.completion",
-                            choice, delta)
+                            choice, delta, final_delta if tools else None)
 
     return app
 
@@ -607,6 +651,9 @@ def _messages(messages) -> list[dict]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise APIError("each message needs a 'role' and a 'content'", param="messages")
         content = m.get("content")
+        if content is None and m["role"] == "assistant" and m.get("tool_calls"):
+            out.append({"role": "assistant", "content": None, "tool_calls": m["tool_calls"]})
+            continue
         if isinstance(content, list):
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                        for p in content):
@@ -614,7 +661,8 @@ def _messages(messages) -> list[dict]:
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise APIError("message 'content' must be text", param="messages")
-        out.append({"role": m["role"], "content": content})
+        extra = {k: m[k] for k in ("tool_calls", "tool_call_id", "name") if m.get(k) is not None}
+        out.append({"role": m["role"], "content": content, **extra})
     return out
 
 
@@ -636,7 +684,11 @@ def serve_http(runtime, host: str = "127.0.0.1", port: int = 8000, model_name: s
     try:
         sock.bind((host, port))
     except OSError as e:
-        raise NemocompileError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port") from None
+        import errno
+
+        fix = "pick another --port" if e.errno in (errno.EADDRINUSE, errno.EACCES) else \
+            "--host must be an address of this machine (e.g. 127.0.0.1, 0.0.0.0, ::1)"
+        raise NemocompileError(f"cannot listen on {host}:{port} ({e.strerror}); {fix}") from None
     bound = sock.getsockname()[1]
     if host not in ("127.0.0.1", "::1", "localhost"):
         print(f"warning: listening on {host}, beyond loopback; the API has no authentication", file=sys.stderr)

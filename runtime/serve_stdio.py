@@ -12,20 +12,25 @@ request   {"id": 7, "prompt": "def f(", "mode": "linear-spec", "max_new_tokens":
           min_tokens. ``id`` is any JSON
           value, echoed back; ``mode`` may be "auto".
 cancel    {"cancel": 7}: stop request 7 and free its row; its final line is an error of
-          type "cancelled" (a cancel of an unknown or finished id is ignored).
+          type "cancelled". A cancel of an id not in flight (finished, or never sent) is
+          answered {"cancel": 7, "error": {"type": "unknown_id", "message": "..."}}.
+ids       a request whose ``id`` (not null) is already in flight is refused at once with an
+          error of type "duplicate_id" (the running one goes on): replies and cancels name
+          one request each.
 events    {"id": 7, "event": "tokens", "tokens": [..], "text": "..."}  only with "stream": true,
           one per commit; ``text`` is the new text since the previous event.
 final     {"id": 7, "done": true, "text": "...", "tokens": [..], "finish_reason": "stop"|"length",
            "stats": {...}}
-          or {"id": 7, "done": true, "error": {"type": "invalid_request"|"overloaded"|"timeout"|
-           "cancelled"|"runtime_error", "message": "..."}}; a line that is not a JSON object gets
-           "id": null.
+          or {"id": 7, "done": true, "error": {"type": "invalid_request"|"invalid_json"|"overloaded"|
+           "timeout"|"cancelled"|"server_error"|"runtime_error", "message": "..."}}; a line that is
+           not a JSON object gets "id": null. "server_error": the server failed this request alone
+           (the others go on); "runtime_error": an unexpected exception.
 
 Requests run concurrently (the runtime's engine gives each a row of the batch graphs):
 lines of different requests interleave, each tagged with its id. At most
 ``max_queue`` requests wait for a row; a further one gets an "overloaded" error at
 once. EOF on stdin ends the process with status 0 once every request in flight has
-its final line; SIGINT with status 130, after a final line (``"type": "interrupted"``)
+its final line; SIGINT or SIGTERM with status 130, after a final line (``"type": "interrupted"``)
 for every request in flight. A line that is not UTF-8 gets an error line. Only
 protocol lines go to stdout; everything else to stderr.
 """
@@ -40,11 +45,12 @@ from typing import Any, Callable, TextIO
 
 from nemocompile.errors import NemocompileError
 
-from .job import Cancelled, Overloaded, RequestTimeout
+from .job import Cancelled, Overloaded, RequestTimeout, ServerError
 
 KNOBS = ("mode", "max_new_tokens", "block_length", "threshold", "temperature", "seed", "eos", "steps",
          "chat_template_kwargs", "max_thinking_tokens", "end_think_token_id", "timeout", "stop", "stop_token_ids",
-         "ignore_eos", "min_tokens")
+         "ignore_eos", "min_tokens",
+         "sampling", "response_format")  # Runtime.submit's: {"top_p": ..., ...}, OpenAI's response_format
 FIELDS = {"id", "prompt", "messages", "chat", "stream", *KNOBS}
 
 
@@ -81,7 +87,8 @@ def parse_request(raw: dict) -> tuple[Any, dict, bool]:
 
 
 def error_type(e: BaseException) -> str:
-    for cls, name in ((Overloaded, "overloaded"), (RequestTimeout, "timeout"), (Cancelled, "cancelled")):
+    for cls, name in ((Overloaded, "overloaded"), (RequestTimeout, "timeout"), (Cancelled, "cancelled"),
+                      (ServerError, "server_error")):
         if isinstance(e, cls):
             return name
     return "invalid_request" if isinstance(e, NemocompileError) else "runtime_error"
@@ -150,6 +157,13 @@ def serve_stdio(runtime, stdin: TextIO | None = None, stdout: TextIO | None = No
     def start(raw) -> None:
         nonlocal serial
         rid = raw.get("id") if isinstance(raw, dict) else None
+        with lock:
+            taken = rid is not None and any(other == rid for other, _, _ in in_flight.values())
+        if taken:
+            write({"id": rid, "done": True, "error": {"type": "duplicate_id", "message": (
+                f"id {json.dumps(rid)[:60]} is already in flight; give each request its own id (this one was "
+                "not run; the first goes on)")}})
+            return
         try:
             job, stream = submit(runtime, raw, request_timeout)
         except NemocompileError as e:
@@ -163,9 +177,14 @@ def serve_stdio(runtime, stdin: TextIO | None = None, stdout: TextIO | None = No
         thread.start()
 
     def cancel(rid) -> None:
-        for other, job, _ in list(in_flight.values()):
-            if other == rid:
-                job.cancel()
+        with lock:
+            jobs = [job for other, job, _ in in_flight.values() if other == rid]
+        for job in jobs:
+            job.cancel()
+        if not jobs:
+            write({"cancel": rid, "error": {"type": "unknown_id", "message": (
+                f"no request with id {json.dumps(rid)[:60]} is in flight (finished, or never sent): nothing "
+                "to cancel")}})
 
     try:
         for line in stdin:

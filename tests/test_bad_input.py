@@ -398,6 +398,6 @@ def test_ctrl_c_while_swapping_in_a_new_artifact_keeps_the_old_one(tmp_path, mon
 
     monkeypatch.setattr(export_module.os, "rename", interrupted_second_rename)
     with pytest.raises(KeyboardInterrupt):
-        export_module._replace(new, old)
+        export_module._replace(new, old, overwrite=True)
     monkeypatch.undo()
     assert (old / "manifest.json").read_text() == "old"  # nothing lost

@@ -327,3 +327,23 @@ def test_server_args_may_not_set_what_bench_sets(artifact, capsys):
     assert capsys.readouterr().err == ("error: --server-args must not set --port: the benchmark sets it "
                                        "(--artifact and --threads are bench's own flags; the port is picked free)\n")
 
+
+
+def test_auto_is_never_credited_with_a_gain_its_mode_mix_does_not_explain():
+    """auto faster than the best fixed mode while running ar only: reported as run-to-run
+    variation, not as a mode-choice gain (it had read "1.64x the best fixed mode")."""
+    from nemocompile.runtime.load_bench import format_table
+
+    def row(mode, tokens, wall, mix=None):
+        record = RequestRecord(prompt=0, status=200, latency_s=wall, ttft_s=wall / 2, completion_tokens=tokens,
+                               mode_mix=mix or {})
+        return summarize_level(mode, 1, [record], wall)
+
+    levels = [row("ar", 10, 1.0, {"ar": 10}), row("linear-spec", 10, 1.2, {"linear-spec": 4}),
+              row("auto", 10, 0.61, {"ar": 10})]
+    _, auto = compare(levels, [])
+    assert auto[0]["ratio"] == pytest.approx(1.64, abs=0.01) and auto[0]["gain_explained_by_mix"] is False
+    report = {"levels": levels, "sequential": [], "speedups": [], "auto_vs_best": auto, "modes": {},
+              "settings": {"modes": ["ar", "linear-spec", "auto"]}, "machine": {"cpus": 2, "load_average_1m": [0, 0]}}
+    text = format_table(report)
+    assert "ran ar only, so no gain from choosing modes" in text and "x the throughput of" not in text, text

@@ -112,8 +112,9 @@ def test_parity_cli_exit_codes(tmp_path, capsys):
     prompts.write_text('{"ids": [4, 5, 6]}\n\n{"ids": [9, 10]}\n')
     assert main(["parity", "--artifact", str(art), "--model", str(good), "--prompts", str(prompts),
                  "--max-new-tokens", "6"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "prefill" in out and "linear-spec" in out and out.strip().endswith("PASS")
+    assert "parity: graph 1/" in err and "linear-spec generation 2/2" in err  # progress on stderr, not silence
     assert main(["parity", "--artifact", str(art), "--model", str(bad), "--steps-only", "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] is False and report["generations"] == []

@@ -104,7 +104,7 @@ def _stdio_case(runtime, lines):
     assert len(finals) == len(lines)  # exactly one final line per request
     for f in finals:
         if "error" in f:
-            assert f["error"]["type"] in ("invalid_request", "invalid_json") and "\n" not in f["error"]["message"], f
+            assert f["error"]["type"] in ("invalid_request", "invalid_json", "duplicate_id") and "\n" not in f["error"]["message"], f
     last = [f for f in finals if f["id"] == "last"]  # requests run concurrently: any order
     assert len(last) == 1 and len(last[0]["tokens"]) == 2  # still serving
 

@@ -64,10 +64,16 @@ def test_fusion_pass_builds_the_quadratic_and_the_prefill_steps():
     assert prefill.layout == Layout.causal(6)
     assert prefill_draft.layout == prefill_draft_layout(6, 4)
     assert verify_draft.layout == verify_draft_layout(4)
-    assert not prefill_draft.logits and not verify_draft.logits  # ids only: never B x (B+1) x V logits
-    assert verify_draft.output_names == ("candidate", "confidence", "top_logprobs", "top_ids", "next_logprob",
-                                         "present_k", "present_v")
+    # the spine's logits only (to sample the verify): never B x (B+1) x V
+    assert prefill_draft.logits == "spine" and verify_draft.logits == "spine"
+    greedy_only = fuse_draft_verify([s for s, _ in plan(["quadratic-spec"], block_length=4, prefill_length=6,
+                                                         has_lora=True, logits=False)]).specs
+    assert not any(s.logits for s in greedy_only)
+    assert verify_draft.output_names == ("logits", "candidate", "confidence", "top_logprobs", "top_ids",
+                                         "next_logprob", "present_k", "present_v")
     assert verify_draft.scored_positions == 4  # log-probs of the spine only: the branches just draft
+    assert greedy_only[2].output_names == ("candidate", "confidence", "top_logprobs", "top_ids", "next_logprob",
+                                           "present_k", "present_v")
 
 
 def test_fusion_pass_declines_what_it_cannot_fuse_and_says_why():
@@ -169,10 +175,8 @@ def test_eos_and_max_new_tokens_trim_and_no_forward_after_the_stop():
     assert r.tokens == [20] and r.stats.forwards == 1  # the prefill forward alone
 
 
-def test_sampling_thresholds_and_batches_are_refused_clearly():
+def test_thresholds_and_batches_are_refused_clearly():
     model = make_model()
-    with pytest.raises(GenerationError, match="quadratic-spec is greedy"):
-        nemocompile.generate(model, [5, 6], mode="quadratic-spec", temperature=0.7)
     with pytest.raises(GenerationError, match="takes no threshold"):
         nemocompile.generate(model, [5, 6], mode="quadratic-spec", threshold=0.5)
     with pytest.raises(GenerationError, match="batch 1"):

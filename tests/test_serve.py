@@ -245,7 +245,9 @@ def test_http_chat_passes_chat_template_kwargs(client, ort):
 
 @pytest.mark.parametrize("path,body,status,fragment", [
     ("/v1/completions", {"prompt": [5], "max_tokens": CAPACITY}, 400, "KV cache capacity"),
-    ("/v1/completions", {"prompt": [5], "frequency_penalty": 0.5}, 400, "'frequency_penalty' = 0.5 is not supported"),
+    ("/v1/completions", {"prompt": [5], "frequency_penalty": 5}, 400, "frequency_penalty must be a number in [-2, 2]"),
+    ("/v1/completions", {"prompt": [5], "response_format": {"type": "json_object"}, "mode": "diffusion"}, 400,
+     "response_format needs each token's grammar state"),
     ("/v1/completions", {"prompt": [5], "best": 1}, 400, "unsupported field(s) ['best']"),
     ("/v1/completions", {"prompt": [5], "model": "gpt-4"}, 404, "does not exist"),
     ("/v1/completions", {"prompt": [5], "mode": "diffusion", "block_length": 8}, 400, "block length(s) [4]"),

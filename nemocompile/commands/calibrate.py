@@ -58,7 +58,7 @@ def run(args) -> int:
             raise NemocompileError(f"{args.artifact} is not writable: the cost table cannot go beside its "
                                    "manifest; pass --out FILE to write it elsewhere")
     prompts = bench.load_prompts(args.prompts, args.limit)
-    runtime = load_runtime(args)
+    runtime = load_runtime(args, costs=False)  # the table it replaces may be the malformed one
     try:
         progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
         table = calibrate(runtime, prompts, repeats=args.repeats,

@@ -23,7 +23,7 @@ def run(args) -> int:
     from ..passes.base import PassContext, PassError
     from ..passes.check_io import check_io
     from ..passes.check_onnx import check_onnx
-    from ..passes.check_tensorrt import OPSET_RANGE, TENSORRT_VERSION, lint_file
+    from ..passes.check_tensorrt import OPSET_RANGE, TENSORRT_VERSION, group_findings, lint_file
 
     manifest = Manifest.load(args.artifact)  # validates the manifest itself
     # every file's size and SHA-256 against the manifest's record: a damaged file is reported, never parsed
@@ -62,7 +62,7 @@ def run(args) -> int:
               f"artifact opset {manifest.opset}")
         for step, findings in report.items():
             print(f"  {step:<8} {'ok' if not findings else f'{len(findings)} problem(s)'}")
-            for f in findings:
+            for f in group_findings(findings):  # --json keeps every line
                 print(f"           - {f}")
         print("every graph would parse" if ok else
               "the artifact is damaged: re-export it" if damaged else "TensorRT would reject the graphs above")

@@ -28,12 +28,26 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
                    help="confidence threshold in [0, 1] or 'none' (diffusion default 0.9, linear-spec 0)")
     p.add_argument("--temperature", type=non_negative_float, default=0.0)
     p.add_argument("--seed", type=non_negative_int, default=None)
+    for flag, kind, what in (("--top-p", float, "keep the most probable tokens up to this mass, in (0, 1]"),
+                             ("--top-k", int, "keep the k most probable tokens"),
+                             ("--min-p", float, "drop tokens below min_p x the top probability"),
+                             ("--presence-penalty", float, "subtract from every token already emitted, [-2, 2]"),
+                             ("--frequency-penalty", float, "subtract per emission of a token, [-2, 2]"),
+                             ("--repetition-penalty", float, "divide the logits of prompt and output tokens (> 0)")):
+        p.add_argument(flag, type=kind, default=None, help=f"sampling: {what} (docs/decoding.md)")
     p.add_argument("--max-thinking-tokens", type=non_negative_int, default=None, metavar="N",
                    help="thinking budget: the token at output index N becomes --end-think-token-id unless it "
                         "was already emitted (every mode)")
     p.add_argument("--end-think-token-id", type=non_negative_int, default=None, metavar="ID",
                    help="the token that ends thinking (default: the tokenizer's </think>)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    """The sampling controls given on the command line (nemocompile.sampling checks them)."""
+    from ..sampling import FIELDS
+
+    return {f: getattr(args, f) for f in FIELDS if getattr(args, f, None) is not None}
 
 
 def chat_options(args: argparse.Namespace) -> dict:
@@ -103,3 +117,11 @@ def check_output_file(path: str | None, flag: str) -> None:
         raise NemocompileError(f"{flag} {path}: the folder {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
         raise NemocompileError(f"{flag} {path}: not writable; choose another path")
+    try:  # os.access can say yes where no file can be made (/proc, a read-only mount)
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{target.name}.check-"):
+            pass
+    except OSError as e:
+        raise NemocompileError(f"{flag} {path}: cannot create a file in {parent} ({e.strerror}); "
+                               "choose another path") from None

@@ -22,14 +22,22 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..decode import generate
     from ..loader import load
-    from .common import chat_options
+    from .common import chat_options, sampling_options
+
+    from ..progress import Heartbeat, counting_forwards
 
     model = load(args.model, dtype=args.dtype)
-    result = generate(model, args.prompt, mode=args.mode, max_new_tokens=args.max_new_tokens,
-                      block_length=args.block_length, threshold=args.threshold,
-                      temperature=args.temperature, seed=args.seed, draft_groups=args.draft_groups,
-                      max_thinking_tokens=args.max_thinking_tokens, end_think_token_id=args.end_think_token_id,
-                      **chat_options(args))
+    count, unhook = counting_forwards(model)
+    try:  # a long eager run (quadratic-spec's wide fused step on a CPU) says it is alive on stderr
+        with Heartbeat(f"generating ({args.mode})", count=count):
+            result = generate(model, args.prompt, mode=args.mode, max_new_tokens=args.max_new_tokens,
+                              block_length=args.block_length, threshold=args.threshold,
+                              temperature=args.temperature, seed=args.seed, draft_groups=args.draft_groups,
+                              max_thinking_tokens=args.max_thinking_tokens,
+                              end_think_token_id=args.end_think_token_id, **chat_options(args),
+                              **sampling_options(args))
+    finally:
+        unhook()
     if args.json:
         print(json.dumps({"text": result.text, "tokens": result.tokens, "stats": result.stats.to_dict()}))
     else:

@@ -17,6 +17,7 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads for the eager model (1 is fastest for tiny models on a busy machine)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=run)
 
 
@@ -30,13 +31,17 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     prompts = read_prompts(args.prompts) if args.prompts else None
     manifest = Manifest.load(args.artifact)
+    from ..progress import Heartbeat, stderr
+
+    say = (lambda msg: None) if args.quiet else stderr
     if manifest.weight_precision != "float" or manifest.precision != "float":  # quantized: own measures, thresholds
         from ..quant_parity import check_quantized_parity
 
-        quant = check_quantized_parity(args.artifact, args.model, prompts, max_new_tokens=args.max_new_tokens)
+        with Heartbeat("parity: quantized measures", say=say):
+            quant = check_quantized_parity(args.artifact, args.model, prompts, max_new_tokens=args.max_new_tokens)
         print(quant.to_json() if args.json else quant.table())
         return 0 if quant.ok else 1
     report = check_parity(args.artifact, args.model, prompts, max_new_tokens=args.max_new_tokens,
-                          generations=not args.steps_only)
+                          generations=not args.steps_only, progress=say)
     print(report.to_json() if args.json else report.table())
     return 0 if report.ok else 1

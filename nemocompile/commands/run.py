@@ -17,6 +17,9 @@ def add_runtime_args(p) -> None:
     from .common import non_negative_int, positive_int
 
     p.add_argument("--threads", type=positive_int, default=None, help="intra-op threads (default: the backend's)")
+    p.add_argument("--verify", action="store_true",
+                   help="check every file's SHA-256 against the manifest before opening the graphs (reads every "
+                        "byte: use it for an artifact copied between machines; a load checks sizes only)")
     p.add_argument("--modes", type=mode_list, default=None, metavar="M,M,...",
                    help="open only these modes' graphs: less memory (ONNX Runtime holds a prepacked copy of "
                         "quantized weights per graph) and a faster start (default: every mode; run: its --mode)")
@@ -51,6 +54,8 @@ def load_runtime(args, **options):
         options["prefix_cache"] = False
     if getattr(args, "prefix_cache_tokens", None) is not None:
         options["prefix_cache_tokens"] = args.prefix_cache_tokens
+    if getattr(args, "verify", False):
+        options["verify"] = True
     if args.backend == "torch" and args.model:
         options["model"] = args.model
     return Runtime.load(args.artifact, backend=args.backend, device=args.device, **options)
@@ -74,12 +79,15 @@ def run(args) -> int:
 
 
 def _run(args, runtime) -> int:
-    from .common import chat_options
+    from .common import chat_options, sampling_options
 
     kw = dict(mode=args.mode, max_new_tokens=args.max_new_tokens, block_length=args.block_length,
               threshold=args.threshold, temperature=args.temperature, seed=args.seed,
               max_thinking_tokens=args.max_thinking_tokens, end_think_token_id=args.end_think_token_id,
               **chat_options(args))
+    sampling = sampling_options(args)
+    if sampling:
+        kw["sampling"] = sampling
     if args.stream:
         stream = runtime.generate(args.prompt, stream=True, **kw)
         tokens: list[int] = []

@@ -89,15 +89,18 @@ def run_ray(args) -> int:
         from ..artifact_files import usable_graphs
         from ..manifest import Manifest
 
-        usable_graphs(args.artifact, Manifest.load(args.artifact))
+        from ..runtime.policy import CostTable
+
+        usable_graphs(args.artifact, Manifest.load(args.artifact), hashes=args.verify)
+        CostTable.load(args.artifact, args.backend)  # a malformed costs.json: one line now, not in each replica
     timeout = args.request_timeout or DEFAULT_REQUEST_TIMEOUT_S
     max_queue = args.max_queue
     opts = RayServeOptions(artifact=str(args.artifact), backend=args.backend, device=args.device, model=args.model,
                            threads=args.threads or 1, model_name=args.model_name, replicas=args.replicas or 1,
                            autoscale=args.autoscale, target_ongoing_requests=args.target_ongoing_requests,
                            max_queued_requests=-1 if max_queue is None else max_queue, request_timeout_s=timeout,
-                           modes=tuple(args.modes) if args.modes else None, prefix_cache=not args.no_prefix_cache,
-                           prefix_cache_tokens=args.prefix_cache_tokens)
+                           modes=tuple(args.modes) if args.modes else None, verify=args.verify,
+                           prefix_cache=not args.no_prefix_cache, prefix_cache_tokens=args.prefix_cache_tokens)
     return serve_ray(opts, address=args.address, host=args.host, port=args.port or _free_port(args.host))
 
 

@@ -6,6 +6,8 @@ import copy
 from typing import Sequence
 
 from ..model import TriModeModel
+from ..sampling import FIELDS as SAMPLING_FIELDS
+from ..sampling import sampling_params
 from ..tokenizer import encode_prompts as _encode_prompts
 from .ar import decode_ar
 from .common import MODES, DecodeArgs, GenerationResult, GenerationStats, thinking_budget, validate_args
@@ -40,6 +42,7 @@ def generate(
     draft_groups: int | None = None,
     max_thinking_tokens: int | None = None,
     end_think_token_id: int | None = None,
+    **sampling,
 ) -> GenerationResult | list[GenerationResult]:
     """Generate with the eager model. A single prompt (text or ids) returns one
     result; a list of prompts returns a list (ar and diffusion batch them).
@@ -47,12 +50,20 @@ def generate(
     ``chat_template_kwargs`` reach the chat template (e.g. ``{"enable_thinking": False}``).
     ``draft_groups`` (quadratic-spec): acceptance points drafted per fused step (default: all).
     ``max_thinking_tokens`` N / ``end_think_token_id`` E (default: the tokenizer's ``</think>``):
-    the thinking budget of spec 3.5, in every mode."""
+    the thinking budget of spec 3.5, in every mode. ``sampling``: ``top_p``, ``top_k``,
+    ``min_p``, ``presence_penalty``, ``frequency_penalty``, ``repetition_penalty``,
+    ``logit_bias`` (nemocompile.sampling; every mode, self-speculation lossless in distribution)."""
     prompts, batched = encode_prompts(model, prompt_or_ids, chat, chat_template_kwargs)
+    unknown = sorted(set(sampling) - set(SAMPLING_FIELDS))
+    if unknown:
+        raise TypeError(f"generate() got unexpected keyword argument(s) {unknown}")
+    params = sampling_params(temperature, seed, **sampling, vocab_size=model.config.vocab_size) \
+        if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) else None
     args = validate_args(model, DecodeArgs(mode, max_new_tokens, block_length, threshold, steps, temperature,
                                            seed, eos_token_id, draft_groups=draft_groups,
                                            budget=thinking_budget(max_thinking_tokens, end_think_token_id,
-                                                                  model.tokenizer, model.config.vocab_size)),
+                                                                  model.tokenizer, model.config.vocab_size),
+                                           sampling=params),
                          len(prompts), max(map(len, prompts)))
     outs, stats = _DECODERS[args.mode](model, prompts, args)
     results = []

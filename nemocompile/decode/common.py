@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from ..errors import GenerationError
 from ..model import KVCache, TriModeModel
+from ..sampling import History, SamplingParams, distribution, speculative_accept
 
 MODES = ("ar", "diffusion", "linear-spec", "quadratic-spec")
 SPECULATIVE = ("linear-spec", "quadratic-spec")  # one sequence at a time
@@ -69,6 +72,7 @@ class DecodeArgs:
     eos_ids: frozenset[int] = frozenset()  # filled by validate_args: every id that stops (empty: none)
     draft_groups: int | None = None  # quadratic-spec: branches per fused step (None: all B, the spec)
     budget: "ThinkingBudget | None" = None  # spec 3.5 (None: no thinking budget)
+    sampling: SamplingParams | None = None  # top_p, penalties, ... (None: temperature and seed alone)
 
 
 @dataclass(frozen=True)
@@ -96,34 +100,75 @@ class ThinkingBudget:
 
 
 class Sampler:
-    """Greedy at temperature 0, else seeded sampling. Logits are float32 rows [..., V]."""
+    """Greedy at temperature 0, else seeded sampling, from the request's
+    :func:`nemocompile.sampling.distribution` (plain softmax(logits / T) needs none of it).
+    Logits are float32 rows [..., V]."""
 
-    def __init__(self, temperature: float, seed: int | None, device: torch.device | str = "cpu"):
-        self.temperature = temperature
+    def __init__(self, temperature: float, seed: int | None, device: torch.device | str = "cpu",
+                 params: SamplingParams | None = None):
+        self.params = params if params is not None else SamplingParams(temperature, seed=seed)
+        self.temperature = self.params.temperature
         self.generator = torch.Generator(device=device)
         if seed is not None:
             self.generator.manual_seed(seed)
         else:
             self.generator.seed()
 
-    def sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """A token per row: argmax, or a draw from softmax(logits / T)."""
-        if self.temperature <= 0:
-            return logits.argmax(-1)
-        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
-        flat = probs.reshape(-1, probs.shape[-1])
-        return torch.multinomial(flat, 1, generator=self.generator).view(probs.shape[:-1])
+    def sample(self, logits: torch.Tensor, histories: Sequence[History] | None = None) -> torch.Tensor:
+        """A token per row: argmax, or a draw from softmax(logits / T); with controls, from
+        ``distribution`` (``histories``: one per row of a [B, V] batch, for the penalties)."""
+        if self.params.plain:
+            if self.temperature <= 0:
+                return logits.argmax(-1)
+            probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+            flat = probs.reshape(-1, probs.shape[-1])
+            return torch.multinomial(flat, 1, generator=self.generator).view(probs.shape[:-1])
+        flat = logits.float().reshape(-1, logits.shape[-1]).cpu().numpy()
+        out = [self.pick(distribution(row, self.params, histories[i] if histories else None))
+               for i, row in enumerate(flat)]
+        return torch.tensor(out, dtype=torch.long, device=logits.device).view(logits.shape[:-1])
 
-    def candidates(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Diffusion candidates and confidences: argmax (Gumbel-perturbed when sampling)
-        and the candidate's softmax probability under the unperturbed logits."""
-        logits = logits.float()
+    def pick(self, p) -> int:
+        """A draw from the distribution ``p`` [V] (its argmax when greedy)."""
         if self.temperature <= 0:
-            cand = logits.argmax(-1)
+            return int(p.argmax())
+        return torch.multinomial(torch.from_numpy(p), 1, generator=self.generator).item()
+
+    def uniform(self) -> float:
+        return torch.rand((), generator=self.generator).item()
+
+    def verify(self, logits: torch.Tensor, x: list[int], history: History | None) -> list[int]:
+        """Self-speculation's verify (nemocompile.sampling): the accepted drafts of ``x[1:]``
+        and the bonus, from the verifier's logits [L, V] (position i predicts i+1)."""
+        if self.params.plain and self.temperature <= 0:  # the spec's greedy rule
+            a = logits.argmax(-1).tolist()
+            n = 0
+            while n < len(x) - 1 and a[n] == x[n + 1]:
+                n += 1
+            return a[: n + 1]
+        rows = logits.float().cpu().numpy()
+        history = history if history is not None else History()
+        return speculative_accept(x[1:], lambda i: distribution(rows[i], self.params, history.plus(x[1:i + 1])),
+                                  self.uniform)
+
+    def candidates(self, logits: torch.Tensor, histories: Sequence[History] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Diffusion candidates and confidences: argmax (Gumbel-perturbed when sampling)
+        and the candidate's softmax probability under the unperturbed logits. With
+        controls, the candidates come from ``distribution`` (penalties: the row's history)."""
+        logits = logits.float()
+        scores, scale = logits, self.temperature  # Gumbel-max over logits / T ...
+        if not self.params.plain:  # ... or over the log of the request's distribution (T inside it)
+            with np.errstate(divide="ignore"):  # a filtered token's log-probability is -inf
+                shaped = [[np.log(distribution(v, self.params, histories[b] if histories else None))
+                           for v in row] for b, row in enumerate(logits.cpu().numpy())]
+            scores, scale = torch.from_numpy(np.array(shaped, dtype=np.float32)).to(logits.device), 1.0
+        if self.temperature <= 0:
+            cand = scores.argmax(-1)
         else:
-            u = torch.rand(logits.shape, generator=self.generator, device=logits.device)
-            gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)).clamp_min(1e-20))
-            cand = (logits / self.temperature + gumbel).argmax(-1)
+            u = torch.rand(scores.shape, generator=self.generator, device=scores.device)
+            gumbel = -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))  # (-log u) before the clamp
+            cand = (scores / scale + gumbel).argmax(-1)
         conf = torch.softmax(logits, dim=-1).gather(-1, cand[..., None])[..., 0]
         return cand, conf
 
@@ -153,7 +198,7 @@ def validate_args(model: TriModeModel, args: DecodeArgs, batch: int, width: int 
     if args.mode in SPECULATIVE and batch != 1:
         raise GenerationError(f"{args.mode} decodes one sequence at a time (batch 1); use ar or diffusion for batches")
     if args.mode == "quadratic-spec":
-        check_quadratic(args.threshold, args.temperature)
+        check_quadratic(args.threshold)
         threshold = None  # one-shot drafts: quadratic-spec has no threshold
         check_draft_groups(args.draft_groups, block)
     elif args.draft_groups is not None:
@@ -161,8 +206,10 @@ def validate_args(model: TriModeModel, args: DecodeArgs, batch: int, width: int 
     eos = model.config.eos_ids if args.eos_token_id is None else args.eos_token_id
     ids = eos_id_set(eos, model.config.vocab_size)
     first = eos if isinstance(eos, int) else (list(eos) or [-1])[0]  # single-id callers keep an int
+    sampling = args.sampling if args.sampling is not None else SamplingParams(args.temperature, seed=args.seed)
+    sampling = dataclasses.replace(sampling, temperature=float(args.temperature), seed=args.seed)
     return DecodeArgs(args.mode, args.max_new_tokens, block, threshold, args.steps, args.temperature,
-                      args.seed, int(first), ids, args.draft_groups, args.budget)
+                      args.seed, int(first), ids, args.draft_groups, args.budget, sampling)
 
 
 def thinking_budget(max_thinking_tokens, end_think_token_id, tokenizer, vocab_size: int) -> ThinkingBudget | None:
@@ -207,11 +254,8 @@ def has_eos(tokens: Sequence[int], eos: int | frozenset[int]) -> bool:
 DEFAULT = object()
 
 
-def check_quadratic(threshold, temperature: float) -> None:
-    """quadratic-spec drafts in one shot and is greedy: it has no threshold, and sampling is refused."""
-    if temperature > 0:
-        raise GenerationError("quadratic-spec is greedy (temperature 0): it has no lossless sampling rule yet; "
-                              "use linear-spec or ar to sample")
+def check_quadratic(threshold) -> None:
+    """quadratic-spec drafts in one shot: it has no threshold."""
     if threshold is not None and parse_threshold(threshold) not in (DEFAULT, 0.0):
         raise GenerationError("quadratic-spec drafts every block in one forward and takes no threshold; "
                               "leave threshold unset (or use linear-spec for iterative drafting)")

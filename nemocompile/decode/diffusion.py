@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..model import TriModeModel
+from ..sampling import History
 from .common import DecodeArgs, GenerationStats, Sampler, first_eos_trim, has_eos, prefill, split_evenly
 
 
@@ -17,10 +18,11 @@ def denoise_step(
     threshold: float | None,
     k: int,  # fixed schedule: positions to commit this step (threshold None)
     lora: bool = False,
+    histories=None,  # per row: the tokens the penalties see (nemocompile.sampling.History)
 ) -> None:
     """One bidirectional forward (no cache write) that unmasks positions of ``x``."""
     logits = model(x, pattern="bidirectional", cache=cache, write=False, lora=lora)
-    cand, conf = sampler.candidates(logits)  # [B, L]
+    cand, conf = sampler.candidates(logits, histories)  # [B, L]
     conf = conf.masked_fill(~masked, -1.0)
     if threshold is not None:
         commit = masked & (conf >= threshold)
@@ -49,11 +51,12 @@ def block_finished(x: torch.Tensor, masked: torch.Tensor, eos: frozenset[int], n
 def decode_diffusion(model: TriModeModel, prompts: list[list[int]], args: DecodeArgs):
     cfg = model.config
     stats = GenerationStats(mode="diffusion", block_length=args.block_length, threshold=args.threshold)
-    sampler = Sampler(args.temperature, args.seed, model.device)
+    sampler = Sampler(args.temperature, args.seed, model.device, args.sampling)
+    histories = [History(p) for p in prompts]
     B, L, eos = len(prompts), args.block_length, args.eos_ids
     cache, logits = prefill(model, prompts, max(map(len, prompts)) + args.max_new_tokens + L)
     stats.forwards = 1
-    seed = sampler.sample(logits)  # [B]
+    seed = sampler.sample(logits, histories)  # [B]
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool)
     schedule = split_evenly(L - 1, args.steps or L)
@@ -72,19 +75,21 @@ def decode_diffusion(model: TriModeModel, prompts: list[list[int]], args: Decode
         step = 0
         while not block_finished(x, masked, eos, need).all():
             k = schedule[step] if step < len(schedule) else L
-            denoise_step(model, x, masked, cache, sampler, args.threshold, k)
+            denoise_step(model, x, masked, cache, sampler, args.threshold, k, histories=histories)
             stats.forwards += 1
             step += 1
         for b in range(B):
             if not done[b]:
                 row = first_eos_trim(_decided_prefix(x[b], masked[b]), eos)
-                out[b].extend(row[: args.max_new_tokens - len(out[b])])
+                piece = row[: args.max_new_tokens - len(out[b])]
+                out[b].extend(piece)
+                histories[b].extend(piece)
                 done[b] = has_eos(row, eos) or len(out[b]) >= args.max_new_tokens
         if done.all():
             break
         logits = model(x, pattern="causal", cache=cache)[:, -1].float()  # commit: writes the block
         stats.forwards += 1
-        seed = sampler.sample(logits)
+        seed = sampler.sample(logits, histories)
     return [first_eos_trim(o, eos) for o in out], stats
 
 

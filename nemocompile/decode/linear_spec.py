@@ -10,7 +10,9 @@ Glossary:
   emitted and becomes the next ``p``.
 - acceptance length: ``n`` = accepted drafts + the bonus, per verify.
 - rollback: the cache keeps ``p`` and the accepted drafts (crop to before + n).
-At temperature 0 the output equals AR greedy decoding token for token.
+At temperature 0 the output equals AR greedy decoding token for token. Sampling
+(temperature > 0, or any control of ``nemocompile.sampling``) accepts by that
+module's rule, against the same distribution AR samples from: lossless in distribution.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..model import TriModeModel
+from ..sampling import History
 from .common import DecodeArgs, GenerationStats, Sampler, budgeted, first_eos_trim, has_eos, prefill
 from .diffusion import denoise_step
 
@@ -34,23 +37,25 @@ def accept(x: list[int], a: list[int]) -> int:
 def decode_linear_spec(model: TriModeModel, prompts: list[list[int]], args: DecodeArgs):
     cfg = model.config
     stats = GenerationStats(mode="linear-spec", block_length=args.block_length, threshold=args.threshold)
-    sampler = Sampler(args.temperature, args.seed, model.device)
+    sampler = Sampler(args.temperature, args.seed, model.device, args.sampling)
+    history = History(prompts[0])
     L, eos = args.block_length, args.eos_ids
     cache, logits = prefill(model, prompts, len(prompts[0]) + args.max_new_tokens + L)
     stats.forwards = 1
-    p = budgeted(args.budget, [], [int(sampler.sample(logits)[0])])[0]
+    p = budgeted(args.budget, [], [int(sampler.sample(logits, [history])[0])])[0]
     out = [p]
+    history.extend(out)
     while p not in eos and len(out) < args.max_new_tokens:
         x = draft(model, p, cache, sampler, args.threshold, L, stats)
         before = cache.length
         verify_logits = model(x, pattern="causal", cache=cache)[0].float()  # writes all L rows
         stats.forwards += 1
-        a = sampler.sample(verify_logits).tolist()
-        new = budgeted(args.budget, out, a[:accept(x[0].tolist(), a)])  # drafts accepted + the bonus
+        new = budgeted(args.budget, out, sampler.verify(verify_logits, x[0].tolist(), history))  # accepted + bonus
         n = len(new)
         stats.acceptance_lengths.append(n)
         cache.crop(before + n)
         out.extend(new)
+        history.extend(new)
         p = new[-1]
         if has_eos(new, eos):
             break

@@ -16,7 +16,9 @@ Glossary:
 - rollback: crop the cache to its length before the step plus ``cnt`` (it keeps
   ``d_0..d_{cnt-1}``).
 Each cycle is one forward; the prefill and the first draft are one forward too.
-At temperature 0 the output equals AR greedy decoding token for token.
+At temperature 0 the output equals AR greedy decoding token for token. Sampling
+accepts the spine by ``nemocompile.sampling``'s rule (the branches stay the drafter's
+argmax): lossless in distribution.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import torch
 
 from ..model import TriModeModel
 from ..model.layout import Branch, Layout
-from .common import DecodeArgs, GenerationStats, budgeted, first_eos_trim, has_eos
+from ..sampling import History
+from .common import DecodeArgs, GenerationStats, Sampler, budgeted, first_eos_trim, has_eos
 
 
 def prefill_draft_layout(prompt: int, block: int) -> Layout:
@@ -58,32 +61,39 @@ def next_draft(bonus: int, branch: list[int]) -> list[int]:
 def decode_quadratic_spec(model: TriModeModel, prompts: list[list[int]], args: DecodeArgs):
     stats = GenerationStats(mode="quadratic-spec", block_length=args.block_length)
     B, eos, prompt, groups = args.block_length, args.eos_ids, prompts[0], args.draft_groups
+    G = groups or B
+    sampler = Sampler(args.temperature, args.seed, model.device, args.sampling)
+    history = History(prompt)
     cache = model.new_cache(1, len(prompt) + args.max_new_tokens + B)
     ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
 
-    tokens = forward(model, cache, ids, prefill_draft_layout(len(prompt), B))  # prefill + first draft
+    logits, tokens = forward(model, cache, ids, prefill_draft_layout(len(prompt), B))  # prefill + first draft
     stats.forwards = 1
-    a, branch = budgeted(args.budget, [], [tokens[len(prompt) - 1]])[0], tokens[len(prompt):]
+    first = int(sampler.sample(logits[len(prompt) - 1][None], [history])[0])
+    a, branch = budgeted(args.budget, [], [first])[0], tokens[len(prompt):]
     d = next_draft(a, branch)
     out = [a]
+    history.extend(out)
     while not has_eos(out, eos) and len(out) < args.max_new_tokens:
         before = cache.length
-        tokens = forward(model, cache, torch.tensor([d], device=model.device), verify_draft_layout(B, groups))
+        logits, tokens = forward(model, cache, torch.tensor([d], device=model.device), verify_draft_layout(B, groups))
         stats.forwards += 1
-        a = tokens[:B]  # the verifier's choice after each draft token
-        cnt = accept(d, a, groups)
-        new = budgeted(args.budget, out, d[1:cnt] + [a[cnt - 1]])  # accepted drafts + the bonus
+        # accepted drafts + the bonus, from the spine (the verifier's rows); at most G per cycle
+        new = budgeted(args.budget, out, sampler.verify(logits[:G], d[:G], history))
         cnt = len(new)
         cache.crop(before + cnt)
         stats.acceptance_lengths.append(cnt)
         out += new
+        history.extend(new)
         j = cnt - 1  # the branch conditioned on exactly the accepted prefix
         d = next_draft(new[-1], tokens[B + j * B: B + (j + 1) * B])
     return [first_eos_trim(out, eos)[: args.max_new_tokens]], stats
 
 
-def forward(model: TriModeModel, cache, ids: torch.Tensor, layout: Layout) -> list[int]:
-    """One forward of ``layout``: writes the spine into the cache, returns every token's argmax [T]."""
+def forward(model: TriModeModel, cache, ids: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, list[int]]:
+    """One forward of ``layout``: writes the spine into the cache, returns every token's logits
+    [T, V] and argmax [T]."""
     logits, k, v = model.step(ids, cache.keys(), cache.values(), cache.length, cache.row_start, layout=layout)
     cache.write(k, v)
-    return logits[0].float().argmax(-1).tolist()
+    logits = logits[0].float()
+    return logits, logits.argmax(-1).tolist()

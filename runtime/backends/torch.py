@@ -81,7 +81,8 @@ class TorchBackend:
                 used_v = cv[:, :, :, :int(length)].index_select(1, rows)
                 out, k, v = self.model.step(ids, used_k, used_v, int(length), row_start, layout=layout)
                 at = t.from_numpy(idx).to(out.device)
-                outputs = [("logits", out), *zip(("candidate", "confidence"), greedy_candidates(out))]
+                logits = out if io.logits is None else out[:, : io.logits.shape[1]]  # fused steps: the spine's
+                outputs = [("logits", logits), *zip(("candidate", "confidence"), greedy_candidates(out))]
                 if io.top_logprobs is not None:  # the spine's positions (a fused step's branches only draft)
                     scored = out[:, :io.top_logprobs.shape[1]]
                     outputs += zip(("top_logprobs", "top_ids", "next_logprob"), token_logprobs(scored, ids))

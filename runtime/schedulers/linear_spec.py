@@ -14,7 +14,9 @@ Glossary:
 - acceptance length: ``n`` = accepted drafts + the bonus, per verify.
 - rollback: the cache row keeps ``p`` and the accepted drafts (crop to before + n),
   by moving its length; the bonus is written by the next verify.
-At temperature 0 the output equals AR greedy decoding token for token (lossless),
+Sampling (temperature > 0 or any control) accepts by nemocompile.sampling's rule against
+the distribution AR samples from. At temperature 0 the output equals AR greedy decoding
+token for token (lossless),
 whatever the other rows of the batch do: drafts, acceptance and crop are per row.
 """
 
@@ -39,8 +41,7 @@ def linear_cycle(row, p: int, L: int, threshold: float | None):
     """Draft a block after ``p``, verify it, keep what is accepted: the new tokens."""
     drafted = yield from draft(row, p, L, threshold)
     before = row.length
-    a = yield from verify(row, drafted)
-    new = row.budgeted(a[:accept(drafted, a)])  # accepted drafts + the bonus
+    new = row.budgeted((yield from verify(row, drafted)))  # accepted drafts + the bonus
     row.crop(before + len(new))
     row.cycle("linear-spec", len(new))
     return new
@@ -55,9 +56,10 @@ def draft(row, p: int, L: int, threshold: float | None):
 
 
 def verify(row, drafted: list[int]):
-    """The causal forward over the drafted block (writes all L slots); the verifier's tokens a [L]."""
+    """The causal forward over the drafted block (writes all L slots); the accepted drafts and
+    the bonus (``Row.verify``: the spec's rule, or nemocompile.sampling's when sampling)."""
     io = yield Forward("verify", len(drafted), drafted, write=len(drafted))
-    return row.choose_all(io, len(drafted))
+    return row.verify(io, drafted)
 
 
 def accept(x: list[int], a: list[int]) -> int:

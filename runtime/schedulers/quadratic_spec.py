@@ -21,15 +21,15 @@ but drafts the next block. Greedy only; lossless per row.
 
 from __future__ import annotations
 
-from nemocompile.decode.quadratic_spec import accept, next_draft
+from nemocompile.decode.quadratic_spec import next_draft
 
 from ..row import Forward
 
 
 def decode_quadratic_spec(row):
     B = row.request.block_length
-    tokens, last = yield from prefill_and_draft(row)
-    first = row.budgeted([tokens[last]])
+    tokens, last, first = yield from prefill_and_draft(row)
+    first = row.budgeted([first])
     row.emit(first)
     draft = next_draft(first[0], tokens[last + 1:])
     while not row.done:
@@ -41,9 +41,8 @@ def quadratic_cycle(row, draft: list[int], B: int):
     """Verify ``draft`` and draft after every acceptance point in one forward, keep what
     is accepted: the new tokens and the next draft."""
     before = row.length
-    a, branches = yield from verify_and_draft(row, draft, B)
-    cnt = accept(draft, a, len(branches))
-    new = row.budgeted(draft[1:cnt] + [a[cnt - 1]])  # accepted drafts + the bonus
+    io, branches = yield from verify_and_draft(row, draft, B)
+    new = row.budgeted(row.verify(io, draft[:len(branches)]))  # accepted drafts + the bonus
     row.crop(before + len(new))
     row.cycle("quadratic-spec", len(new))
     return new, next_draft(new[-1], branches[len(new) - 1])
@@ -51,18 +50,16 @@ def quadratic_cycle(row, draft: list[int], B: int):
 
 def prefill_and_draft(row):
     """The prompt and the first draft's masks in one forward: the row's tokens (the
-    prompt's argmaxes, then the B masks') and the column of the last prompt token."""
+    prompt's argmaxes, then the B masks'), the column of the last prompt token and the
+    first token (its argmax, or a draw from the spine's logits when sampling)."""
     io, last = yield from row.prefill(last="prefill_draft")
-    tokens = io.candidate[row.j].tolist()
-    row.note(io, [last], [tokens[last]])
-    return tokens, last
+    return io.candidate[row.j].tolist(), last, row.choose(io, last)
 
 
 def verify_and_draft(row, draft: list[int], B: int):
-    """The fused forward (writes the spine's B slots): the verifier's tokens a [B] and
-    each branch's B guesses."""
+    """The fused forward (writes the spine's B slots): its outputs (the verifier's rows are
+    the spine's) and each branch's B guesses."""
     io = yield Forward("verify_draft", B, draft, write=B)
     groups = row.rt.draft_groups[B]
     tokens = io.candidate[row.j].tolist()
-    row.note(io, range(B), tokens[:B])  # an emitted token sits at spine row k: d_k == a_(k-1), or the bonus
-    return tokens[:B], [tokens[B + j * B: B + (j + 1) * B] for j in range(groups)]
+    return io, [tokens[B + j * B: B + (j + 1) * B] for j in range(groups)]
