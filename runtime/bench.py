@@ -188,7 +188,9 @@ def run_bench(artifacts: Sequence[str | Path], prompts: list, backends: Sequence
         reset_peak_rss()
         runtimes = {}
         for b in backends:
-            options = {"threads": threads} if threads else {}
+            # cold prefills: every configuration runs the same prompts, and a prompt another one
+            # left in the cache would skip its prefill
+            options = {"threads": threads, "prefix_cache": False} if threads else {"prefix_cache": False}
             if modes:
                 options["modes"] = modes
             if b == "torch" and model is not None:

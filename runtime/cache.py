@@ -30,8 +30,9 @@ class KVCache:
 
     API: ``write`` places a step's present rows at each row's length (a slice
     assignment of n slots per row, never a whole-cache copy), ``crop`` rolls a
-    row back by moving its length, ``reset_row`` starts a new request in a row,
-    ``reset`` empties every row.
+    row back by moving its length, ``reset_row`` starts a new request in a row
+    (with slots it already holds: the prefix cache), ``copy`` puts one row's slots
+    into another (or shifts them in a row), ``reset`` empties every row.
 
     ``data`` is a numpy array on the CPU, or a torch tensor on an accelerator
     (both support the slice assignment ``write`` does).
@@ -76,10 +77,25 @@ class KVCache:
             raise ValueError(f"cannot crop row {row} of length {int(self.cache_len[row])} to {length}")
         self.cache_len[row] = length
 
-    def reset_row(self, row: int, row_start: int = 0) -> None:
-        """Empty one row for a new request whose tokens start at slot ``row_start``."""
-        self.cache_len[row] = 0
+    def reset_row(self, row: int, row_start: int = 0, length: int = 0) -> None:
+        """Start a new request in one row, its tokens from slot ``row_start``; ``length`` > 0
+        keeps slots ``row_start .. length-1`` as committed (a reused prefix they already hold)."""
+        if length and not row_start <= length <= self.capacity:
+            raise ValueError(f"cannot keep {length} slots of row {row} from slot {row_start}")
+        self.cache_len[row] = length
         self.row_start[row] = row_start
+
+    def copy(self, src: int, dst: int, n: int, src_start: int = 0, dst_start: int = 0) -> None:
+        """Copy ``n`` slots of row ``src`` from ``src_start`` into row ``dst`` at ``dst_start``
+        (lengths unchanged). A key's value depends on its position (slot - row_start), not
+        its slot, so slots move between rows or within one as long as they keep their position."""
+        if n <= 0:
+            return
+        for buf in (self.k, self.v):
+            piece = buf[:, src, :, src_start:src_start + n]
+            if src == dst:  # overlapping ranges of one row: read before writing
+                piece = piece.clone() if hasattr(piece, "clone") else piece.copy()
+            buf[:, dst, :, dst_start:dst_start + n] = piece
 
     def reset(self, row_start=None, length: int = 0) -> None:
         """Empty every row; ``row_start`` [B] sets the rows' left padding. ``length`` > 0 treats

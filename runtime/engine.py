@@ -4,7 +4,9 @@ The engine owns the runtime's KV cache and graphs and runs on one thread. A
 request (a :class:`Job`) waits in a bounded queue until enough rows are free,
 then each of its sequences joins a free row at a step boundary and leaves it the
 moment it finishes (EOS, max_new_tokens, cancel, timeout), freeing the row for
-the next request.
+the next request. Which free row a sequence gets is the prefix cache's choice
+(``runtime/prefix_cache.py``): the one that already holds the longest prefix of
+its prompt, or one that prefix is copied into, so its prefill starts after it.
 
 One tick: every active row states the graph it needs next (its scheduler yields
 a :class:`~.row.Forward`), rows that need the same graph (step, block length)
@@ -35,10 +37,13 @@ import time
 import traceback
 from typing import Any, Callable
 
+import numpy as np
+
 from nemocompile.errors import GenerationError, NemocompileError
 
 from .job import Cancelled, Job, Overloaded, RequestTimeout, ServerError
-from .row import Forward, Row
+from .prefix_cache import shared_prefix
+from .row import ALL_ALTERNATIVES, Forward, Row
 
 
 CHOICE_TICKS = 16  # auto chooses again at least this often (ticks), and whenever rows join or leave
@@ -104,11 +109,15 @@ class Engine:
             self._paused += 1
             while any(self.rows):
                 self._cond.wait()
+            if self.rt.prefix is not None:
+                self.rt.prefix.clear()  # the caller writes the cache as it likes
             try:
                 yield
             finally:
                 self._paused -= 1
                 self.rt.cache.reset()
+                if self.rt.prefix is not None:
+                    self.rt.prefix.clear()
                 self._cond.notify_all()
 
     @property
@@ -138,6 +147,8 @@ class Engine:
                 self._tick()
             except Exception as e:  # a failure outside any one row's forward or scheduler: fail the rows
                 self._fail_all(server_error(e, "the runtime failed"), queued=False)
+                if self.rt.prefix is not None:
+                    self.rt.prefix.clear()  # a forward may have stopped half way: trust no slot
             with self._cond:
                 self._cond.notify_all()  # exclusive() waits for the rows to drain
 
@@ -153,16 +164,62 @@ class Engine:
         while self.queue:
             job = self.queue[0]
             free = [b for b, r in enumerate(self.rows) if r is None]
-            if len(free) < len(job.request.prompts):
+            if len(free) < len(job.request.prompts) or self._awaits_prefix(job):
                 return
             self.queue.popleft()
             admitted = time.perf_counter()
-            for index, b in enumerate(free[: len(job.request.prompts)]):
+            for index in range(len(job.request.prompts)):
                 self._joined_or_left = True
+                b, reused = self._place(job.request, index, free)
+                free.remove(b)
                 row = Row(self.rt, job.request, index, b, job)
+                row.reused = reused
                 row.stats.queue_s = admitted - job.submitted
                 self._advance(b, row, self.rt.scheduler(row), None)
             job.started = len(job.request.prompts)
+
+    def _place(self, request, index: int, free: list[int]) -> tuple[int, int]:
+        """The free row for sequence ``index`` of ``request`` and the prompt tokens whose K/V it
+        already holds (the prefix cache; else the first free row, nothing reused)."""
+        prefix = self.rt.prefix
+        if prefix is None:
+            return free[0], 0
+        prompt = request.prompts[index]
+        pad = self.rt.prompt_width([prompt], request.mode) - len(prompt)
+        busy = [b for b, r in enumerate(self.rows) if r is not None]
+        echo = request.output.echo
+        return prefix.place(prompt, pad, max(self._reuse_limit(request, prompt), 0), free, busy,
+                            scored_k=_alternatives(request.output.logprobs) if echo else None)
+
+    def _reuse_limit(self, request, prompt) -> int:
+        """The most prompt tokens a sequence may take from the prefix cache: the prefill must
+        compute the last one's logits; quadratic-spec's fused prefill-and-draft needs a full
+        last chunk (echo, which scores every prompt token, reuses only rows that scored theirs)."""
+        return len(prompt) - (self.rt.prefill_length if request.mode == "quadratic-spec" else 1)
+
+    def _awaits_prefix(self, job) -> bool:
+        """Whether ``job`` should wait for a row still prefilling a prompt that shares at least
+        a prefill chunk more with one of its prompts than the prefix cache holds now (or the
+        rest of what it shares comes with that row's next chunk): copying
+        those slots once they are written costs less than computing them again beside them
+        (lm-eval sends a question's choices together, one context each)."""
+        prefix, P = self.rt.prefix, self.rt.prefill_length
+        prefilling = [r for r, _, _ in filter(None, self.rows)
+                      if r.length - self.rt.cache.row_start[r.b] < len(r.prompt)]
+        if prefix is None or not prefilling:
+            return False
+        for prompt in job.request.prompts:
+            prompt = np.asarray(prompt, dtype=np.int64)
+            limit = self._reuse_limit(job.request, prompt)
+            _, now = prefix.match(prompt, range(len(self.rows)))
+            for r in prefilling:
+                if job.request.output.echo and not r.options.echo:
+                    continue  # echo reuses only rows that scored their prompt
+                gain = min(shared_prefix(np.asarray(r.prompt), prompt), limit) - now
+                # worth a chunk, or the rest of it comes with the row's next chunk
+                if gain >= P or 0 < gain <= P - (now - (r.length - self.rt.cache.row_start[r.b])):
+                    return True
+        return False
 
     def _tick(self) -> None:
         """One forward per graph that some row needs; each row advances past it."""
@@ -233,6 +290,8 @@ class Engine:
             row, _, forward = self.rows[b]
             row.j = j
             if forward.write:
+                if rt.prefix is not None:
+                    rt.prefix.written(key, b, cache.length(b), forward.tokens, forward.write)
                 cache.write(io.present_k[j:j + 1], io.present_v[j:j + 1], forward.write, rows=(b,))
             timer = row.timer
             timer.graph_s += dt
@@ -262,6 +321,8 @@ class Engine:
 
     def _finish(self, b: int, row: Row) -> None:
         self.rows[b] = None  # its cache row stays as it is until the next request resets it
+        if self.rt.prefix is not None:
+            self.rt.prefix.release(b)
         self._joined_or_left = True
         stats = row.finished_stats()
         text = row.text.final() if row.text is not None else None
@@ -277,6 +338,8 @@ class Engine:
     def _drop(self, b: int, error: BaseException) -> None:
         row = self.rows[b][0]
         self.rows[b] = None
+        if self.rt.prefix is not None:
+            self.rt.prefix.release(b)  # what it committed stays valid
         self._joined_or_left = True
         for listener in self.listeners:
             listener("drop", error)
@@ -393,3 +456,7 @@ def server_error(e: BaseException, what: str) -> ServerError:
     else:
         traceback.print_exception(e, file=sys.stderr)
     return error
+
+
+def _alternatives(k: int | None) -> int:
+    return ALL_ALTERNATIVES if k is None else k

@@ -107,12 +107,33 @@ class RequestRecord:
     latency_s: float  # sent -> stream closed
     ttft_s: float | None = None  # sent -> first chunk carrying tokens
     completion_tokens: int = 0  # usage.completion_tokens
+    prompt_tokens: int = 0  # usage.prompt_tokens
+    cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens: prompt tokens the prefix cache served
     streamed_tokens: int | None = None  # token ids counted in the chunks (nemocompile's "tokens" field)
     finish_reason: str | None = None
     mode_mix: dict[str, int] = field(default_factory=dict)  # usage.mode_mix: cycles per mode
     rows_per_forward: float | None = None  # usage.rows_per_forward: the batch size its forwards ran at
     error: str | None = None  # why the request failed (None: it completed)
     error_type: str | None = None  # the OpenAI error type ("overloaded" for a full queue)
+
+
+def with_shared_prefix(prompts: Sequence, n: int, artifact: str | Path | None) -> list[list[int]]:
+    """``prompts`` as token ids, each after the same ``n`` tokens: the first ``n`` of the prompts
+    one after the other (a system prompt every request shares; the prefix cache's case)."""
+    tokenizer = None
+    if any(isinstance(p, str) for p in prompts):
+        from ..tokenizer import Tokenizer
+
+        if artifact is None:
+            raise NemocompileError("--shared-prefix with --url needs token-id prompts (a --prompts file of "
+                                   '{"ids": [...]} lines): the client cannot tokenize text for a remote server')
+        tokenizer = Tokenizer(artifact)
+    ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    pool = [t for p in ids for t in p]
+    if not pool:
+        raise NemocompileError("--shared-prefix: the prompts hold no tokens")
+    prefix = (pool * (n // len(pool) + 1))[:n]
+    return [prefix + p for p in ids]
 
 
 # ---- one request -------------------------------------------------------------------------------
@@ -165,6 +186,8 @@ def send_completion(client, body: dict, prompt_index: int) -> RequestRecord:
             record.error = "the stream ended without usage (the server ignored stream_options.include_usage)"
         else:
             record.completion_tokens = int(usage.get("completion_tokens") or 0)
+            record.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            record.cached_tokens = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
             record.mode_mix = dict(usage.get("mode_mix") or {})
             record.rows_per_forward = usage.get("rows_per_forward")
     return record
@@ -227,6 +250,7 @@ def summarize_level(mode: str, concurrency: int, records: Sequence[RequestRecord
         "rejected": sum(r.error_type == "overloaded" or r.status == 429 for r in records),
         "failed": sum(r.error is not None for r in records), "wall_s": wall_s,
         "completion_tokens": tokens, "tokens_per_second": tokens / wall_s if wall_s > 0 else None,
+        "prompt_tokens": sum(r.prompt_tokens for r in done), "cached_tokens": sum(r.cached_tokens for r in done),
         "requests_per_second": len(done) / wall_s if wall_s > 0 else None,
         "latency_p50_s": pct(latencies, 50), "latency_p99_s": pct(latencies, 99),
         "ttft_p50_s": pct(ttfts, 50), "ttft_p99_s": pct(ttfts, 99),
@@ -604,6 +628,11 @@ def format_table(report: dict) -> str:
         else:
             lines.append(f"auto at C={a['concurrency']}: ran {used[0]} only, so no gain from choosing modes; its "
                          f"{num(a['ratio'])}x the best fixed mode ({a['best_mode']}) is run-to-run variation")
+    cached = sum(r.get("cached_tokens", 0) for r in report["levels"])
+    if cached:
+        prompt = sum(r.get("prompt_tokens", 0) for r in report["levels"])
+        lines.append(f"prefix cache: {cached} of {prompt} prompt tokens reused ({100 * cached / prompt:.0f}%, "
+                     "concurrent levels)")
     machine = report["machine"]
     lines.append(f"machine: {machine['cpus']} CPUs, 1-minute load average {machine['load_average_1m'][0]:.1f} "
                  f"before, {machine['load_average_1m'][1]:.1f} after (client and server included)")

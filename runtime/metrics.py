@@ -3,7 +3,8 @@
 Built on ``prometheus_client`` with a registry per server (two servers in one
 process never share counters). The engine reports to it through its listeners:
 tokens as they are emitted, every finished sequence (latency, time to first
-token, the modes its cycles ran) and every forward; queue depth and active rows are read when
+token, the modes its cycles ran), every forward and the prefix cache's hits, misses and
+evictions; queue depth, active rows and the tokens the prefix cache keeps are read when
 scraped. ``nemocompile_tokens_per_second`` is the generation rate over the last
 ``window`` seconds, for a dashboard without PromQL (``rate()`` of
 ``nemocompile_generated_tokens_total`` says the same).
@@ -50,6 +51,15 @@ class ServerMetrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait = Histogram("nemocompile_queue_wait_seconds", "submission to getting a row",
                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.prefix = Counter("nemocompile_prefix_cache_requests", "sequences admitted: 'hit' reused a cached "
+                              "prompt prefix, 'miss' prefilled all of it", ["result"], registry=r)
+        self.prefix_tokens = Counter("nemocompile_prefix_cache_hit_tokens", "prompt tokens served from the prefix "
+                                     "cache (not prefilled)", registry=r)
+        self.prefix_evicted = Counter("nemocompile_prefix_cache_evicted_tokens", "tokens finished requests kept "
+                                      "that were dropped (token budget, or their row given out)", registry=r)
+        prefix = runtime.prefix
+        Gauge("nemocompile_prefix_cache_tokens", "tokens finished requests keep for reuse", registry=r).set_function(
+            lambda: prefix.cached_tokens if prefix is not None else 0)
         self.window = window
         self._recent: collections.deque = collections.deque()  # (time, tokens)
         self._lock = threading.Lock()
@@ -74,6 +84,13 @@ class ServerMetrics:
                 self.ttft.observe(s.time_to_first_token_s)
             self.latency.observe(s.wall_s)
             self.queue_wait.observe(s.queue_s)
+        elif kind == "prefix":
+            what, n = value
+            if what == "evict":
+                self.prefix_evicted.inc(n)
+            else:
+                self.prefix.labels(what).inc()
+                self.prefix_tokens.inc(n)
         elif kind == "drop":
             self.dropped.labels(type(value).__name__).inc()
 

@@ -40,6 +40,9 @@ class Forward:
         return self.step, self.L
 
 
+ALL_ALTERNATIVES = 1 << 30  # an echo request without logprobs keeps every alternative the graph gives
+
+
 class Row:
     """A request's sequence in row ``b``: its prompt, sampler, output, stats and cache row."""
 
@@ -60,6 +63,7 @@ class Row:
                                   threshold=request.threshold, batch_size=len(request.prompts))
         self.timer = StepTimer(start=job.submitted)
         self.out: list[int] = []
+        self.reused = 0  # prompt tokens whose K/V the engine put in the row's slots (the prefix cache)
         self.done = False
         self.finish_reason = "length"
         self.options = request.output
@@ -90,17 +94,21 @@ class Row:
         """Run the prompt causally into the row's cache in prefill-graph chunks, the last
         through graph ``last`` (quadratic-spec: the fused prefill that also drafts after
         the prompt, so the last chunk must be full: a short chunk goes first, and a prompt
-        shorter than a chunk is left padded). Generator; returns the last chunk's outputs
-        and the column of the last prompt token. Counts as one forward."""
+        shorter than a chunk is left padded). The first ``reused`` prompt tokens are not
+        run: the prefix cache put their slots in the row. Generator; returns the last
+        chunk's outputs and the column of the last prompt token. Counts as one forward."""
         P = self.rt.prefill_length
         width = self.rt.prompt_width([self.prompt], self.mode if last == "prefill" else "quadratic-spec")
         pad = width - len(self.prompt)
         ids = [0] * pad + list(self.prompt)  # pad id 0: slots before row_start are masked
-        self.cache.reset_row(self.b, row_start=pad)
+        n = self.reused  # slots pad .. pad+n-1 already hold the prompt's first n tokens
+        self.cache.reset_row(self.b, row_start=pad, length=pad + n if n else 0)
+        self.stats.cached_prompt_tokens = n
         if self.options.echo:
             return (yield from self._scored_prefill(ids))
-        first = P if last == "prefill" else width % P or P
-        bounds = [0, *range(first, width, P), width]
+        begin = pad + n if n else 0
+        first = P if last == "prefill" else (width - begin) % P or P
+        bounds = [begin, *range(begin + first, width, P), width]
         for start, end in zip(bounds, bounds[1:]):
             io = yield Forward(last if end == width else "prefill", P, ids[start:end], write=end - start)
         self.stats.forwards -= len(bounds) - 2  # the spec counts the prefill as one forward
@@ -115,6 +123,11 @@ class Row:
         P, k = self.rt.prefill_length, self.k
         self.prompt_logprobs = [TokenLogprob(ids[0], None)]
         start, chunks = 0, 0
+        prefix = self.rt.prefix
+        if self.reused:  # the prefix cache holds the first reused slots and the scores up to the next token
+            self.prompt_logprobs = [TokenLogprob(t.token, t.logprob, t.top[:k])
+                                    for t in prefix.scores[self.b][:self.reused + 1]]
+            start = self.reused
         while True:
             end = min(start + P, len(ids))
             write = end - start if end == len(ids) else end - start - 1
@@ -128,6 +141,8 @@ class Row:
                 break
             start += write
         self.stats.forwards -= chunks - 1  # the spec counts the prefill as one forward
+        if prefix is not None:
+            prefix.scored(self.b, self.prompt_logprobs, ALL_ALTERNATIVES if k is None else k)
         return io, end - start - 1
 
     def prefill_token(self):

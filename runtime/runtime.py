@@ -73,9 +73,13 @@ class RuntimeResult:
 class Runtime:
     """Compiled graphs of one artifact on one backend, with one KV cache whose rows
     are shared out to concurrent requests by the engine (``max_queue``: requests that
-    may wait for a row before ``submit`` refuses more; None: unbounded)."""
+    may wait for a row before ``submit`` refuses more; None: unbounded). ``prefix_cache``:
+    reuse the K/V of prompt prefixes earlier requests left in the cache rows
+    (runtime/prefix_cache.py), finished rows keeping at most ``prefix_cache_tokens``
+    tokens (None: every row's)."""
 
-    def __init__(self, artifact_dir: Path, manifest: Manifest, backend: Backend, max_queue: int | None = None):
+    def __init__(self, artifact_dir: Path, manifest: Manifest, backend: Backend, max_queue: int | None = None,
+                 prefix_cache: bool = True, prefix_cache_tokens: int | None = None):
         self.artifact_dir = artifact_dir
         self.manifest = manifest
         self.backend = backend
@@ -116,6 +120,12 @@ class Runtime:
             self.modes = [*self.modes, "auto"]
         self.unopened_modes: list[str] = []  # the artifact's modes that load(modes=...) left closed
         self.engine = Engine(self, max_queue=max_queue)
+        self.prefix = None  # the prefix cache (None: off)
+        if prefix_cache:
+            from .prefix_cache import PrefixCache
+
+            self.prefix = PrefixCache(self.cache, self.batch_size, prefix_cache_tokens, self.engine.listeners)
+            self.prefix.unreusable_writes = {(g.step, g.block_length) for g in manifest.graphs if _lora_writes(g)}
 
     # ---- construction ------------------------------------------------------------
     @classmethod
@@ -145,12 +155,15 @@ class Runtime:
         manifest, damaged = usable_graphs(artifact_dir, manifest, hashes=verify)
         for line in damaged:
             print(f"warning: {line}", file=sys.stderr)
-        max_queue = options.pop("max_queue", None)
+        own = {k: options.pop(k) for k in ("max_queue", "prefix_cache", "prefix_cache_tokens") if k in options}
+        tokens = own.get("prefix_cache_tokens")
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0):
+            raise GenerationError(f"prefix_cache_tokens must be an integer >= 0, got {tokens!r:.60}")
         costs = None
         if read_costs and len({m for m, _ in lossless_options(manifest)}) > 1:  # auto will be served
             costs = CostTable.load(artifact_dir, backend)  # CostTableError: one line, before any graph opens
         runtime = cls(artifact_dir, manifest, create_backend(backend, artifact_dir, manifest, device=device, **options),
-                      max_queue=max_queue)
+                      **own)
         runtime.unopened_modes = [m for m in unopened if m not in runtime.modes]
         runtime.engine.costs, runtime.engine.costs_read = costs, read_costs and "auto" in runtime.modes
         return runtime
@@ -471,6 +484,15 @@ def _tensor(specs, name: str, graph):
         if t.name == name:
             return t
     raise ManifestError(f"graph {graph.step!r} ({graph.file}) has no {name!r} tensor in the manifest; re-export it")
+
+
+def _lora_writes(graph) -> bool:
+    """Whether a graph writes cache rows that carry the drafter LoRA (its K/V then differ from
+    the base weights', so the prefix cache must not reuse them)."""
+    from nemocompile.model.layout import Layout
+
+    layout = Layout.from_dict(graph.layout)
+    return graph.writes_cache and any(layout.lora_rows()[:layout.spine])
 
 
 def _tokenizer(artifact_dir: Path, manifest: Manifest):

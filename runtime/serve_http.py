@@ -197,8 +197,11 @@ def usage(prompt_tokens: int, results: list) -> dict:
     """OpenAI's usage (summed over the choices) and nemocompile's decode statistics of the first."""
     s = results[0].stats
     completion = sum(len(r.tokens) for r in results)
+    # OpenAI's prompt_tokens_details.cached_tokens: prompt tokens the prefix cache served (summed)
+    cached = min(prompt_tokens, sum(r.stats.cached_prompt_tokens for r in results))
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion, "forwards": s.forwards,
+            "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached},
+            "forwards": s.forwards,
             "tokens_per_forward": s.tokens_per_forward, "acceptance_length": s.acceptance_length,
             "time_to_first_token_s": s.time_to_first_token_s, "tokens_per_second": s.tokens_per_second,
             "queue_s": s.queue_s, "mode": s.mode, "mode_mix": s.mode_mix,

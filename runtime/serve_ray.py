@@ -73,6 +73,8 @@ class RayServeOptions:
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
     modes: tuple[str, ...] | None = None  # open only these modes' graphs in each replica (None: every mode)
     verify: bool = False  # each replica checks the files' SHA-256 before opening the graphs
+    prefix_cache: bool = True  # each replica reuses prompt prefixes its own requests left in its cache
+    prefix_cache_tokens: int | None = None  # tokens a replica's finished requests keep (None: all)
 
     @classmethod
     def from_args(cls, args: dict) -> "RayServeOptions":
@@ -90,7 +92,17 @@ class RayServeOptions:
                                             else float(args["target_ongoing_requests"])),
                    max_queued_requests=int(args.get("max_queued_requests", -1)),
                    request_timeout_s=float(args.get("request_timeout_s", DEFAULT_REQUEST_TIMEOUT_S)),
-                   modes=_modes(args.get("modes")), verify=bool(args.get("verify", False)))
+                   modes=_modes(args.get("modes")), verify=bool(args.get("verify", False)),
+                   prefix_cache=_flag(args.get("prefix_cache", True)),
+                   prefix_cache_tokens=(None if args.get("prefix_cache_tokens") is None
+                                        else int(args["prefix_cache_tokens"])))
+
+
+def _flag(value) -> bool:
+    """A boolean of a Ray Serve config (YAML may give a string)."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("false", "0", "no", "off")
+    return bool(value)
 
 
 def _modes(value) -> tuple[str, ...] | None:
@@ -163,6 +175,9 @@ class EngineReplica:
             extra["model"] = opts.model
         if opts.modes:
             extra["modes"] = list(opts.modes)
+        extra["prefix_cache"] = opts.prefix_cache
+        if opts.prefix_cache_tokens is not None:
+            extra["prefix_cache_tokens"] = opts.prefix_cache_tokens
         self.runtime = Runtime.load(opts.artifact, backend=opts.backend, device=opts.device, verify=opts.verify,
                                     **extra)
         self.app = create_app(self.runtime, opts.model_name)

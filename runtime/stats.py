@@ -37,6 +37,7 @@ class RuntimeStats(GenerationStats):
     overhead_cpu_share: float = 0.0
     tokens_per_second: float = 0.0  # this row's tokens / wall_s
     queue_s: float = 0.0  # waiting for a free row (included in wall_s and time_to_first_token_s)
+    cached_prompt_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (not prefilled)
     mode_mix: dict[str, int] = field(default_factory=dict)  # decode cycles run per mode (auto: its choices)
     auto_reason: str | None = None  # mode "auto": why the last cycle's mode was chosen
 

@@ -270,6 +270,7 @@ def test_a_closed_stream_frees_its_row(ort):
 
 
 def test_stats_split_time_and_count_the_prefill_once(ort):
+    ort.prefix.clear()  # prefilled whole whatever ran before
     r = ort.generate(PROMPTS[2], mode="ar", max_new_tokens=5, eos=-1)  # 12-token prompt: two prefill chunks
     s = r.stats
     assert s.forwards == 5 and s.graph_calls == 6 and s.decode_forwards == 4
@@ -295,6 +296,7 @@ def test_buffers_are_bound_once_and_present_rows_land_at_cache_len(model, ort):
     cache = ort.cache
     data_ptr = cache.data.ctypes.data
     cache.data[...] = 0
+    ort.prefix.clear()  # the zeroed slots held an earlier request's prompt: prefill it whole
     prompt = PROMPTS[2]  # two prefill chunks, the second right-padded
     r = ort.generate(prompt, mode="ar", max_new_tokens=5, eos=-1)
     n = len(prompt) + len(r.tokens) - 1  # no forward runs for the last token

@@ -65,6 +65,10 @@ def add_parser(sub) -> None:
                       help="comma-separated, of ar, diffusion, linear-spec, quadratic-spec, auto "
                            "(default ar,linear-spec,quadratic-spec,auto; without --serve: open and time only "
                            "these modes' graphs, default every mode)")
+    load.add_argument("--shared-prefix", type=positive_int, default=None, metavar="N",
+                      help="start every request with the same N tokens (a system prompt: the first N tokens of the "
+                           "prompts file) before its own prompt, to measure the server's prefix cache; text prompts "
+                           "need the artifact's tokenizer (--artifact)")
     load.add_argument("--server-args", default=None, metavar='"ARGS"',
                       help='more arguments for the started server, one shell string (e.g. "--backend torch")')
     load.add_argument("--health-timeout", type=positive_float, default=None, metavar="S",
@@ -72,7 +76,7 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-SERVE_ONLY = ("url", "concurrency", "requests", "repeats", "server_args", "health_timeout")
+SERVE_ONLY = ("url", "concurrency", "requests", "repeats", "server_args", "health_timeout", "shared_prefix")
 TABLE_ONLY = ("backends", "diffusion_thresholds", "linear_spec_thresholds", "model")
 
 
@@ -210,6 +214,8 @@ def run_serve(args) -> int:
     if args.plot:
         bench.check_plot_file(args.plot)
     prompts = bench.load_prompts(args.prompts, args.limit)
+    if args.shared_prefix:
+        prompts = load_bench.with_shared_prefix(prompts, args.shared_prefix, None if args.url else args.artifact[0])
     extra = {k: v for k, v in (("eos", args.eos), ("max_thinking_tokens", args.max_thinking_tokens),
                                ("end_think_token_id", args.end_think_token_id)) if v is not None}
     config = load_bench.LoadConfig(
@@ -221,4 +227,5 @@ def run_serve(args) -> int:
         prompts, config, artifact=None if args.url else args.artifact[0], url=args.url, threads=args.threads,
         server_args=server_args, health_timeout_s=args.health_timeout or load_bench.HEALTH_TIMEOUT_S,
         progress=None if args.quiet else bench.stderr_progress)
+    report["settings"]["shared_prefix"] = args.shared_prefix
     return _report(load_bench, report, args)

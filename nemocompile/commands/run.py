@@ -14,7 +14,7 @@ def add_runtime_args(p) -> None:
                    help="cpu or cuda (default: cuda when onnxruntime-gpu sees an NVIDIA GPU, else cpu)")
     p.add_argument("--model", default=None, metavar="DIR",
                    help="torch backend: the checkpoint (default: the manifest's source)")
-    from .common import positive_int
+    from .common import non_negative_int, positive_int
 
     p.add_argument("--threads", type=positive_int, default=None, help="intra-op threads (default: the backend's)")
     p.add_argument("--verify", action="store_true",
@@ -23,6 +23,12 @@ def add_runtime_args(p) -> None:
     p.add_argument("--modes", type=mode_list, default=None, metavar="M,M,...",
                    help="open only these modes' graphs: less memory (ONNX Runtime holds a prepacked copy of "
                         "quantized weights per graph) and a faster start (default: every mode; run: its --mode)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="prefill every prompt from scratch (default: reuse the K/V of a prompt prefix an earlier "
+                        "request left in the cache)")
+    p.add_argument("--prefix-cache-tokens", type=non_negative_int, default=None, metavar="N",
+                   help="tokens finished requests keep for reuse, least recently used evicted first (default: "
+                        "all their rows hold)")
 
 
 def mode_list(text: str) -> list[str]:
@@ -44,6 +50,10 @@ def load_runtime(args, **options):
         options["modes"] = args.modes
     if args.threads:
         options["threads"] = args.threads
+    if getattr(args, "no_prefix_cache", False):
+        options["prefix_cache"] = False
+    if getattr(args, "prefix_cache_tokens", None) is not None:
+        options["prefix_cache_tokens"] = args.prefix_cache_tokens
     if getattr(args, "verify", False):
         options["verify"] = True
     if args.backend == "torch" and args.model:

@@ -99,7 +99,8 @@ def run_ray(args) -> int:
                            threads=args.threads or 1, model_name=args.model_name, replicas=args.replicas or 1,
                            autoscale=args.autoscale, target_ongoing_requests=args.target_ongoing_requests,
                            max_queued_requests=-1 if max_queue is None else max_queue, request_timeout_s=timeout,
-                           modes=tuple(args.modes) if args.modes else None, verify=args.verify)
+                           modes=tuple(args.modes) if args.modes else None, verify=args.verify,
+                           prefix_cache=not args.no_prefix_cache, prefix_cache_tokens=args.prefix_cache_tokens)
     return serve_ray(opts, address=args.address, host=args.host, port=args.port or _free_port(args.host))
 
 
