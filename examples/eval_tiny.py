@@ -46,7 +46,7 @@ def load_own(path: Path):
     from safetensors.torch import load_file
     from tokenizers import Tokenizer
 
-    from nemocompile.config import ModelConfig
+    from nemocompile.model.config import ModelConfig
     from nemocompile.model.modeling import LoRA, TriModeModel
 
     config = ModelConfig.from_file(path / "config.json")

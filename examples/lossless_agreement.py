@@ -22,7 +22,7 @@ import time
 import torch
 
 import nemocompile
-from nemocompile.runtime.bench import load_prompts
+from nemocompile.runtime.bench.modes import load_prompts
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:

@@ -21,7 +21,7 @@ import argparse
 import statistics
 
 from nemocompile.runtime import Runtime
-from nemocompile.runtime.bench import load_prompts
+from nemocompile.runtime.bench.modes import load_prompts
 
 
 def tokens_of(rt: Runtime, n: int, skip: int = 0) -> list[int]:

@@ -83,7 +83,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nemocompile.config import ModelConfig, RopeConfig
+from nemocompile.model.config import ModelConfig, RopeConfig
 from nemocompile.model.modeling import LoRA, TriModeModel, rotate_half
 
 SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|mask|>", "<|system|>", "<|user|>", "<|assistant|>"]

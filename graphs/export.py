@@ -27,9 +27,9 @@ import ml_dtypes
 import onnx_ir as ir
 import torch
 
-from nemocompile.artifact_files import check_export_destination, describe_files
+from nemocompile.artifact.files import check_export_destination, describe_files
 from nemocompile.errors import NemocompileError
-from nemocompile.manifest import MANIFEST, GraphSpec, Manifest
+from nemocompile.artifact.manifest import MANIFEST, GraphSpec, Manifest
 from nemocompile.model import TriModeModel
 from nemocompile.passes.base import PassContext, PassResult
 from nemocompile.passes.check_onnx import check_onnx
@@ -37,7 +37,7 @@ from nemocompile.passes.pipeline import STAGE_NAMES, PipelineOptions, run_descri
 from nemocompile.passes.quantize_qdq import NVFP4_BLOCK, PRECISIONS, QdqSettings
 from nemocompile.passes.quantize_weights import QuantSettings
 from nemocompile.passes.share_weights import WEIGHTS_FILE, WeightStore
-from nemocompile.tokenizer import TOKENIZER_FILES
+from nemocompile.text.tokenizer import TOKENIZER_FILES
 
 from . import MODES, StepModule, plan
 from .steps import INPUT_NAMES
@@ -122,13 +122,13 @@ def export_artifact(
     prefill_length = min(DEFAULT_PREFILL_LENGTH, max_seq_len) if prefill_length is None else prefill_length
     _check_lengths(modes, block_length, prefill_length, max_seq_len, batch_size, cfg.max_position_embeddings)
     if quantizer is not None and quantizer.settings.method == "gptq":
-        from nemocompile.calibration import collect_activations, default_calibration_prompts
+        from nemocompile.checks.calibration import collect_activations, default_calibration_prompts
 
         say("collecting gptq calibration activations")
         quantizer.calibration = collect_activations(
             model, calibration_prompts or default_calibration_prompts(model), block_length=block_length)
     if qdq is not None:
-        from nemocompile.calibration import collect_activations, default_calibration_prompts
+        from nemocompile.checks.calibration import collect_activations, default_calibration_prompts
 
         say(f"collecting {precision} calibration activations")
         qdq.calibration = collect_activations(
@@ -292,7 +292,7 @@ def _check_lengths(modes, block_length, prefill_length, capacity, batch_size, ma
 
 def _model(model, dtype: torch.dtype, say, lazy: bool) -> TriModeModel:
     if model is None or isinstance(model, (str, Path)):
-        from nemocompile.loader import load
+        from nemocompile.model.loader import load
 
         say(f"{'checking' if lazy else 'loading'} {model or 'the embedded tiny model'} as {dtype}"
             + (" (weights stream from the checkpoint, one at a time)" if lazy else ""))

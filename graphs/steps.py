@@ -8,7 +8,7 @@ passes/fuse_draft_verify.py for one forward doing a causal step's work and a
 draft's at once; the pass turns it into a plain StepSpec before lowering.
 :class:`StepModule` is the lowering: ``model.step`` with the layout fixed.
 
-The graph's I/O follow the manifest contract (nemocompile/manifest.py): inputs
+The graph's I/O follow the manifest contract (nemocompile/artifact/manifest.py): inputs
 ``input_ids, cache_len, row_start, rows`` for the b rows of one forward (b runs
 from 1 to the artifact's batch: the batch dimension is dynamic), ``slots`` (the
 n cache slots the forward reads, 0 .. n-1, n >= its longest row) and the whole
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nemocompile.manifest import TensorSpec
+from nemocompile.artifact.manifest import TensorSpec
 from nemocompile.model import TriModeModel
 from nemocompile.model.layout import Branch, Layout
 from nemocompile.model.modeling import TOP_LOGPROBS, greedy_candidates, token_logprobs

@@ -8,8 +8,8 @@ import importlib
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "ModelConfig": "config", "RopeConfig": "config", "GenerationResult": "decode", "GenerationStats": "decode",
-    "generate": "decode", "NemocompileError": "errors", "embedded_model_dir": "loader", "load": "loader",
+    "ModelConfig": "model.config", "RopeConfig": "model.config", "GenerationResult": "decode", "GenerationStats": "decode",
+    "generate": "decode", "NemocompileError": "errors", "embedded_model_dir": "model.loader", "load": "model.loader",
     "KVCache": "model", "TriModeModel": "model",
 }
 

@@ -49,7 +49,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from .request import RequestError
+from nemocompile.text.request import RequestError
 
 # the request fields of SamplingParams besides temperature and seed
 FIELDS = ("top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias")

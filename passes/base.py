@@ -10,17 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import onnx_ir as ir
 
 from nemocompile.errors import NemocompileError
-from nemocompile.manifest import TensorSpec
-
-if TYPE_CHECKING:
-    from .quantize_qdq import QdqQuantizer
-    from .quantize_weights import WeightQuantizer
-    from .share_weights import WeightStore
+from nemocompile.artifact.manifest import TensorSpec
 
 
 class PassError(NemocompileError):
@@ -43,8 +38,9 @@ class PassContext:
     name: str  # the graph's step kind, for messages
     inputs: list[TensorSpec]  # the manifest contract this graph must keep
     outputs: list[TensorSpec]
-    weights: "WeightStore | None" = None  # the artifact's shared external-data file
+    # tools the export shares across its graphs, typed by the passes that use them (base imports no pass)
+    weights: Any = None  # share_weights.WeightStore: the artifact's shared external-data file
     opset: int = 18
     dump_dir: Path | None = None  # where dump_after writes its snapshot
-    quantizer: "WeightQuantizer | None" = None  # weight-only quantization, shared by the export's graphs
-    qdq: "QdqQuantizer | None" = None  # TensorRT Q/DQ precision (ModelOpt), shared by the export's graphs
+    quantizer: Any = None  # quantize_weights.WeightQuantizer: weight-only quantization
+    qdq: Any = None  # quantize_qdq.QdqQuantizer: TensorRT Q/DQ precision (ModelOpt)

@@ -203,7 +203,7 @@ def lint_file(path: str | Path) -> list[str]:
 
 def lint_artifact(directory: str | Path) -> dict[str, list[str]]:
     """step kind -> findings, for every graph of an exported artifact."""
-    from nemocompile.manifest import Manifest
+    from nemocompile.artifact.manifest import Manifest
 
     manifest = Manifest.load(directory)
     return {g.step: lint_file(Path(directory) / g.file) for g in manifest.graphs}

@@ -3,7 +3,7 @@
 The quantizer is ModelOpt's (``modelopt.onnx.quantization.quantize``, an
 optional extra: ``pip install -e ".[modelopt]"``). As in quantize_weights.py,
 each weight MatMul is cut out as a one-node model, quantized there with the
-activations that weight saw on the calibration prompts (nemocompile/calibration.py),
+activations that weight saw on the calibration prompts (nemocompile/checks/calibration.py),
 and its Q/DQ nodes are spliced back, so the graph's inputs and outputs never
 change and one weight at a time is held by ModelOpt.
 
@@ -118,7 +118,7 @@ class QdqQuantizer:
 def quantize_qdq(model: ir.Model, ctx: PassContext) -> PassResult:
     """Outputs close to the float graph (TensorRT runs the quantized MatMuls in fp8/int4); inputs and
     outputs unchanged; every weight MatMul but the LoRA's gets ModelOpt's Q/DQ nodes."""
-    quantizer = ctx.qdq
+    quantizer: QdqQuantizer | None = ctx.qdq
     if quantizer is None:
         return PassResult(model, modified=False, notes=["declined: no Q/DQ precision for this export"])
     graph, done, notes = model.graph, 0, []

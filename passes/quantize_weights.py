@@ -119,7 +119,7 @@ class WeightQuantizer:
 def quantize_weights(model: ir.Model, ctx: PassContext) -> PassResult:
     """Outputs close to the float graph (weights rounded to int4/int8 per block; activations in float);
     replaces every weight MatMul but the LoRA's (and the head's when its precision is float) by MatMulNBits."""
-    quantizer = ctx.quantizer
+    quantizer: WeightQuantizer | None = ctx.quantizer
     if quantizer is None:
         return PassResult(model, modified=False, notes=["declined: no quantization settings for this export"])
     graph, done, notes = model.graph, 0, []

@@ -41,7 +41,7 @@ import numpy as np
 
 from nemocompile.errors import GenerationError, NemocompileError
 
-from .job import Cancelled, Job, Overloaded, RequestTimeout, ServerError
+from .job import Cancelled, Job, Overloaded, RequestTimeout, RuntimeResult, ServerError
 from .prefix_cache import shared_prefix
 from .row import ALL_ALTERNATIVES, Forward, Row
 
@@ -326,7 +326,6 @@ class Engine:
         self._joined_or_left = True
         stats = row.finished_stats()
         text = row.text.final() if row.text is not None else None
-        from .runtime import RuntimeResult
 
         result = RuntimeResult(row.out, text, stats, row.finish_reason,
                                row.logprobs if row.k is not None else None,
@@ -420,7 +419,7 @@ class Engine:
             return
         import sys
 
-        from .bench import median_forward_s
+        from .timing import median_forward_s
         from .policy import DEFAULT_PRIOR, CostTable, graph_key
 
         table = None if self.costs_read else CostTable.load(self.rt.artifact_dir, self.rt.backend.name)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nemocompile.request import RequestError
+from nemocompile.text.request import RequestError
 
 MODES = ("ar", "linear-spec", "quadratic-spec", "auto")  # the modes that apply a grammar's mask
 

@@ -13,9 +13,13 @@ import asyncio
 import collections
 import threading
 import time
+from dataclasses import dataclass
 from typing import Iterator
 
 from nemocompile.errors import NemocompileError
+
+from .output import TokenLogprob
+from .stats import RuntimeStats
 
 
 class Overloaded(NemocompileError):
@@ -152,3 +156,15 @@ class Job:
     def _raise(self) -> None:
         if self.error is not None:
             raise self.error
+
+
+@dataclass
+class RuntimeResult:
+    """One sequence's outcome, as a job hands it back."""
+
+    tokens: list[int]  # generated ids, prompt excluded, trimmed after the first EOS
+    text: str | None  # decoded with the artifact's tokenizer, None without one
+    stats: RuntimeStats
+    finish_reason: str  # "stop" (EOS, a stop id or a stop string) or "length" (max_new_tokens)
+    logprobs: list[TokenLogprob] | None = None  # per generated token (requests with logprobs)
+    prompt_logprobs: list[TokenLogprob] | None = None  # per prompt token, the first None (echo)

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from nemocompile.request import RequestError
+from nemocompile.text.request import RequestError
 
 MAX_STOP = 4  # OpenAI's limit on stop strings
 MAX_LOGPROBS = 20  # alternatives per token the graphs return (OpenAI's top_logprobs limit)

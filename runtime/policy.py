@@ -140,7 +140,7 @@ class CostTable:
         or a table that does not describe this artifact on this backend (a warning line on
         stderr says why and to recalibrate). ``file``: read it instead of the artifact's
         costs.json. A malformed file raises :class:`CostTableError`."""
-        from nemocompile.manifest import Manifest
+        from nemocompile.artifact.manifest import Manifest
 
         artifact_dir = Path(artifact_dir)
         path = Path(file) if file is not None else artifact_dir / COSTS_FILE

@@ -18,19 +18,19 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from nemocompile.artifact_files import usable_graphs
+from nemocompile.artifact.files import usable_graphs
 from nemocompile.decode.common import (DEFAULT, ThinkingBudget, check_quadratic, eos_id_set, parse_threshold,
                                        thinking_budget)
 from nemocompile.sampling import SamplingParams, sampling_params
 from nemocompile.errors import GenerationError, NemocompileError
-from nemocompile.manifest import Manifest, ManifestError
-from nemocompile.request import RequestError, check_room, check_values
-from nemocompile.tokenizer import encode_prompts
+from nemocompile.artifact.manifest import Manifest, ManifestError
+from nemocompile.text.request import RequestError, check_room, check_values
+from nemocompile.text.tokenizer import encode_prompts
 
 from .backends import NUMPY_DTYPES, Backend, StepIO, create_backend
 from .cache import KVCache
 from .engine import Engine
-from .job import Job
+from .job import Job, RuntimeResult
 from .output import OutputOptions, TokenLogprob, output_options
 from .policy import CostTable, lossless_options
 from .stats import RuntimeStats
@@ -58,16 +58,6 @@ class Request:
 
 # a forward reads its rows' slots rounded up to a multiple of this (see Runtime.run)
 SLOT_STEP = 32
-
-
-@dataclass
-class RuntimeResult:
-    tokens: list[int]  # generated ids, prompt excluded, trimmed after the first EOS
-    text: str | None  # decoded with the artifact's tokenizer, None without one
-    stats: RuntimeStats
-    finish_reason: str  # "stop" (EOS, a stop id or a stop string) or "length" (max_new_tokens)
-    logprobs: list[TokenLogprob] | None = None  # per generated token (requests with logprobs)
-    prompt_logprobs: list[TokenLogprob] | None = None  # per prompt token, the first None (echo)
 
 
 class Runtime:
@@ -496,7 +486,7 @@ def _lora_writes(graph) -> bool:
 
 
 def _tokenizer(artifact_dir: Path, manifest: Manifest):
-    from nemocompile.tokenizer import Tokenizer
+    from nemocompile.text.tokenizer import Tokenizer
 
     for d in (artifact_dir, Path(manifest.source) if manifest.source else None):
         if d is not None and (d / "tokenizer.json").is_file():

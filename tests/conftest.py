@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nemocompile.config import ModelConfig, RopeConfig
-from nemocompile.loader import embedded_model_dir, save
+from nemocompile.model.config import ModelConfig, RopeConfig
+from nemocompile.model.loader import embedded_model_dir, save
 from nemocompile.model import TriModeModel
 from nemocompile.model.modeling import LoRA
 

@@ -19,9 +19,9 @@ from tiny_artifacts import lora_batch2
 from nemocompile.cli import main
 from nemocompile.errors import GenerationError, NemocompileError
 from nemocompile.graphs.export import ExportError, export_artifact
-from nemocompile.parity import read_prompts
+from nemocompile.checks.parity import read_prompts
 from nemocompile.runtime import Runtime, bench
-from nemocompile.runtime.serve_stdio import serve_stdio
+from nemocompile.runtime.serve.stdio import serve_stdio
 
 from test_runtime import exported
 
@@ -180,7 +180,7 @@ def test_stdio_answers_non_utf8_lines_and_surrogates_and_keeps_serving(artifact)
 def http(runtime):
     from fastapi.testclient import TestClient
 
-    from nemocompile.runtime.serve_http import create_app
+    from nemocompile.runtime.serve.http import create_app
 
     with TestClient(create_app(runtime, "tiny", max_body_bytes=4096)) as c:
         yield c
@@ -247,7 +247,7 @@ def test_http_stops_a_generation_whose_client_is_gone(runtime):
     """A non-streaming request whose client disconnected: no tokens are decoded for it."""
     import asyncio
 
-    from nemocompile.runtime.serve_http import create_app
+    from nemocompile.runtime.serve.http import create_app
 
     app = create_app(runtime, "tiny")
     commits = []

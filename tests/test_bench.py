@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nemocompile.errors import NemocompileError
-from nemocompile.runtime import bench
+from nemocompile.runtime.bench import modes as bench
 
 from test_runtime import exported
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from test_quantize_weights import quantized
 from tiny_artifacts import lora_batch2
 
-from nemocompile.manifest import Manifest
-from nemocompile.runtime import bench
+from nemocompile.artifact.manifest import Manifest
+from nemocompile.runtime.bench import modes as bench
 
 
 def test_bench_reports_weight_bytes_and_peak_rss_per_precision():

@@ -12,7 +12,7 @@ import pytest
 import tiny_artifacts
 from test_engine import PROMPTS, reference, run_concurrently
 
-from nemocompile.manifest import Manifest
+from nemocompile.artifact.manifest import Manifest
 from nemocompile.runtime import Runtime
 from nemocompile.runtime.runtime import SLOT_STEP
 

@@ -8,8 +8,8 @@ import shutil
 import pytest
 
 from nemocompile.errors import CheckpointError, GenerationError
-from nemocompile.loader import embedded_model_dir
-from nemocompile.tokenizer import Tokenizer, encode_prompts
+from nemocompile.model.loader import embedded_model_dir
+from nemocompile.text.tokenizer import Tokenizer, encode_prompts
 
 # A reasoning model's ChatML template (Qwen3-style): reasoning_content, <think> splitting,
 # namespace + reversed loop to find the last user turn, loop controls, enable_thinking.

@@ -80,8 +80,8 @@ def test_8b_shaped_int4_artifact_exports_and_generates_on_this_machine(tmp_path_
 
 def test_two_layer_cut_of_8b_matches_eager(tmp_path_factory):
     from nemocompile.graphs.export import export_artifact
-    from nemocompile.loader import load
-    from nemocompile.parity import step_parity
+    from nemocompile.model.loader import load
+    from nemocompile.checks.parity import step_parity
 
     root = tmp_path_factory.mktemp("nld-8b-cut")
     ckpt = sc.write_checkpoint(root / "ckpt", sc.make_config("8B", num_hidden_layers=2), lora_rank=128,

@@ -10,9 +10,9 @@ import shutil
 import pytest
 from tiny_artifacts import plain_batch1
 
-from nemocompile.artifact_files import ArtifactDamagedError
+from nemocompile.artifact.files import ArtifactDamagedError
 from nemocompile.cli import main
-from nemocompile.manifest import Manifest
+from nemocompile.artifact.manifest import Manifest
 from nemocompile.runtime import Runtime
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -12,7 +12,7 @@ import tiny_artifacts
 
 from nemocompile.runtime import Runtime, ServerError
 from nemocompile.runtime.policy import CostTableError
-from nemocompile.runtime.serve_stdio import error_type
+from nemocompile.runtime.serve.stdio import error_type
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_bench_refuses_a_plot_file_matplotlib_cannot_write_before_benchmarking(a
 
 def test_bench_checks_every_artifact_for_the_modes_before_the_first_runs(artifact, tmp_path, capsys, monkeypatch):
     from nemocompile.cli import main
-    from nemocompile.manifest import Manifest
+    from nemocompile.artifact.manifest import Manifest
 
     other = tmp_path / "other"
     shutil.copytree(artifact, other)
@@ -181,7 +181,7 @@ def test_serve_http_names_the_host_when_it_is_not_an_address(artifact, capsys):
 def test_stdio_refuses_an_id_in_flight_and_answers_a_cancel_of_an_unknown_id(rt):
     import io
 
-    from nemocompile.runtime.serve_stdio import serve_stdio
+    from nemocompile.runtime.serve.stdio import serve_stdio
 
     lines = [{"id": 1, "prompt": [5, 9, 11], "max_new_tokens": 40, "eos": -1},
              {"id": 1, "prompt": [7, 7], "max_new_tokens": 2},
@@ -202,7 +202,7 @@ def test_stdio_refuses_an_id_in_flight_and_answers_a_cancel_of_an_unknown_id(rt)
 
 # ---- 7: messages ---------------------------------------------------------------------------------
 def test_capacity_errors_say_the_prompt_and_its_padding_and_the_callers_field_name(rt):
-    from nemocompile.request import RequestError
+    from nemocompile.text.request import RequestError
 
     with pytest.raises(RequestError) as e:  # capacity 48, prefill chunk 16, block 8
         rt.submit([5], mode="quadratic-spec", max_new_tokens=30)
@@ -214,9 +214,9 @@ def test_capacity_errors_say_the_prompt_and_its_padding_and_the_callers_field_na
 
 # ---- 8: --verify ----------------------------------------------------------------------------------
 def test_verify_refuses_a_same_size_damaged_artifact_that_a_plain_load_would_run(artifact, tmp_path, capsys):
-    from nemocompile.artifact_files import ArtifactDamagedError
+    from nemocompile.artifact.files import ArtifactDamagedError
     from nemocompile.cli import main
-    from nemocompile.manifest import Manifest
+    from nemocompile.artifact.manifest import Manifest
 
     art = tmp_path / "art"
     shutil.copytree(artifact, art)
@@ -234,7 +234,7 @@ def test_verify_refuses_a_same_size_damaged_artifact_that_a_plain_load_would_run
 
 # ---- 11: the README against the code ---------------------------------------------------------------
 def test_runtime_generate_takes_eos_token_id_as_the_readme_names_it(rt):
-    from nemocompile.request import RequestError
+    from nemocompile.text.request import RequestError
 
     by_eos = rt.generate([5, 9, 11], max_new_tokens=6, eos=-1).tokens
     assert rt.generate([5, 9, 11], max_new_tokens=6, eos_token_id=-1).tokens == by_eos
@@ -248,7 +248,7 @@ def test_the_readmes_stdio_example_error_types_are_the_servers(rt):
     import re
     from pathlib import Path
 
-    from nemocompile.runtime.serve_stdio import serve_stdio
+    from nemocompile.runtime.serve.stdio import serve_stdio
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = readme.split("### The stdio protocol", 1)[1].split("```", 2)[1]
@@ -290,7 +290,7 @@ def test_bench_plot_has_a_log_rate_axis_a_title_and_no_none_thresholds(tmp_path,
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
 
-    from nemocompile.runtime import bench
+    from nemocompile.runtime.bench import modes as bench
 
     def row(mode, L, t, tps):
         return {"backend": "onnxruntime", "mode": mode, "block_length": L, "threshold": t, "artifact": "arts/tiny",
@@ -335,7 +335,7 @@ def test_a_long_eager_generation_says_it_is_alive_with_its_forward_count(tiny_mo
 def test_the_default_bench_is_the_quick_one_and_the_full_one_is_two_flags(artifact, tmp_path, monkeypatch, capsys):
     from nemocompile.cli import main
     from nemocompile.errors import NemocompileError
-    from nemocompile.runtime import bench
+    from nemocompile.runtime.bench import modes as bench
 
     seen = []
 

@@ -14,13 +14,13 @@ from conftest import make_model
 from tiny_artifacts import BLOCK, CAPACITY, PREFILL, embedded, lora_batch2
 
 import nemocompile.graphs.export as export_module
-from nemocompile.artifact_files import describe_files
+from nemocompile.artifact.files import describe_files
 from nemocompile.cli import main
 from nemocompile.graphs import plan
 from nemocompile.graphs.export import ExportError, export_artifact
 from nemocompile.graphs.steps import DYNAMIC_DIMS
-from nemocompile.loader import load, save
-from nemocompile.manifest import STEP_KINDS, Manifest, ManifestError
+from nemocompile.model.loader import load, save
+from nemocompile.artifact.manifest import STEP_KINDS, Manifest, ManifestError
 from nemocompile.passes.quantize_weights import QuantSettings
 
 ONNX_DTYPES = {"float32": onnx.TensorProto.FLOAT, "int64": onnx.TensorProto.INT64}
@@ -324,7 +324,7 @@ def test_a_checkpoint_directory_exports_streamed_to_the_same_bytes(tiny_checkpoi
                                                                   modes, quantize):
     """From a directory the weights are never held: traced fake, each read from the checkpoint when a
     pass or the weight store needs it. The artifact is byte for byte an export of the loaded model's."""
-    import nemocompile.loader as loader
+    import nemocompile.model.loader as loader
 
     reads, read = [], loader.CheckpointWeights.read
     monkeypatch.setattr(loader.CheckpointWeights, "read", lambda self, name: reads.append(name) or read(self, name))

@@ -20,7 +20,7 @@ import pytest
 
 from nemocompile.cli import main
 from nemocompile.errors import NemocompileError
-from nemocompile.runtime.load_bench import (LoadConfig, LocalServer, RequestRecord, compare, free_port,
+from nemocompile.runtime.bench.load import (LoadConfig, LocalServer, RequestRecord, compare, free_port,
                                             run_load_bench, summarize_level)
 
 from test_runtime import exported
@@ -332,7 +332,7 @@ def test_server_args_may_not_set_what_bench_sets(artifact, capsys):
 def test_auto_is_never_credited_with_a_gain_its_mode_mix_does_not_explain():
     """auto faster than the best fixed mode while running ar only: reported as run-to-run
     variation, not as a mode-choice gain (it had read "1.64x the best fixed mode")."""
-    from nemocompile.runtime.load_bench import format_table
+    from nemocompile.runtime.bench.load import format_table
 
     def row(mode, tokens, wall, mix=None):
         record = RequestRecord(prompt=0, status=200, latency_s=wall, ttft_s=wall / 2, completion_tokens=tokens,

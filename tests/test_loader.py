@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import nemocompile
 from nemocompile.errors import CheckpointError
-from nemocompile.loader import load, save
+from nemocompile.model.loader import load, save
 
 from conftest import make_model
 

@@ -11,9 +11,9 @@ import torch
 from conftest import TOLERANCE, make_model
 
 from nemocompile.graphs.export import cast_model, export_artifact
-from nemocompile.loader import load, save
-from nemocompile.manifest import Manifest
-from nemocompile.parity import step_parity
+from nemocompile.model.loader import load, save
+from nemocompile.artifact.manifest import Manifest
+from nemocompile.checks.parity import step_parity
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nemocompile.config import RopeConfig
-from nemocompile.loader import load, save
+from nemocompile.model.config import RopeConfig
+from nemocompile.model.loader import load, save
 from nemocompile.model.modeling import rotate_half
 
 from conftest import TOLERANCE, make_config, make_model

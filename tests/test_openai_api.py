@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nemocompile.loader import load
+from nemocompile.model.loader import load
 from nemocompile.runtime import Runtime
 from nemocompile.runtime.output import StopText, held_back
 
@@ -40,7 +40,7 @@ class Server:
     def __init__(self, runtime):
         import uvicorn
 
-        from nemocompile.runtime.serve_http import create_app
+        from nemocompile.runtime.serve.http import create_app
 
         self.runtime = runtime
         sock = socket.socket()
@@ -108,7 +108,7 @@ def streamed(server, **kw) -> tuple[str, str | None]:
 def test_stop_text_holds_back_what_could_begin_a_stop_string(artifact):
     """A tail that may still become a stop string is never visible; text is cut at the earliest
     occurrence of any stop string, across token boundaries."""
-    from nemocompile.tokenizer import Tokenizer
+    from nemocompile.text.tokenizer import Tokenizer
 
     tok = Tokenizer(artifact)
     text = StopText(tok, ["world", "wx"])
@@ -166,7 +166,7 @@ def test_stop_token_ids_ignore_eos_and_min_tokens(server):
 
 
 def test_runtime_and_stdio_take_the_same_stop(server, artifact):
-    from nemocompile.runtime.serve_stdio import serve_stdio
+    from nemocompile.runtime.serve.stdio import serve_stdio
 
     rt = server.runtime
     full = rt.generate(PROMPT, max_new_tokens=20, ignore_eos=True).text

@@ -12,9 +12,9 @@ from tiny_artifacts import embedded, lora_batch2, plain_batch1
 
 from nemocompile.cli import main
 from nemocompile.graphs.export import export_artifact
-from nemocompile.loader import save
-from nemocompile.manifest import Manifest
-from nemocompile.parity import (ParityError, check_parity, generation_parity, read_prompts, reference_model,
+from nemocompile.model.loader import save
+from nemocompile.artifact.manifest import Manifest
+from nemocompile.checks.parity import (ParityError, check_parity, generation_parity, read_prompts, reference_model,
                                 step_parity)
 
 FP32 = TOLERANCE[torch.float32]

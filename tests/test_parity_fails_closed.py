@@ -10,9 +10,9 @@ import torch
 from tiny_artifacts import plain_batch1
 
 from nemocompile.cli import main
-from nemocompile.loader import save
-from nemocompile.manifest import Manifest
-from nemocompile.parity import OutputComparison
+from nemocompile.model.loader import save
+from nemocompile.artifact.manifest import Manifest
+from nemocompile.checks.parity import OutputComparison
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from nemocompile.manifest import TensorSpec
+from nemocompile.artifact.manifest import TensorSpec
 from nemocompile.passes.base import PassContext, PassError
 from nemocompile.passes.check_io import check_io
 from nemocompile.passes.check_tensorrt import check_tensorrt, lint

@@ -11,9 +11,9 @@ import shutil
 import pytest
 from tiny_artifacts import lora_batch2
 
-from nemocompile.artifact_files import check_export_destination, damaged_files
+from nemocompile.artifact.files import check_export_destination, damaged_files
 from nemocompile.cli import main
-from nemocompile.manifest import Manifest
+from nemocompile.artifact.manifest import Manifest
 from runtime.policy import (PRIOR_WEIGHT, Acceptance, CostTable, CostTableError, choose, cycle_graphs, cycle_s,
                             lossless_options)
 

@@ -188,7 +188,7 @@ def test_http_reports_cached_tokens_and_four_choices_reuse_their_context(warm, c
     """lm-eval scores a multiple-choice item as 4 requests: one context, 4 continuations."""
     from fastapi.testclient import TestClient
 
-    from nemocompile.runtime.serve_http import create_app
+    from nemocompile.runtime.serve.http import create_app
 
     warm.prefix.clear()
     context = list(range(20, 60))
@@ -235,7 +235,7 @@ def test_http_reports_cached_tokens_and_four_choices_reuse_their_context(warm, c
 
 def test_bench_shared_prefix_puts_the_same_tokens_before_every_prompt():
     from nemocompile.errors import NemocompileError
-    from nemocompile.runtime.load_bench import with_shared_prefix
+    from nemocompile.runtime.bench.load import with_shared_prefix
 
     got = with_shared_prefix([[5, 6, 7], [8, 9]], 7, None)
     assert got == [[5, 6, 7, 8, 9, 5, 6, 5, 6, 7], [5, 6, 7, 8, 9, 5, 6, 8, 9]]

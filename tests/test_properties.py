@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from nemocompile.cli import main
 from nemocompile.runtime import Runtime
-from nemocompile.runtime.serve_stdio import serve_stdio
+from nemocompile.runtime.serve.stdio import serve_stdio
 
 from test_runtime import exported
 
@@ -129,7 +129,7 @@ def test_stdio_lines_many(runtime, lines):
 def http(runtime):
     from fastapi.testclient import TestClient
 
-    from nemocompile.runtime.serve_http import create_app
+    from nemocompile.runtime.serve.http import create_app
 
     with TestClient(create_app(runtime, "tiny", max_body_bytes=2048)) as c:
         yield c

@@ -17,10 +17,10 @@ from nemocompile.errors import GenerationError
 from nemocompile.graphs import plan
 from nemocompile.graphs.export import export_artifact
 from nemocompile.graphs.steps import Fuse, StepSpec
-from nemocompile.manifest import Manifest
+from nemocompile.artifact.manifest import Manifest
 from nemocompile.model import KVCache
 from nemocompile.model.layout import Branch, Layout, full_input
-from nemocompile.parity import separate_steps
+from nemocompile.checks.parity import separate_steps
 from nemocompile.passes.base import PassError
 from nemocompile.passes.check_tensorrt import lint_artifact
 from nemocompile.passes.fuse_draft_verify import fuse_draft_verify

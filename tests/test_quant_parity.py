@@ -1,4 +1,4 @@
-"""Parity measures for quantized artifacts (nemocompile/quant_parity.py) on cases with a known answer."""
+"""Parity measures for quantized artifacts (nemocompile/checks/quant_parity.py) on cases with a known answer."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from test_quantize_weights import quantized
 from tiny_artifacts import lora_batch2
 
-from nemocompile.quant_parity import (QUANT_THRESHOLDS, QuantParityReport, artifact_teacher_forced,
+from nemocompile.checks.quant_parity import (QUANT_THRESHOLDS, QuantParityReport, artifact_teacher_forced,
                                       check_quantized_parity, eager_teacher_forced, mean_acceptance, mean_kl,
                                       top1_agreement)
 from nemocompile.runtime import Runtime
@@ -80,7 +80,7 @@ def test_parity_command_uses_the_quantized_measures_on_a_quantized_artifact(tmp_
     import json
 
     from nemocompile.cli import main
-    from nemocompile.loader import save
+    from nemocompile.model.loader import save
 
     model, _ = lora_batch2()
     save(model, tmp_path / "ckpt")

@@ -16,7 +16,7 @@ from tiny_artifacts import _ROOT, BLOCK, CAPACITY, PREFILL
 from nemocompile.cli import main
 from nemocompile.errors import NemocompileError
 from nemocompile.graphs.export import export_artifact
-from nemocompile.manifest import Manifest
+from nemocompile.artifact.manifest import Manifest
 from nemocompile.passes.check_tensorrt import lint_artifact
 from nemocompile.passes.quantize_qdq import QdqSettings, load_modelopt
 
@@ -97,7 +97,7 @@ CLOSE = {"fp8": (0.75, 0.4), "int4-awq": (0.5, 1.2)}
 @needs_modelopt
 @pytest.mark.parametrize("precision", ["fp8", "int4-awq"])
 def test_qdq_artifact_runs_on_onnxruntime_close_to_float_and_lossless(precision):
-    from nemocompile.quant_parity import artifact_teacher_forced, mean_kl, top1_agreement
+    from nemocompile.checks.quant_parity import artifact_teacher_forced, mean_kl, top1_agreement
     from nemocompile.runtime import Runtime
 
     ids = [int(i) for i in np.random.default_rng(1).integers(4, 96, 24)]
@@ -180,8 +180,8 @@ def test_nvfp4_quality_is_measured_by_emulating_the_artifact_in_eager():
     copy of the model, every base Linear's input quantized to NVFP4 under the artifact's activation scale."""
     import torch
 
-    from nemocompile.nvfp4_emulation import emulated_model
-    from nemocompile.quant_parity import check_quantized_parity, eager_teacher_forced, top1_agreement
+    from nemocompile.checks.nvfp4_emulation import emulated_model
+    from nemocompile.checks.quant_parity import check_quantized_parity, eager_teacher_forced, top1_agreement
 
     model = make_model(lora_rank=4).float()
     emulated = emulated_model(exported("nvfp4", "fp16"), model)

@@ -12,7 +12,7 @@ from tiny_artifacts import _ROOT, BLOCK, CAPACITY, PREFILL, lora_batch2
 
 from nemocompile.errors import NemocompileError
 from nemocompile.graphs.export import export_artifact
-from nemocompile.manifest import Manifest
+from nemocompile.artifact.manifest import Manifest
 from nemocompile.passes.quantize_weights import QuantSettings
 from nemocompile.runtime import Runtime
 
@@ -128,7 +128,7 @@ def test_backends_without_matmulnbits_refuse_a_quantized_artifact(backend):
 
 def test_export_command_writes_a_quantized_artifact(tmp_path, capsys):
     from nemocompile.cli import main
-    from nemocompile.loader import save
+    from nemocompile.model.loader import save
 
     model, _ = lora_batch2()
     ckpt = tmp_path / "ckpt"
@@ -161,7 +161,7 @@ def test_export_command_writes_a_quantized_artifact(tmp_path, capsys):
 
 
 def test_gptq_calibrates_on_what_each_weight_multiplies(tmp_path):
-    from nemocompile.calibration import collect_activations
+    from nemocompile.checks.calibration import collect_activations
 
     model = make_model(lora_rank=4)
     acts = collect_activations(model, [[5, 9, 11, 7, 30, 2, 17, 40, 41, 42]], block_length=4)

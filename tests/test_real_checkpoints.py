@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import nemocompile
-from nemocompile.config import ModelConfig
+from nemocompile.model.config import ModelConfig
 from nemocompile.errors import CheckpointError, GenerationError
-from nemocompile.loader import load
+from nemocompile.model.loader import load
 
 from conftest import TOLERANCE
 

@@ -18,7 +18,7 @@ import pytest
 
 import nemocompile
 from nemocompile.errors import BackendUnavailableError, GenerationError, NemocompileError
-from nemocompile.loader import load, save
+from nemocompile.model.loader import load, save
 from nemocompile.runtime import Runtime
 from nemocompile.runtime.backends.onnxruntime import _has_nvidia_gpu
 
@@ -85,7 +85,7 @@ def artifact(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(artifact):
-    from nemocompile.manifest import Manifest
+    from nemocompile.artifact.manifest import Manifest
 
     return load(Manifest.load(artifact).source)
 
@@ -432,7 +432,7 @@ def test_engines_are_checked_against_their_build_record(tmp_path, artifact):
     import shutil
     from types import SimpleNamespace
 
-    from nemocompile.manifest import Manifest
+    from nemocompile.artifact.manifest import Manifest
     from nemocompile.runtime.backends import tensorrt as trt_backend
 
     copy = tmp_path / "a"
@@ -467,7 +467,7 @@ def test_tensorrt_engines_match_eager_decoders(mode, tmp_path_factory, model):
         pytest.skip("needs TensorRT, not only its type stubs (pip install 'nemocompile[tensorrt]')")
     import shutil
 
-    from nemocompile.manifest import Manifest
+    from nemocompile.artifact.manifest import Manifest
     from nemocompile.runtime.backends.tensorrt import build_engines
 
     artifact = tmp_path_factory.getbasetemp() / "trt-artifact"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import nemocompile
-from nemocompile.request import RequestError
+from nemocompile.text.request import RequestError
 from nemocompile.sampling import History, SamplingParams, distribution, sampling_params, speculative_accept
 
 from conftest import make_model
@@ -174,7 +174,7 @@ def _samples(model, mode: str, n: int, **kw) -> list[collections.Counter]:
 
 @pytest.fixture(scope="module")
 def embedded_model(embedded_dir):
-    from nemocompile.loader import load
+    from nemocompile.model.loader import load
 
     return load(embedded_dir)
 
@@ -236,7 +236,7 @@ def test_runtime_refuses_unknown_sampling_fields(embedded_rt):
 
 
 def test_stdio_requests_carry_sampling(embedded_rt):
-    from nemocompile.runtime.serve_stdio import submit
+    from nemocompile.runtime.serve.stdio import submit
 
     greedy = embedded_rt.generate("def add(a, b):", max_new_tokens=6, eos=-1)
     job, _ = submit(embedded_rt, {"prompt": "def add(a, b):", "max_new_tokens": 6, "eos": -1, "temperature": 0.8,

@@ -34,7 +34,7 @@ def served():
     """(model, base URL, runtime) of an in-process server over the batch-4 artifact, max queue 1."""
     import uvicorn
 
-    from nemocompile.runtime.serve_http import create_app
+    from nemocompile.runtime.serve.http import create_app
 
     model, path = tiny_artifacts.batch4()
     rt = Runtime.load(path, threads=1, max_queue=1)

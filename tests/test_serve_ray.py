@@ -54,7 +54,7 @@ def reference(artifact):
     from fastapi.testclient import TestClient
 
     from nemocompile.runtime import Runtime
-    from nemocompile.runtime.serve_http import create_app
+    from nemocompile.runtime.serve.http import create_app
 
     with Runtime.load(artifact, threads=1) as rt, TestClient(create_app(rt)) as client:
         yield client
@@ -245,7 +245,7 @@ def _ingress_answer(items: list, timeout_s: float = 5.0, delay: float = 0.0) -> 
     """What the ingress answers when the engine's relay yields ``items``."""
     from starlette.requests import Request
 
-    from nemocompile.runtime.serve_ray import Ingress
+    from nemocompile.runtime.serve.ray_serve import Ingress
 
     async def run():
         body = json.dumps({"prompt": "x", "stream": True}).encode()
@@ -270,7 +270,7 @@ def _ingress_answer(items: list, timeout_s: float = 5.0, delay: float = 0.0) -> 
 def test_the_replica_relay_tells_the_app_when_its_caller_goes_away():
     """Closing the relay (Ray Serve cancels it when the client disconnects) reaches the app as
     ``http.disconnect``: its generation stops instead of running on for nobody."""
-    from nemocompile.runtime.serve_ray import EngineReplica
+    from nemocompile.runtime.serve.ray_serve import EngineReplica
 
     seen = []
 
@@ -323,7 +323,7 @@ def test_the_ingress_maps_a_dead_replica_to_a_retryable_503():
 
 
 def test_without_ray_the_error_names_the_extra(monkeypatch):
-    from nemocompile.runtime import serve_ray
+    from nemocompile.runtime.serve import ray_serve as serve_ray
 
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(NemocompileError, match=r"pip install 'nemocompile\[ray\]'"):
@@ -368,7 +368,7 @@ def test_kuberay_manifest_deploys_the_app_on_gpu_workers():
     assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
     (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
     module, _, name = app["import_path"].partition(":")
-    assert (module, name) == ("nemocompile.runtime.serve_ray", "build_app")
+    assert (module, name) == ("nemocompile.runtime.serve.ray_serve", "build_app")
     assert app["route_prefix"] == "/" and app["args"]["backend"] == "tensorrt"
     cluster = service["spec"]["rayClusterConfig"]
     head = cluster["headGroupSpec"]
@@ -381,7 +381,7 @@ def test_kuberay_manifest_deploys_the_app_on_gpu_workers():
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     # the builder accepts the manifest's args: one GPU per engine replica, the ingress needs none
     serve = _ray()
-    from nemocompile.runtime.serve_ray import ENGINE_NAME, build_app
+    from nemocompile.runtime.serve.ray_serve import ENGINE_NAME, build_app
 
     application = build_app(app["args"])
     assert isinstance(application, serve.Application)
@@ -394,7 +394,7 @@ def test_kuberay_manifest_deploys_the_app_on_gpu_workers():
 
 def test_replicas_open_only_the_modes_a_config_lists():
     from nemocompile.errors import NemocompileError
-    from nemocompile.runtime.serve_ray import RayServeOptions
+    from nemocompile.runtime.serve.ray_serve import RayServeOptions
 
     assert RayServeOptions.from_args({"artifact": "A"}).modes is None
     assert RayServeOptions.from_args({"artifact": "A", "modes": "ar, linear-spec"}).modes == ("ar", "linear-spec")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from nemocompile.request import RequestError
+from nemocompile.text.request import RequestError
 
 pytest.importorskip("xgrammar")
 jsonschema = pytest.importorskip("jsonschema")
@@ -100,7 +100,7 @@ def test_bad_formats_are_one_line_errors(rt):
 
 
 def test_parse_tool_calls():
-    from nemocompile.runtime.tools import parse_tool_calls
+    from nemocompile.runtime.serve.tools import parse_tool_calls
 
     text = 'ok <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
     content, calls = parse_tool_calls(text)
@@ -116,7 +116,7 @@ def client(rt):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from nemocompile.runtime.serve_http import create_app
+    from nemocompile.runtime.serve.http import create_app
 
     with TestClient(create_app(rt, model_name="tiny")) as http:
         yield openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=http)

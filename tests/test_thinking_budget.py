@@ -67,10 +67,10 @@ def test_bad_budgets_are_refused_before_any_forward():
 
 
 def test_runtime_applies_the_budget_like_eager_in_every_mode(tmp_path_factory):
-    from nemocompile.loader import load
+    from nemocompile.model.loader import load
 
     art = exported(tmp_path_factory)
-    from nemocompile.manifest import Manifest
+    from nemocompile.artifact.manifest import Manifest
 
     model = load(Manifest.load(art).source)
     with Runtime.load(art, threads=1) as rt:

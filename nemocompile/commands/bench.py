@@ -1,5 +1,5 @@
 """`nemocompile bench`: tokens/s, tokens per forward, acceptance and overhead for every mode;
-`nemocompile bench --serve`: a load benchmark against a real HTTP server (runtime/load_bench.py)."""
+`nemocompile bench --serve`: a load benchmark against a real HTTP server (runtime/bench/load.py)."""
 
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def _levels(text: str) -> list[int]:
 
 
 def _modes(text: str) -> list[str]:
-    from ..runtime.load_bench import MODES
+    from nemocompile.runtime.bench.load import MODES
 
     return _names(text, MODES, "mode")
 
@@ -184,7 +184,7 @@ def _report(module, report: dict, args) -> int:
 
 
 def run_serve(args) -> int:
-    """`bench --serve`: the load benchmark (runtime/load_bench.py)."""
+    """`bench --serve`: the load benchmark (runtime/bench/load.py)."""
     from ..errors import NemocompileError
     from ..runtime import bench, load_bench
     from .common import check_output_file
@@ -202,8 +202,8 @@ def run_serve(args) -> int:
     else:
         if not args.artifact or len(args.artifact) > 1:
             raise NemocompileError("bench --serve needs one --artifact DIR to serve (or --url of a running server)")
-        from ..manifest import Manifest
-        from ..runtime.serve_http import check_dependencies
+        from nemocompile.artifact.manifest import Manifest
+        from nemocompile.runtime.serve.http import check_dependencies
 
         check_dependencies()
         Manifest.load(args.artifact[0])

@@ -25,7 +25,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..errors import NemocompileError
-    from ..manifest import Manifest
+    from nemocompile.artifact.manifest import Manifest
     from ..runtime.backends.tensorrt import build_engines, import_tensorrt
 
     manifest = Manifest.load(args.artifact)  # bad input is reported before any GPU work

@@ -40,9 +40,9 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..errors import NemocompileError
-    from ..manifest import Manifest
+    from nemocompile.artifact.manifest import Manifest
     from ..runtime import bench
-    from ..runtime.calibrate import calibrate, format_table, one_row_choice
+    from nemocompile.runtime.bench.calibrate import calibrate, format_table, one_row_choice
     from ..runtime.policy import COSTS_FILE
     from .common import check_output_file
     from .run import load_runtime

@@ -18,8 +18,8 @@ def run(args) -> int:
     import onnx
     import onnx_ir as ir
 
-    from ..artifact_files import damaged_files
-    from ..manifest import Manifest
+    from nemocompile.artifact.files import damaged_files
+    from nemocompile.artifact.manifest import Manifest
     from ..passes.base import PassContext, PassError
     from ..passes.check_io import check_io
     from ..passes.check_onnx import check_onnx

@@ -66,7 +66,7 @@ def run(args) -> int:
     from ..graphs.export import export_artifact
     from ..passes.check_tensorrt import lint_artifact
 
-    from ..parity import read_prompts
+    from nemocompile.checks.parity import read_prompts
     from ..errors import NemocompileError
     from ..passes.quantize_qdq import AWQ_METHODS, QdqSettings
     from ..passes.quantize_weights import QuantSettings

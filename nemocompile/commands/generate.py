@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..decode import generate
-    from ..loader import load
+    from nemocompile.model.loader import load
     from .common import chat_options, sampling_options
 
     from ..progress import Heartbeat, counting_forwards

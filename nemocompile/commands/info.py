@@ -30,10 +30,10 @@ def checkpoint_info(directory, max_seq_len: int = 512, batch_size: int = 1) -> d
     """Everything ``info`` reports, from the checkpoint's files (no weights are read)."""
     from pathlib import Path
 
-    from ..config import ModelConfig
+    from nemocompile.model.config import ModelConfig
     from ..errors import CheckpointError
-    from ..loader import LORA_DIR, embedded_model_dir, weight_shapes
-    from ..tokenizer import Tokenizer
+    from nemocompile.model.loader import LORA_DIR, embedded_model_dir, weight_shapes
+    from nemocompile.text.tokenizer import Tokenizer
 
     if max_seq_len < 1 or batch_size < 1:
         raise CheckpointError("--max-seq-len and --batch-size must be at least 1")
@@ -102,7 +102,7 @@ def _size(n: int) -> str:
 def run(args) -> int:
     seq, batch = args.max_seq_len, args.batch_size
     if args.artifact is not None:
-        from ..manifest import Manifest
+        from nemocompile.artifact.manifest import Manifest
 
         manifest = Manifest.load(args.artifact)
         seq = seq or manifest.cache_capacity

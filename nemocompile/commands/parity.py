@@ -22,8 +22,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..manifest import Manifest
-    from ..parity import check_parity, read_prompts
+    from nemocompile.artifact.manifest import Manifest
+    from nemocompile.checks.parity import check_parity, read_prompts
 
     if args.threads:
         import torch
@@ -35,7 +35,7 @@ def run(args) -> int:
 
     say = (lambda msg: None) if args.quiet else stderr
     if manifest.weight_precision != "float" or manifest.precision != "float":  # quantized: own measures, thresholds
-        from ..quant_parity import check_quantized_parity
+        from nemocompile.checks.quant_parity import check_quantized_parity
 
         with Heartbeat("parity: quantized measures", say=say):
             quant = check_quantized_parity(args.artifact, args.model, prompts, max_new_tokens=args.max_new_tokens)

@@ -35,7 +35,7 @@ def mode_list(text: str) -> list[str]:
     """--modes: a comma-separated list of decode modes (auto is not one: it picks among those opened)."""
     import argparse
 
-    from ..manifest import parse_modes
+    from nemocompile.artifact.manifest import parse_modes
 
     try:
         return parse_modes(text)

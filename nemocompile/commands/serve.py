@@ -46,7 +46,7 @@ def add_ray_args(p) -> None:
 def _autoscale(text: str) -> tuple[int, int]:
     import argparse
 
-    from ..runtime.serve_ray import parse_autoscale
+    from nemocompile.runtime.serve.ray_serve import parse_autoscale
 
     try:
         return parse_autoscale(text)
@@ -65,20 +65,20 @@ def run(args) -> int:
         raise NemocompileError("--replicas, --autoscale and --address apply to serve --ray only")
 
     if args.http:
-        from ..runtime.serve_http import check_dependencies, serve_http
+        from nemocompile.runtime.serve.http import check_dependencies, serve_http
 
         check_dependencies()  # fail before loading anything
         with load_runtime(args, max_queue=args.max_queue) as runtime:
             return serve_http(runtime, host=args.host, port=args.port, model_name=args.model_name,
                               request_timeout=args.request_timeout)
-    from ..runtime.serve_stdio import serve_stdio
+    from nemocompile.runtime.serve.stdio import serve_stdio
 
     with load_runtime(args, max_queue=args.max_queue) as runtime:
         return serve_stdio(runtime, request_timeout=args.request_timeout)
 
 
 def run_ray(args) -> int:
-    from ..runtime.serve_ray import DEFAULT_REQUEST_TIMEOUT_S, RayServeOptions, check_dependencies, serve_ray
+    from nemocompile.runtime.serve.ray_serve import DEFAULT_REQUEST_TIMEOUT_S, RayServeOptions, check_dependencies, serve_ray
 
     check_dependencies()  # fail before starting anything
     if args.backend == "tensorrt" and not args.address:  # a local cluster has this machine's GPUs or none
@@ -86,8 +86,8 @@ def run_ray(args) -> int:
 
         import_tensorrt()
     if not args.address:  # on a cluster the path is the nodes' business; here it can be checked at once
-        from ..artifact_files import usable_graphs
-        from ..manifest import Manifest
+        from nemocompile.artifact.files import usable_graphs
+        from nemocompile.artifact.manifest import Manifest
 
         from ..runtime.policy import CostTable
 

@@ -8,7 +8,7 @@ from typing import Sequence
 from ..model import TriModeModel
 from ..sampling import FIELDS as SAMPLING_FIELDS
 from ..sampling import sampling_params
-from ..tokenizer import encode_prompts as _encode_prompts
+from nemocompile.text.tokenizer import encode_prompts as _encode_prompts
 from .ar import decode_ar
 from .common import MODES, DecodeArgs, GenerationResult, GenerationStats, thinking_budget, validate_args
 from .diffusion import decode_diffusion

@@ -13,7 +13,7 @@ from ..errors import GenerationError
 from ..model import KVCache, TriModeModel
 from ..sampling import History, SamplingParams, distribution, speculative_accept
 
-MODES = ("ar", "diffusion", "linear-spec", "quadratic-spec")
+from ..text.request import MODES, check_eager_request, check_values  # MODES: one list, kept with the checks
 SPECULATIVE = ("linear-spec", "quadratic-spec")  # one sequence at a time
 
 
@@ -177,8 +177,6 @@ def validate_args(model: TriModeModel, args: DecodeArgs, batch: int, width: int 
     """Fill per-mode defaults and reject bad values before any forward runs. With ``width``
     (the longest prompt) also what cannot fit: positions past max_position_embeddings, more
     memory than is available, a block longer than the tokens asked for."""
-    from ..request import check_eager_request, check_values
-
     check_values(mode=args.mode, max_new_tokens=args.max_new_tokens, block_length=args.block_length,
                  temperature=args.temperature, seed=args.seed, eos=args.eos_token_id, steps=args.steps,
                  vocab_size=model.config.vocab_size)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ModelConfig
+from nemocompile.model.config import ModelConfig
 from ..errors import GenerationError
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig, RopeConfig
+from nemocompile.model.config import ModelConfig, RopeConfig
 from .cache import KVCache
 from .layout import Layout, full_input
 

@@ -13,7 +13,7 @@ a step and the host outputs (``candidate``, ``confidence``, ``logits`` where the
 copied back after it.
 
 The graphs' two dynamic dimensions (the forward's rows ``b`` and the cache slots
-it reads ``n``, see nemocompile/manifest.py) become one optimization profile per
+it reads ``n``, see nemocompile/artifact/manifest.py) become one optimization profile per
 engine spanning 1 .. the manifest's largest shape; a step sets the input shapes
 of its ``b`` and ``n`` (``set_input_shape``) and binds prefixes of the static
 buffers (every per-forward buffer is batch-first, so its first b rows are

@@ -27,7 +27,7 @@ class TorchBackend:
     def __init__(self, artifact_dir, manifest, device: str | None = None, model=None, threads: int | None = None):
         import torch
 
-        from nemocompile.loader import load
+        from nemocompile.model.loader import load
         from nemocompile.model import TriModeModel
 
         self.torch = torch

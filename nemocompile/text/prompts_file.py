@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import NemocompileError
+from nemocompile.errors import NemocompileError
 
 
 def read_prompts_file(path: str | Path, error: type[NemocompileError] = NemocompileError) -> list:

@@ -22,9 +22,9 @@ import numpy as np
 import onnx
 import torch
 
-from .errors import NemocompileError
-from .manifest import Manifest
-from .model import TriModeModel
+from nemocompile.errors import NemocompileError
+from nemocompile.artifact.manifest import Manifest
+from nemocompile.model import TriModeModel
 
 BLOCK = 16
 
@@ -92,7 +92,7 @@ def _quantize_input(qtensor, x_scale: float):
 
 
 def _nvfp4_qtensor():
-    from .passes.quantize_qdq import INSTALL, without_tensorrt
+    from nemocompile.passes.quantize_qdq import INSTALL, without_tensorrt
 
     try:
         with without_tensorrt(), warnings.catch_warnings():

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from .chat_template import find_templates, pick_template, render, special_tokens, template_kwargs_from
-from .errors import CheckpointError, GenerationError
+from nemocompile.text.chat_template import find_templates, pick_template, render, special_tokens, template_kwargs_from
+from nemocompile.errors import CheckpointError, GenerationError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 

@@ -28,9 +28,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import NemocompileError
-from .manifest import Manifest
-from .model import TriModeModel
+from nemocompile.errors import NemocompileError
+from nemocompile.artifact.manifest import Manifest
+from nemocompile.model import TriModeModel
 
 
 @dataclass(frozen=True)
@@ -171,9 +171,9 @@ def check_quantized_parity(artifact_dir: str | Path, model: TriModeModel | str |
                            threads: int | None = 1) -> QuantParityReport:
     """Teacher-forced top-1 and KL of a quantized artifact against the eager fp32 model over ``prompts``
     (default: the held-out prompts), and its linear-spec acceptance length against the fp32 model's."""
-    from .decode import encode_prompts, generate
-    from .parity import ParityError, default_prompts, reference_model
-    from .runtime import Runtime
+    from nemocompile.decode import encode_prompts, generate
+    from nemocompile.checks.parity import ParityError, default_prompts, reference_model
+    from nemocompile.runtime import Runtime
 
     manifest = Manifest.load(artifact_dir)
     kind = quantized_kind(manifest)
@@ -192,7 +192,7 @@ def check_quantized_parity(artifact_dir: str | Path, model: TriModeModel | str |
 
     acceptance = reference = None
     if kind == "nvfp4":  # TensorRT only: measured on the artifact's own weights and scales, emulated in eager
-        from .nvfp4_emulation import emulated_model
+        from nemocompile.checks.nvfp4_emulation import emulated_model
 
         emulated = emulated_model(artifact_dir, fp32)
         ref = [eager_teacher_forced(fp32, ids) for ids in sequences]

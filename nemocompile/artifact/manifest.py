@@ -44,7 +44,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import NemocompileError
+from nemocompile.errors import NemocompileError
 
 FORMAT = "nemocompile-artifact"
 # The graph contract's version. 2: token layouts, candidate outputs on every graph, fused steps;
@@ -137,7 +137,7 @@ class Manifest:
     precision: str = "float"
     precision_details: dict[str, Any] | None = None  # library, mode, block size, calibration, what stayed float
     # file name -> {"size": bytes, "sha256": hex digest}, every file the export wrote but this
-    # manifest (see nemocompile/artifact_files.py); empty in manifests written before it existed
+    # manifest (see nemocompile/artifact/files.py); empty in manifests written before it existed
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION

@@ -24,7 +24,7 @@ Sampling: ``top_p``, ``presence_penalty``,
 ``json_object`` / ``json_schema``: constrained decoding (runtime/grammar.py; every mode
 but diffusion). Chat ``tools`` / ``tool_choice`` ("auto", "none", "required", a named
 function): rendered by the chat template, calls parsed into ``message.tool_calls``
-(runtime/tools.py); "required" and a named function constrain the answer to one call.
+(runtime/serve/tools.py); "required" and a named function constrain the answer to one call.
 ``temperature`` defaults to 0 (greedy) and ``max_tokens`` to 64. ``usage``
 also reports ``forwards``, ``tokens_per_forward``, ``acceptance_length``,
 ``time_to_first_token_s``, ``tokens_per_second``, ``queue_s``, ``mode_mix`` and ``rows_per_forward`` (the batch size its forwards ran at)
@@ -50,10 +50,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from nemocompile.errors import NemocompileError
-from nemocompile.request import RequestError
+from nemocompile.text.request import RequestError
 
-from .job import Overloaded, RequestTimeout
-from .tools import assistant_message, chat_tools, stream_delta
+from nemocompile.runtime.job import Overloaded, RequestTimeout
+from nemocompile.runtime.serve.tools import assistant_message, chat_tools, stream_delta
 
 DEFAULT_MAX_TOKENS = 64
 MAX_BODY_BYTES = 1 << 20  # larger request bodies get 413 before they are read in full
@@ -271,7 +271,7 @@ def create_app(runtime, model_name: str | None = None, max_body_bytes: int = MAX
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect
 
-    from .metrics import ServerMetrics
+    from nemocompile.runtime.serve.metrics import ServerMetrics
 
     name = model_name or runtime.name
     created = int(time.time())

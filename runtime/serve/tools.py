@@ -16,7 +16,7 @@ import json
 import re
 import uuid
 
-from nemocompile.request import RequestError
+from nemocompile.text.request import RequestError
 
 CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 

@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .model import TriModeModel
+from nemocompile.model import TriModeModel
 
 DEFAULT_TOKENS = 512  # per pattern; every linear layer keeps tokens x in_features floats
 
@@ -38,7 +38,7 @@ def collect_activations(model: TriModeModel, prompts: Sequence, max_tokens: int 
 
     LoRA layers are skipped (they stay in float). ``max_tokens`` caps the tokens
     per pattern, so memory stays tokens x the sum of in_features."""
-    from .decode import encode_prompts
+    from nemocompile.decode import encode_prompts
 
     ids: list[int] = []
     for p in prompts:

@@ -14,9 +14,9 @@ from typing import Callable, Sequence
 
 from nemocompile.errors import NemocompileError
 
-from .bench import _fit, step_times
-from .policy import Acceptance, Choice, CostTable, choose, graph_key
-from .runtime import Runtime
+from nemocompile.runtime.bench.modes import _fit, step_times
+from nemocompile.runtime.policy import Acceptance, Choice, CostTable, choose, graph_key
+from nemocompile.runtime.runtime import Runtime
 
 SPECULATIVE_MODES = ("linear-spec", "quadratic-spec")
 

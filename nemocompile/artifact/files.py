@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from .errors import NemocompileError
+from nemocompile.errors import NemocompileError
 
 
 class ArtifactDamagedError(NemocompileError):

@@ -50,7 +50,7 @@ def check_dependencies() -> None:
         from ray import serve  # noqa: F401
     except ImportError:
         raise NemocompileError("serve --ray needs Ray Serve: pip install 'nemocompile[ray]'") from None
-    from .serve_http import check_dependencies as check_http
+    from nemocompile.runtime.serve.http import check_dependencies as check_http
 
     check_http()
 
@@ -109,7 +109,7 @@ def _modes(value) -> tuple[str, ...] | None:
     """``modes`` of a Ray Serve config: a list or a comma-separated string (None: every mode)."""
     if value is None:
         return None
-    from ..manifest import parse_modes
+    from nemocompile.artifact.manifest import parse_modes
 
     try:
         return tuple(parse_modes(value))
@@ -126,13 +126,13 @@ def parse_autoscale(text: str) -> tuple[int, int]:
 
 
 def _error(status: int, message: str, kind: str, headers: dict | None = None):
-    from .serve_http import APIError
+    from nemocompile.runtime.serve.http import APIError
 
     return _answer(status, APIError(message, status, kind).body(), headers)
 
 
 def _replica_died_body(detail: str) -> dict:
-    from .serve_http import APIError
+    from nemocompile.runtime.serve.http import APIError
 
     return APIError(f"the replica serving this request stopped ({detail}); retry the request",
                     503, "replica_unavailable").body()
@@ -166,8 +166,8 @@ class EngineReplica:
     """One engine replica: the artifact loaded once, served by ``create_app``."""
 
     def __init__(self, options: dict):
-        from .runtime import Runtime
-        from .serve_http import create_app
+        from nemocompile.runtime.runtime import Runtime
+        from nemocompile.runtime.serve.http import create_app
 
         opts = RayServeOptions(**options)
         extra: dict[str, Any] = {"threads": opts.threads}
@@ -230,7 +230,7 @@ class Ingress:
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
         from starlette.responses import StreamingResponse
 
-        from .serve_http import MAX_BODY_BYTES
+        from nemocompile.runtime.serve.http import MAX_BODY_BYTES
 
         deadline = time.monotonic() + self.timeout
         body = bytearray()
@@ -326,7 +326,7 @@ def _max_ongoing(artifact: str) -> int:
     (the engine batches concurrent requests), at least Ray Serve's default of 5 (half of it is
     autoscaling's default target: a replica's batch rows). Read from
     the manifest where this machine has it (a cluster's driver may not)."""
-    from nemocompile.manifest import Manifest
+    from nemocompile.artifact.manifest import Manifest
 
     try:
         return max(5, 2 * Manifest.load(artifact).batch_size)

@@ -35,9 +35,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..decode.common import MODES as FIXED_MODES
-from ..errors import NemocompileError
-from .policy import LOSSLESS  # the modes `auto` chooses among (greedy = AR's text)
+from nemocompile.decode.common import MODES as FIXED_MODES
+from nemocompile.errors import NemocompileError
+from nemocompile.runtime.policy import LOSSLESS  # the modes `auto` chooses among (greedy = AR's text)
 
 MODES = (*FIXED_MODES, "auto")
 DEFAULT_MODES = ("ar", "linear-spec", "quadratic-spec", "auto")
@@ -122,7 +122,7 @@ def with_shared_prefix(prompts: Sequence, n: int, artifact: str | Path | None) -
     one after the other (a system prompt every request shares; the prefix cache's case)."""
     tokenizer = None
     if any(isinstance(p, str) for p in prompts):
-        from ..tokenizer import Tokenizer
+        from nemocompile.text.tokenizer import Tokenizer
 
         if artifact is None:
             raise NemocompileError("--shared-prefix with --url needs token-id prompts (a --prompts file of "
@@ -478,7 +478,7 @@ def run_load_bench(prompts: Sequence, config: LoadConfig, *, artifact: str | Pat
             health = wait_healthy(url, time.monotonic() + health_timeout_s)
             server = {"url": url, "started": False, "health": health}
             return _sweep(url, health, server, prompts, config, progress, lambda: None)
-        from nemocompile.manifest import Manifest
+        from nemocompile.artifact.manifest import Manifest
 
         manifest = Manifest.load(artifact)  # a missing or unreadable artifact fails before a server starts
         with LocalServer(artifact, threads, server_args, health_timeout_s, progress) as local:
@@ -643,14 +643,14 @@ def format_table(report: dict) -> str:
 
 
 def write_json(report: dict, path: str | Path) -> None:
-    from .bench import write_json as write
+    from nemocompile.runtime.bench.modes import write_json as write
 
     write(report, path)
 
 
 def plot(report: dict, path: str | Path) -> None:
     """Throughput and p99 latency against concurrency, one line per mode."""
-    from .bench import require_matplotlib
+    from nemocompile.runtime.bench.modes import require_matplotlib
 
     matplotlib = require_matplotlib()
     matplotlib.use("Agg")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
+from nemocompile.errors import CheckpointError
 
 ARCHITECTURE = "NemotronLabsDiffusionModel"
 

@@ -6,7 +6,7 @@ and through it ``run``, ``serve --stdio`` and ``serve --http`` all call
 cannot disagree about what is valid. Errors are :class:`RequestError`: one
 line naming the field (``param``) and what to do; ``names`` renames fields in
 messages for a front door that spells them differently (HTTP's ``max_tokens``).
-Modes come from ``nemocompile.decode.common.MODES``: a new mode needs no change here.
+``MODES`` is the one list of decode modes (the eager decoders and the runtime read it here).
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from __future__ import annotations
 import math
 import os
 
-from .errors import GenerationError
+from nemocompile.errors import GenerationError
+
+MODES = ("ar", "diffusion", "linear-spec", "quadratic-spec")  # the decode modes
 
 
 class RequestError(GenerationError):
@@ -33,10 +35,7 @@ def check_values(*, mode, max_new_tokens, block_length=None, temperature=0.0, se
                  vocab_size: int | None = None, names: dict[str, str] | None = None, auto: bool = False) -> None:
     """Types and ranges of the knobs every mode shares (threshold: ``parse_threshold``).
     ``auto``: the front door also takes mode "auto" (the runtime's engine)."""
-    from .decode.common import MODES
-
-    if auto:
-        MODES = (*MODES, "auto")
+    modes = (*MODES, "auto") if auto else MODES
 
     def name(field: str) -> str:
         return (names or {}).get(field, field)
@@ -44,8 +43,8 @@ def check_values(*, mode, max_new_tokens, block_length=None, temperature=0.0, se
     def fail(field: str, message: str):
         raise RequestError(message.replace("{}", name(field)), param=name(field))
 
-    if not isinstance(mode, str) or mode not in MODES:
-        fail("mode", f"unknown mode {mode!r:.60}; expected one of {', '.join(MODES)}")
+    if not isinstance(mode, str) or mode not in modes:
+        fail("mode", f"unknown mode {mode!r:.60}; expected one of {', '.join(modes)}")
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
         fail("max_new_tokens", f"{{}} must be an integer >= 1, got {max_new_tokens!r:.60}")
     if block_length is not None and (not _is_int(block_length) or block_length < 1):

@@ -30,13 +30,13 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .artifact_files import check_files
-from .errors import NemocompileError
-from .manifest import Manifest
-from .prompts_file import read_prompts_file
-from .model import TriModeModel
-from .model.layout import Layout
-from .model.modeling import greedy_candidates
+from nemocompile.artifact.files import check_files
+from nemocompile.errors import NemocompileError
+from nemocompile.artifact.manifest import Manifest
+from nemocompile.text.prompts_file import read_prompts_file
+from nemocompile.model import TriModeModel
+from nemocompile.model.layout import Layout
+from nemocompile.model.modeling import greedy_candidates
 
 # Max abs logit (and cache row) difference allowed per artifact dtype. fp32 is
 # absolute (1e-4). Half precisions are relative to the step's largest |logit|
@@ -143,12 +143,12 @@ def reference_model(manifest: Manifest, model: TriModeModel | str | Path | None)
     """The eager model in the artifact's dtype; refuses one with a different architecture."""
     dtype = _TORCH_DTYPES[manifest.dtype]
     if model is None or isinstance(model, (str, Path)):
-        from .loader import embedded_model_dir, load
+        from nemocompile.model.loader import embedded_model_dir, load
 
         path = model or manifest.source or embedded_model_dir()
         model = load(path, dtype=dtype)
     else:
-        from .graphs.export import cast_model
+        from nemocompile.graphs.export import cast_model
 
         model = cast_model(model, dtype)
     if model.config.hash() != manifest.config_hash:
@@ -378,8 +378,8 @@ def generation_parity(artifact_dir: str | Path, model: TriModeModel, prompts: Se
     """Greedy generations of the runtime (ONNX Runtime) and the eager decoders
     must be token-for-token identical, in every mode of the artifact. A prompt
     that is itself a list of prompts runs as one batch (ar and diffusion)."""
-    from . import generate
-    from .runtime import Runtime
+    from nemocompile import generate
+    from nemocompile.runtime import Runtime
 
     manifest = manifest or Manifest.load(artifact_dir)
     prompts = default_prompts(model) if prompts is None else list(prompts)
@@ -432,6 +432,6 @@ def default_prompts(model: TriModeModel, count: int = 3) -> list:
 
 
 def read_prompts(path: str | Path) -> list:
-    """A prompts file (nemocompile/prompts_file.py: JSON lines with "prompt" or
+    """A prompts file (nemocompile/text/prompts_file.py: JSON lines with "prompt" or
     "ids", or plain text lines), the same format `bench --prompts` reads."""
     return read_prompts_file(path, ParityError)

@@ -16,10 +16,10 @@ from typing import Iterator
 
 import torch
 
-from .config import ModelConfig
-from .errors import CheckpointError
-from .model.modeling import LoRA, TriModeModel, yarn_inv_freq
-from .tokenizer import Tokenizer
+from nemocompile.model.config import ModelConfig
+from nemocompile.errors import CheckpointError
+from nemocompile.model.modeling import LoRA, TriModeModel, yarn_inv_freq
+from nemocompile.text.tokenizer import Tokenizer
 
 LORA_DIR = "linear_spec_lora"
 _PEFT_PREFIX = "base_model.model."

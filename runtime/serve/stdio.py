@@ -45,7 +45,7 @@ from typing import Any, Callable, TextIO
 
 from nemocompile.errors import NemocompileError
 
-from .job import Cancelled, Overloaded, RequestTimeout, ServerError
+from nemocompile.runtime.job import Cancelled, Overloaded, RequestTimeout, ServerError
 
 KNOBS = ("mode", "max_new_tokens", "block_length", "threshold", "temperature", "seed", "eos", "steps",
          "chat_template_kwargs", "max_thinking_tokens", "end_think_token_id", "timeout", "stop", "stop_token_ids",

@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from nemocompile.errors import NemocompileError
-from nemocompile.manifest import Manifest
-from nemocompile.prompts_file import read_prompts_file
+from nemocompile.artifact.manifest import Manifest
+from nemocompile.text.prompts_file import read_prompts_file
 
-from .runtime import Runtime
+from nemocompile.runtime.runtime import Runtime
+from nemocompile.runtime.timing import median_forward_s
 
 DEFAULT_DIFFUSION_THRESHOLDS = (0.9, 0.7)
 DEFAULT_LINEAR_SPEC_THRESHOLDS = (0.0,)
@@ -40,7 +41,7 @@ def default_prompts_file() -> Path:
 
 
 def load_prompts(path: str | Path | None = None, limit: int | None = None) -> list:
-    """Prompts from a prompts file (nemocompile/prompts_file.py: JSON lines of {"prompt": text} or
+    """Prompts from a prompts file (nemocompile/text/prompts_file.py: JSON lines of {"prompt": text} or
     {"ids": [token ids]}, or plain text lines; the format `parity --prompts` reads) or the built-in
     held-out code prompts."""
     path = Path(path) if path is not None else default_prompts_file()
@@ -133,28 +134,6 @@ def step_times(runtime: Runtime, steps: Sequence[str] = ("verify", "verify_draft
              "ms": medians[(g.step, g.block_length)] * 1e3} for g in graphs]
 
 
-def median_forward_s(runtime: Runtime, keys: Sequence, repeats: int, warmup: int = 0,
-                     prepare: Callable | None = None, rows: Sequence[int] | None = None) -> dict:
-    """Median seconds of one forward of each graph ``(step, L)`` in ``keys`` on the runtime's own
-    buffers for cache rows ``rows`` (default: all of the artifact's; ``prepare(key)`` runs before
-    each, untimed). The graphs take turns, one forward
-    each per round, so a change of machine load during the measurement weighs on all of them
-    alike (their ratios are what callers compare). The caller owns the cache meanwhile."""
-    import statistics
-    import time
-
-    times: dict = {key: [] for key in keys}
-    rows = list(range(runtime.batch_size)) if rows is None else list(rows)
-    for _ in range(warmup + repeats):
-        for key in keys:
-            if prepare is not None:
-                prepare(key)
-            t0 = time.perf_counter()
-            runtime.run(key, rows)
-            times[key].append(time.perf_counter() - t0)
-    return {key: statistics.median(t[warmup:]) for key, t in times.items()}
-
-
 def _tokens(graph) -> int:
     from nemocompile.model.layout import Layout
 
@@ -234,7 +213,7 @@ def run_bench(artifacts: Sequence[str | Path], prompts: list, backends: Sequence
 def check_artifacts(artifacts: Sequence[str | Path], modes: Sequence[str] | None = None) -> None:
     """Each artifact's manifest reads, holds ``modes`` and has its graph files (sizes): a bad one
     is named before any is benchmarked."""
-    from nemocompile.artifact_files import usable_graphs
+    from nemocompile.artifact.files import usable_graphs
 
     for artifact in artifacts:
         manifest = Manifest.load(artifact)

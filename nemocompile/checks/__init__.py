@@ -1,0 +1,1 @@
+"""Quality checks against eager PyTorch: graph parity, quantized parity, NVFP4 emulation, calibration data."""
