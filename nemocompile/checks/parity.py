@@ -243,10 +243,13 @@ class OutputComparison:
         theirs_top, theirs_conf = (t.numpy() for t in greedy_candidates(ref_logits))
         ref_logits = ref_logits.numpy().astype(np.float64)
         self.scale = max(self.scale, _nanmax(np.abs(ref_logits)))
-        pairs = [(got["confidence"], theirs_conf)]
         if "logits" in got:  # a fused graph's are its spine's rows only: their confidences cover the rest
             rows = got["logits"].shape[1]
-            pairs = [(got["logits"], ref_logits[:, :rows])] + (pairs if rows < ref_logits.shape[1] else [])
+            pairs = [(got["logits"], ref_logits[:, :rows])]
+            if rows < ref_logits.shape[1]:
+                pairs.append((got["confidence"], theirs_conf))
+        else:
+            pairs = [(got["confidence"], theirs_conf)]
         for ours, theirs in pairs:
             ours = ours.astype(np.float64)
             self.nonfinite += int((~np.isfinite(ours)).sum())
