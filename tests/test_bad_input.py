@@ -20,7 +20,8 @@ from nemocompile.cli import main
 from nemocompile.errors import GenerationError, NemocompileError
 from nemocompile.graphs.export import ExportError, export_artifact
 from nemocompile.checks.parity import read_prompts
-from nemocompile.runtime import Runtime, bench
+from nemocompile.runtime import Runtime
+from nemocompile.runtime.bench import modes as bench
 from nemocompile.runtime.serve.stdio import serve_stdio
 
 from test_runtime import exported
@@ -67,7 +68,8 @@ def test_eager_generate_refuses_requests_past_positions_memory_or_asked_tokens(e
 
 
 def test_eager_generate_refuses_more_memory_than_available(tiny_model, monkeypatch):
-    from nemocompile import generate, request
+    from nemocompile import generate
+    from nemocompile.text import request
 
     monkeypatch.setattr(request, "_available_memory", lambda: 1 << 20)  # 1 MiB left
     with pytest.raises(GenerationError, match=r"needs about .* GiB but 0.0 GiB of memory is available"):

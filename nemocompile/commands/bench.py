@@ -145,7 +145,7 @@ def _eos(text: str) -> int:
 
 def run(args) -> int:
     from ..errors import NemocompileError
-    from ..runtime import bench
+    from ..runtime.bench import modes as bench
     from .common import check_output_file
 
     if args.serve:
@@ -186,7 +186,7 @@ def _report(module, report: dict, args) -> int:
 def run_serve(args) -> int:
     """`bench --serve`: the load benchmark (runtime/bench/load.py)."""
     from ..errors import NemocompileError
-    from ..runtime import bench, load_bench
+    from ..runtime.bench import load as load_bench, modes as bench
     from .common import check_output_file
 
     # every argument, destination and dependency is checked before a server starts

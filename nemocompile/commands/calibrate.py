@@ -41,7 +41,7 @@ def run(args) -> int:
 
     from ..errors import NemocompileError
     from nemocompile.artifact.manifest import Manifest
-    from ..runtime import bench
+    from ..runtime.bench import modes as bench
     from nemocompile.runtime.bench.calibrate import calibrate, format_table, one_row_choice
     from ..runtime.policy import COSTS_FILE
     from .common import check_output_file
