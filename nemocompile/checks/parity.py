@@ -116,8 +116,8 @@ class ParityReport:
                 for d in g.first_divergence:
                     lines.append(f"    prompt {d['prompt']}: first divergence at token {d['position']}: "
                                  f"onnx {d['onnx']} vs eager {d['eager']}")
-        lines.append("(graphs without logits, e.g. the fused ones, are compared on their confidences; "
-                     "<step>=separate: a fused graph against the separate steps it replaces)")
+        lines.append("(graphs without logits are compared on their confidences, a fused graph's spine logits on "
+                     "its spine rows; <step>=separate: a fused graph against the separate steps it replaces)")
         lines.append("PASS" if self.ok else "FAIL")
         return "\n".join(lines)
 
