@@ -231,6 +231,16 @@ def draw(p: np.ndarray, u: float) -> int:
     return int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), p.size - 1))
 
 
+def greedy_accept(drafted: Sequence[int], argmax: Sequence[int]) -> list[int]:
+    """The spec's greedy rule: ``drafted`` is ``x_0..x_{B-1}`` (``x_0`` already emitted),
+    ``argmax[i]`` the verifier's choice after ``x_i``. Returns the accepted drafts and the
+    bonus: ``argmax[0..k]`` while ``argmax[i] == x_{i+1}``."""
+    k = 0
+    while k < len(drafted) - 1 and argmax[k] == drafted[k + 1]:
+        k += 1
+    return [int(t) for t in argmax[: k + 1]]
+
+
 def speculative_accept(drafts: Sequence[int], target: Callable[[int], np.ndarray],
                        uniform: Callable[[], float]) -> list[int]:
     """The module's acceptance rule: ``drafts`` are ``x_1..x_{B-1}``; ``target(i)`` is ``p_i``

@@ -55,21 +55,16 @@ class KVCache:
         S = present_k.shape[3]
         n = S if n is None else n
         rows = range(len(self.cache_len)) if rows is None else rows
-        lengths = self.cache_len
         for j, b in enumerate(rows):
-            start = int(lengths[b])
+            start = int(self.cache_len[b])
             end = start + n
             if end > self.capacity:
                 # The runtime checks capacity before a request starts; reaching this is a bug.
                 raise GenerationError(f"KV cache full: row {b} at {start} + {n} slots exceeds its capacity of "
                                       f"{self.capacity}")
-            if n == 1:  # one slot (AR): the integer index takes numpy's faster path
-                self.k[:, b, :, start] = present_k[j, :, :, 0]
-                self.v[:, b, :, start] = present_v[j, :, :, 0]
-            else:
-                self.k[:, b, :, start:end] = present_k[j, :, :, :n]
-                self.v[:, b, :, start:end] = present_v[j, :, :, :n]
-            lengths[b] = end
+            self.k[:, b, :, start:end] = present_k[j, :, :, :n]
+            self.v[:, b, :, start:end] = present_v[j, :, :, :n]
+            self.cache_len[b] = end
 
     def crop(self, row: int, length: int) -> None:
         """Roll row ``row`` back to ``length`` committed slots: O(1), nothing is copied."""

@@ -204,9 +204,11 @@ class Engine:
         those slots once they are written costs less than computing them again beside them
         (lm-eval sends a question's choices together, one context each)."""
         prefix, P = self.rt.prefix, self.rt.prefill_length
+        if prefix is None:
+            return False
         prefilling = [r for r, _, _ in filter(None, self.rows)
                       if r.length - self.rt.cache.row_start[r.b] < len(r.prompt)]
-        if prefix is None or not prefilling:
+        if not prefilling:
             return False
         for prompt in job.request.prompts:
             prompt = np.asarray(prompt, dtype=np.int64)
@@ -268,12 +270,8 @@ class Engine:
                 n = len(tokens)
                 if n > width:
                     raise GenerationError(f"row {b} sent {n} tokens to the {key[0]!r} graph of width {width}")
-                if n == 1:
-                    io.input_ids[j, 0] = tokens[0]
-                else:
-                    io.input_ids[j, :n] = tokens
-                if n < width:
-                    io.input_ids[j, n:] = 0  # right padding of a short chunk: computed, never placed in the cache
+                io.input_ids[j, :n] = tokens
+                io.input_ids[j, n:] = 0  # right padding of a short chunk: computed, never placed in the cache
             t0, c0 = time.perf_counter(), time.process_time()
             rt.run(key, members)
         except Exception as e:  # a backend failure ends the requests of this forward's rows only
@@ -282,10 +280,7 @@ class Engine:
                 self._drop(b, error)
             return
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
-        live = self.live_s.get(key)
-        if live is None:
-            live = self.live_s[key] = collections.deque(maxlen=16)
-        live.append(dt)
+        self.live_s.setdefault(key, collections.deque(maxlen=16)).append(dt)
         for j, b in enumerate(members):
             row, _, forward = self.rows[b]
             row.j = j

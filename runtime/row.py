@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from nemocompile.decode.common import budgeted
-from nemocompile.sampling import History, distribution, speculative_accept
+from nemocompile.sampling import History, distribution, greedy_accept, speculative_accept
 
 from .backends import StepIO
 from .output import StopText, TokenLogprob, token_logprob
@@ -187,11 +187,7 @@ class Row:
     def _verify(self, io: StepIO, drafted: Sequence[int]) -> list[int]:
         n = len(drafted)
         if not self.uses_logits:
-            a = io.candidate[self.j, :n].tolist()
-            k = 0
-            while k < n - 1 and a[k] == drafted[k + 1]:
-                k += 1
-            return a[: k + 1]
+            return greedy_accept(drafted, io.candidate[self.j, :n].tolist())
         logits, x = io.logits[self.j], list(drafted[1:])
         if self.grammar is None:
             return speculative_accept(x, lambda i: self.distribution(logits[i], x[:i]), self.sampler.uniform)

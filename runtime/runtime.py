@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
@@ -31,9 +31,11 @@ from .backends import NUMPY_DTYPES, Backend, StepIO, create_backend
 from .cache import KVCache
 from .engine import Engine
 from .job import Job, RuntimeResult
-from .output import OutputOptions, TokenLogprob, output_options
+from .output import OutputOptions, output_options
 from .policy import CostTable, lossless_options
-from .stats import RuntimeStats
+
+if TYPE_CHECKING:  # an annotation only: the grammar module loads with the first response_format
+    from .grammar import Grammar
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ def add_model_arg(p: argparse.ArgumentParser) -> None:
 
 def add_decode_args(p: argparse.ArgumentParser) -> None:
     """The decoding knobs every generating command takes."""
-    from ..decode.common import MODES
+    from ..text.request import MODES
 
     p.add_argument("--mode", choices=list(MODES), default="ar")
     p.add_argument("--prompt", required=True, help="prompt text")

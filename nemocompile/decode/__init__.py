@@ -10,7 +10,8 @@ from ..sampling import FIELDS as SAMPLING_FIELDS
 from ..sampling import sampling_params
 from nemocompile.text.tokenizer import encode_prompts as _encode_prompts
 from .ar import decode_ar
-from .common import MODES, DecodeArgs, GenerationResult, GenerationStats, thinking_budget, validate_args
+from ..text.request import MODES  # the one list of decode modes, kept with the request checks
+from .common import DecodeArgs, GenerationResult, GenerationStats, thinking_budget, validate_args
 from .diffusion import decode_diffusion
 from .linear_spec import accept, decode_linear_spec
 from .quadratic_spec import decode_quadratic_spec

@@ -11,9 +11,9 @@ import torch
 
 from ..errors import GenerationError
 from ..model import KVCache, TriModeModel
-from ..sampling import History, SamplingParams, distribution, speculative_accept
+from ..sampling import History, SamplingParams, distribution, greedy_accept, speculative_accept
 
-from ..text.request import MODES, check_eager_request, check_values  # MODES: one list, kept with the checks
+from ..text.request import check_eager_request, check_values
 SPECULATIVE = ("linear-spec", "quadratic-spec")  # one sequence at a time
 
 
@@ -141,11 +141,7 @@ class Sampler:
         """Self-speculation's verify (nemocompile.sampling): the accepted drafts of ``x[1:]``
         and the bonus, from the verifier's logits [L, V] (position i predicts i+1)."""
         if self.params.plain and self.temperature <= 0:  # the spec's greedy rule
-            a = logits.argmax(-1).tolist()
-            n = 0
-            while n < len(x) - 1 and a[n] == x[n + 1]:
-                n += 1
-            return a[: n + 1]
+            return greedy_accept(x, logits.argmax(-1).tolist())
         rows = logits.float().cpu().numpy()
         history = history if history is not None else History()
         return speculative_accept(x[1:], lambda i: distribution(rows[i], self.params, history.plus(x[1:i + 1])),

@@ -20,17 +20,14 @@ from __future__ import annotations
 import torch
 
 from ..model import TriModeModel
-from ..sampling import History
+from ..sampling import History, greedy_accept
 from .common import DecodeArgs, GenerationStats, Sampler, budgeted, first_eos_trim, has_eos, prefill
 from .diffusion import denoise_step
 
 
 def accept(x: list[int], a: list[int]) -> int:
     """n: leading drafts x[1..] matched by the verifier's a[0..], plus the bonus."""
-    n = 0
-    while n < len(x) - 1 and a[n] == x[n + 1]:
-        n += 1
-    return n + 1
+    return len(greedy_accept(x, a))
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from nemocompile.decode.common import MODES as FIXED_MODES
+from nemocompile.text.request import MODES as FIXED_MODES
 from nemocompile.errors import NemocompileError
 from nemocompile.runtime.policy import LOSSLESS  # the modes `auto` chooses among (greedy = AR's text)
 
